@@ -1,0 +1,248 @@
+"""The ``pbt-rl`` command line.
+
+Each command parses its arguments, calls one function and turns known errors into one line
+on stderr with a non-zero exit code: 2 for bad input (config, files, arguments), 1 for a run
+that failed, 130 when interrupted. Heavy modules (torch, envpool, wandb, matplotlib) are
+imported inside the commands, so ``pbt-rl --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pbt_rl.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+OVERRIDES_HELP = "overrides as section.key=value, e.g. pbt.population_size=16 agent.lr=3e-4"
+
+
+def _load(config_path: str, overrides: Sequence[str]):
+    from pbt_rl.config import load_config
+
+    config = load_config(config_path, overrides)
+    from pbt_rl.envs import check_env_id
+
+    check_env_id(config.env.id)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _load(args.config, args.overrides)
+    from pbt_rl.runtime import train
+
+    train(config, console=not args.quiet)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pbt_rl.runtime import resume
+
+    resume(Path(args.run_dir), console=not args.quiet)
+    return 0
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    from pbt_rl.envs import supported_envs
+
+    for family, ids in supported_envs().items():
+        print(f"{family}:")
+        for env_id in ids:
+            print(f"  {env_id}")
+    print("Any other Gymnasium id also works, through Gymnasium's vector API (slower than envpool).")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pbt_rl.config import dump_yaml, field_docs
+
+    if args.config:
+        print(dump_yaml(_load(args.config, args.overrides)), end="")
+        return 0
+    section = None
+    for key, doc, default in field_docs():
+        this_section = key.split(".", 1)[0]
+        if this_section != section:
+            print(f"\n{this_section}:")
+            section = this_section
+        print(f"  {key.split('.', 1)[1]}: {doc} [default: {default!r}]")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = _existing_run_dir(args.run_dir)
+    from pbt_rl.report import write_report
+
+    out = write_report(run_dir)
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    run_dir, member = _existing_run_dir(args.run_dir), _member_arg(args.member)
+    from pbt_rl.replay import replay
+
+    replay(run_dir, member=member, console=not args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run_dir, member = _existing_run_dir(args.run_dir), _member_arg(args.member)
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes: must be >= 1, got {args.episodes}")
+    from pbt_rl.evaluate import evaluate
+
+    evaluate(
+        run_dir,
+        member=member,
+        episodes=args.episodes,
+        video=Path(args.video) if args.video else None,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    target = args.target
+    if target == "agent":
+        from pbt_rl.agents.bench import bench_agent, format_bench
+
+        config = _load(args.config, args.overrides)
+        print(format_bench(bench_agent(config, seconds=args.seconds)))
+        return 0
+    from pbt_rl.runtime.bench import bench_population, format_population_bench
+
+    config = _load(args.config, args.overrides)
+    print(format_population_bench(bench_population(config, seconds=args.seconds)))
+    return 0
+
+
+def _existing_run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a pbt-rl run directory (no config.yaml)")
+    return run_dir
+
+
+def _member_arg(text: str) -> str | int:
+    if text == "best":
+        return text
+    try:
+        member = int(text)
+    except ValueError:
+        raise ConfigError(f"--member: expected 'best' or a member id (0, 1, ...), got {text!r}") from None
+    if member < 0:
+        raise ConfigError(f"--member: expected 'best' or a member id >= 0, got {member}")
+    return member
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2 (its default code too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"pbt-rl: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pbt-rl",
+        description="Population Based Training for actor-critic RL agents (A2C, IMPALA/V-trace) on envpool.",
+    )
+    from pbt_rl import __version__
+
+    parser.add_argument("--version", action="version", version=f"pbt-rl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    train = add("train", cmd_train, "Train a population from a YAML config (e.g. configs/quickstart.yaml).")
+    train.add_argument("config", help="experiment YAML file")
+    train.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+    train.add_argument("-q", "--quiet", action="store_true", help="no live progress lines")
+
+    resume = add("resume", cmd_resume, "Continue a run that stopped or was killed, from its run directory.")
+    resume.add_argument("run_dir", help="the run directory (run.dir of the experiment)")
+    resume.add_argument("-q", "--quiet", action="store_true", help="no live progress lines")
+
+    add("envs", cmd_envs, "List the supported env ids by family.")
+
+    config = add("config", cmd_config, "Show every config key with its doc, or print a resolved config.")
+    config.add_argument("config", nargs="?", help="experiment YAML file to resolve and print")
+    config.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+
+    report = add("report", cmd_report, "Write lineage, schedule and return plots to RUN_DIR/report/.")
+    report.add_argument("run_dir", help="the run directory")
+
+    replay = add("replay", cmd_replay, "Train a fresh agent that follows a member's discovered schedule.")
+    replay.add_argument("run_dir", help="the run directory")
+    replay.add_argument("--member", default="best", help="'best' (default) or a member id")
+    replay.add_argument("-q", "--quiet", action="store_true", help="no live progress lines")
+
+    evaluate = add("eval", cmd_eval, "Evaluate a member's latest checkpoint: mean and std of the episodic return.")
+    evaluate.add_argument("run_dir", help="the run directory")
+    evaluate.add_argument("--member", default="best", help="'best' (default) or a member id")
+    evaluate.add_argument("--episodes", type=int, default=10, help="episodes to run (default 10)")
+    evaluate.add_argument("--video", default=None, help="write a video of the first episode to this path (.mp4 or .gif)")
+    evaluate.add_argument("--seed", type=int, default=0, help="env seed (default 0)")
+
+    bench = add(
+        "bench",
+        cmd_bench,
+        "Benchmark: 'bench CONFIG' compares raw envpool with population training; 'bench agent CONFIG' measures one agent.",
+    )
+    bench.add_argument("target", nargs="?", default="population", choices=("population", "agent"), help="what to measure (default population)")
+    bench.add_argument("config", help="experiment YAML file")
+    bench.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+    bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
+    return parser
+
+
+def _normalise_bench_argv(argv: list[str]) -> list[str]:
+    """Let ``pbt-rl bench CONFIG`` mean ``pbt-rl bench population CONFIG``."""
+    if argv and argv[0] == "bench":
+        rest = [a for a in argv[1:] if not a.startswith("-")]
+        if rest and rest[0] not in ("population", "agent"):
+            index = argv.index(rest[0])
+            return argv[:index] + ["population"] + argv[index:]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = _normalise_bench_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"pbt-rl: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # Output piped into e.g. `head`; nothing is wrong with the run.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("pbt-rl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place that turns failures into an exit code
+        if os.environ.get("PBT_RL_DEBUG"):
+            raise
+        print(f"pbt-rl: failed: {type(exc).__name__}: {exc} (set PBT_RL_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

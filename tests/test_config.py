@@ -1,0 +1,175 @@
+"""Config loading, overrides, validation messages and round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from pbt_rl.config import (
+    AgentConfig,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    dump_yaml,
+    field_docs,
+    from_dict,
+    load_config,
+    parse_override,
+    tunable_agent_fields,
+)
+
+POPULATION = {
+    "pbt": {
+        "population_size": 4,
+        "search_space": {
+            "lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2},
+            "unroll_length": {"kind": "int", "low": 5, "high": 50},
+        },
+    }
+}
+
+
+def write(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_are_valid_and_frozen():
+    config = from_dict({})
+    assert isinstance(config, ExperimentConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.agent.lr = 1.0  # type: ignore[misc]
+
+
+def test_every_field_has_a_doc_line():
+    for key, doc, _default in field_docs():
+        assert doc and "\n" not in doc, key
+
+
+def test_load_yaml_with_sections_and_search_space(tmp_path):
+    path = write(tmp_path, {"env": {"id": "Pong-v5", "num_envs": 16}, "agent": {"lr": "3e-4"}, **POPULATION})
+    config = load_config(path)
+    assert config.env.id == "Pong-v5" and config.env.num_envs == 16
+    assert config.agent.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string
+    assert [p.name for p in config.pbt.search_space] == ["lr", "unroll_length"]
+    assert config.pbt.search_space[1].kind == "int"
+
+
+def test_overrides_apply_with_yaml_typing(tmp_path):
+    path = write(tmp_path, POPULATION)
+    config = load_config(path, ["pbt.population_size=16", "agent.lr=3e-4", "agent.hidden_sizes=[32,32]",
+                                "pbt.search_space.lr.high=0.05", "env.episodic_life=true"])
+    assert config.pbt.population_size == 16
+    assert config.agent.lr == pytest.approx(3e-4)
+    assert config.agent.hidden_sizes == (32, 32)
+    assert config.pbt.search_space[0].high == pytest.approx(0.05)
+    assert config.env.episodic_life is True
+
+
+def test_overrides_do_not_mutate_the_input():
+    raw = {"agent": {"lr": 0.1}}
+    apply_overrides(raw, ["agent.lr=0.2"])
+    assert raw == {"agent": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"agent": {"lrr": 0.1}}, "unknown key agent.lrr (did you mean lr?)"),
+        ({"agents": {}}, "unknown section 'agents' (did you mean agent?)"),
+        ({"agent": {"lr": "fast"}}, "agent.lr: expected a number, got 'fast'"),
+        ({"agent": {"lr": -1.0}}, "agent.lr: -1.0 is out of range; must be > 0.0"),
+        ({"agent": {"unroll_length": 2.5}}, "agent.unroll_length: expected an integer, got 2.5"),
+        ({"agent": {"algo": "ppo"}}, "agent.algo: 'ppo' is not allowed; choose one of 'a2c', 'impala'"),
+        ({"env": {"episodic_life": "yes please"}}, "env.episodic_life: expected true or false"),
+        ({"env": {"num_envs": 0}}, "env.num_envs: 0 is out of range; must be >= 1"),
+        ({"env": {"num_envs": 8, "async_batch_size": 3}}, "env.async_batch_size: 3 must divide env.num_envs (8)"),
+        ({"agent": {"gamma": 1.5}}, "agent.gamma: 1.5 is out of range; must be <= 1.0"),
+        ({"agent": {"device": "tpu"}}, "agent.device: 'tpu' is not allowed"),
+        ({"agent": "fast"}, "agent: expected a mapping"),
+        ({"pbt": {"population_size": 4}}, "pbt.search_space: empty"),
+        ({"pbt": {"truncation_fraction": 0.7}}, "pbt.truncation_fraction: 0.7 is out of range; must be <= 0.5"),
+        ({"pbt": {"truncation_fraction": 0.0}}, "pbt.truncation_fraction: 0.0 is out of range; must be > 0.0"),
+        ({"pbt": {"perturb_factors": [0.8, 0.0]}}, "pbt.perturb_factors: every factor must be > 0"),
+        ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-2, "high": 1e-4}}}},
+         "pbt.search_space.lr: inverted bounds"),
+        ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2, "init": 0.5}}}},
+         "pbt.search_space.lr.init: 0.5 is outside its bounds"),
+        ({"pbt": {"search_space": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}},
+         "pbt.search_space.learning_rate: not a numeric agent hyperparameter"),
+        ({"pbt": {"search_space": {"unroll_length": {"kind": "log_uniform", "low": 1, "high": 10}}}},
+         "pbt.search_space.unroll_length.kind: unroll_length is an integer"),
+        ({"pbt": {"search_space": {"lr": {"kind": "gaussian", "low": 1e-4, "high": 1e-2}}}},
+         "pbt.search_space.lr.kind: 'gaussian' is not allowed"),
+        ({"pbt": {"search_space": {"gamma": {"kind": "uniform", "low": 0.9, "high": 1.0, "perturb": "one_minus"}}}},
+         "pbt.search_space.gamma.perturb: one_minus needs bounds inside [0, 1)"),
+        ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 0.0, "high": 1e-2}}}},
+         "pbt.search_space.lr.low: log_uniform needs low > 0"),
+        ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2, "factors": [1.2, -1]}}}},
+         "pbt.search_space.lr.factors: every factor must be > 0"),
+    ],
+)
+def test_bad_values_name_the_key(data, expected):
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"agent allows: .*entropy_cost.*"):
+        from_dict({"agent": {"entropy": 0.1}})
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("pbt.population_size", "expected section.key=value"),
+        ("population_size=4", "the key must be section.key"),
+        ("trainer.lr=1", "unknown section 'trainer'"),
+        ("pbt.population_size=many", "pbt.population_size: expected an integer, got 'many'"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, expected):
+    path = write(tmp_path, POPULATION)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, [override])
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("agent.hidden_sizes=[8, 8]") == (["agent", "hidden_sizes"], [8, 8])
+    assert parse_override("run.name=a=b") == (["run", "name"], "a=b")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "config file not found"),
+        ("env: [unclosed", "is not valid YAML (line 1"),
+        ("- just\n- a list\n", "expected a YAML mapping"),
+    ],
+)
+def test_bad_files(tmp_path, content, expected):
+    path = tmp_path / "exp.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        load_config(path)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(write(tmp_path, POPULATION), ["agent.algo=impala", "env.id=Pong-v5"])
+    again = from_dict(yaml.safe_load(dump_yaml(config)))
+    assert again == config
+
+
+def test_tunable_fields_are_the_numeric_agent_fields():
+    tunable = tunable_agent_fields()
+    assert tunable["lr"] is float and tunable["unroll_length"] is int
+    assert "algo" not in tunable and "hidden_sizes" not in tunable
+    numeric = {f.name for f in dataclasses.fields(AgentConfig) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
+    assert set(tunable) == numeric
