@@ -49,13 +49,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    from pbt_rl.envs import supported_envs
+    from pbt_rl.envs import GYMNASIUM_FALLBACK_NOTE, supported_envs
 
     for family, ids in supported_envs().items():
         print(f"{family}:")
         for env_id in ids:
             print(f"  {env_id}")
-    print("Any other Gymnasium id also works, through Gymnasium's vector API (slower than envpool).")
+    print(GYMNASIUM_FALLBACK_NOTE)
     return 0
 
 
@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = _load(args.config, args.overrides)
         print(format_bench(bench_agent(config, seconds=args.seconds)))
         return 0
-    from pbt_rl.runtime.bench import bench_population, format_population_bench
+    from pbt_rl.bench import bench_population, format_population_bench
 
     config = _load(args.config, args.overrides)
     print(format_population_bench(bench_population(config, seconds=args.seconds)))

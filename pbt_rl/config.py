@@ -405,6 +405,8 @@ def _validate_param(spec: ParamSpec, tunable: dict[str, type], agent: AgentConfi
         init = _convert(spec.init, float, f"{key}.init")
         if not spec.low <= init <= spec.high:
             raise ConfigError(f"{key}.init: {spec.init} is outside its bounds [{spec.low}, {spec.high}]")
+        if field_type is int and not init.is_integer():
+            raise ConfigError(f"{key}.init: {spec.init} must be an integer ({spec.name} is an integer)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,387 @@
+"""IMPALA: decoupled acting and learning with V-trace off-policy correction (Espeholt et al. 2018).
+
+Two threads per learner:
+
+- the **actor** thread steps the env with its own copy of the policy (same device as the
+  learner), refreshed from the learner's latest published weights before every env step, and
+  turns the steps into unrolls ``[T, B]`` (+ the bootstrap observation) with the behaviour
+  log-probabilities. Unrolls go into a bounded queue (``max(queue_size, learner_batch_unrolls)``
+  unrolls). The actor waits only when that queue is full, never for a gradient step.
+- the **learner** thread (the caller of :meth:`ImpalaLearner.train`) pops
+  ``learner_batch_unrolls`` unrolls, concatenates them along ``B``, recomputes the target
+  log-probabilities and values with the current weights, computes V-trace targets and takes one
+  gradient step, then publishes the new weights to the actor.
+
+How unrolls are cut (synchronous and asynchronous envs alike). Every env id keeps its own
+trajectory: the observations it was acted on, and its completed steps (action, behaviour
+log-prob, reward, end flags, the update count of the acting weights). An env step of env ``e``
+is completed when the env returns ``e`` again. As soon as ``B = env.batch_size`` env ids
+(``num_envs`` for a synchronous env, ``async_batch_size`` for an asynchronous one) each hold
+``T = unroll_length`` completed steps, the first ``T`` steps of those ``B`` envs (the ones with
+the most steps waiting first) become one unroll, and ``obs[T]`` of each is its bootstrap
+observation. envpool's asynchronous ``recv`` returns whichever envs are ready, so an unroll's
+envs need not have been received together; each column is still ``T`` consecutive steps of one
+env. A new ``unroll_length`` applies to unrolls cut after the change; one update only
+concatenates unrolls of equal length.
+
+Stale experience: the learner keeps a policy version, bumped by :meth:`load_state_dict` and
+:meth:`drop_stale_experience`. Queued unrolls of an older version are discarded, and the actor
+drops its partial trajectories when it sees the new version.
+
+Between :meth:`train` calls the actor is paused (it stops once ``env_steps`` reaches the call's
+target, and on any exit of ``train``), so ``state_dict``, ``load_state_dict`` and
+``set_hyperparameters`` never race with it. An exception in the actor thread is re-raised by
+the next (or current) :meth:`train` call.
+
+Policy lag of an update: the learner's update count minus the mean update count of the weights
+that chose the unroll's actions; ``TrainReport.extra['policy_lag']`` is its mean over the call.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pbt_rl.agents.base import CallStats, Learner, TrainReport, Unroll
+from pbt_rl.agents.vtrace import vtrace
+from pbt_rl.config import ExperimentConfig
+
+_ACTOR_JOIN_SECONDS = 30.0
+
+
+class _EnvTrajectories:
+    """Per env id: the observations acted on and the completed steps not yet cut into unrolls.
+
+    For env ``e``, ``obs[e][i]`` is the observation step ``steps[e][i]`` acted on, and the last
+    entry of ``obs[e]`` is the observation its next (possibly in-flight) action is chosen on.
+    """
+
+    def __init__(self, num_envs: int) -> None:
+        self.obs: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        self.steps: list[list[tuple]] = [[] for _ in range(num_envs)]
+        # Action sent and not yet returned: (action, log_prob, policy_updates).
+        self.pending: list[tuple | None] = [None] * num_envs
+
+    def drop_experience(self) -> None:
+        """Forget every completed and in-flight step; keep only observations still to be acted on."""
+        for env_id in range(len(self.obs)):
+            keep = self.obs[env_id][-1:] if self.pending[env_id] is None else []
+            self.obs[env_id] = keep
+            self.steps[env_id] = []
+            self.pending[env_id] = None
+
+    def receive(self, env_ids: np.ndarray, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
+                truncated: np.ndarray, is_first: np.ndarray) -> None:
+        """Complete the in-flight steps of a received batch ``[B]`` and record its observations."""
+        for row, env_id in enumerate(env_ids.tolist()):
+            pending = self.pending[env_id]
+            if pending is None:
+                # First arrival (reset) or after dropped experience: start a fresh trajectory.
+                self.obs[env_id] = []
+                self.steps[env_id] = []
+            else:
+                self.steps[env_id].append(
+                    (*pending, rewards[row], terminated[row], truncated[row], not is_first[row])
+                )
+                self.pending[env_id] = None
+            self.obs[env_id].append(np.array(obs[row]))
+
+    def sent(self, env_ids: np.ndarray, actions: np.ndarray, log_probs: np.ndarray, policy_updates: int) -> None:
+        for row, env_id in enumerate(env_ids.tolist()):
+            self.pending[env_id] = (actions[row], log_probs[row], policy_updates)
+
+    def cut(self, length: int, group_size: int, version: int) -> Unroll | None:
+        """An unroll ``[length, group_size]`` if that many envs have ``length`` steps, else None."""
+        ready = [env_id for env_id, steps in enumerate(self.steps) if len(steps) >= length]
+        if len(ready) < group_size:
+            return None
+        ready.sort(key=lambda env_id: -len(self.steps[env_id]))
+        group = ready[:group_size]
+        obs = np.stack([np.stack(self.obs[e][: length + 1]) for e in group], axis=1)  # [T + 1, B, ...]
+        columns = [list(zip(*self.steps[e][:length])) for e in group]  # per env: fields of T steps
+        field = lambda index, dtype: np.stack([np.asarray(c[index], dtype=dtype) for c in columns], axis=1)
+        actions = np.stack([np.stack(c[0]) for c in columns], axis=1)  # [T, B, *action_shape]
+        unroll = Unroll(
+            obs=obs,
+            actions=actions,
+            behaviour_log_probs=field(1, np.float32),
+            policy_updates=field(2, np.int64),
+            rewards=field(3, np.float32),
+            terminated=field(4, bool),
+            truncated=field(5, bool),
+            valid=field(6, bool),
+            policy_version=version,
+        )
+        for e in group:
+            self.obs[e] = self.obs[e][length:]
+            self.steps[e] = self.steps[e][length:]
+        return unroll
+
+
+class ImpalaLearner(Learner):
+    """IMPALA learner: an actor thread feeding a V-trace learner through a bounded queue."""
+
+    algo = "impala"
+
+    def __init__(self, config: ExperimentConfig, seed: int, device: str | None = None,
+                 num_threads: int | None = None) -> None:
+        super().__init__(config, seed, device, num_threads)
+        self._cond = threading.Condition()
+        # Everything below is guarded by self._cond.
+        self._queue: collections.deque[Unroll] = collections.deque()
+        self._policy_version = 0
+        self._target_env_steps = 0
+        self._actor_may_run = False
+        self._actor_idle = True
+        self._actor_error: BaseException | None = None
+        self._stop = False
+        self._episode_returns: list[float] = []
+        self._episode_lengths: list[int] = []
+        self._actor_seconds = 0.0
+        # Weights for the actor: a state dict of clones plus the update count that produced it.
+        self._publish_lock = threading.Lock()
+        self._published: tuple[dict[str, Tensor], int] | None = None
+        self._publish_count = 0
+        self._actor_model = copy.deepcopy(self.model).requires_grad_(False)
+        self._publish()
+        self._thread: threading.Thread | None = None
+
+    # -- learner thread -----------------------------------------------------------------------
+
+    def train(self, until_env_steps: int) -> TrainReport:
+        """Let the actor step to ``until_env_steps`` env steps and learn from every full batch of unrolls.
+
+        Returns once the actor has reached the target and no full batch of unrolls is queued.
+        """
+        stats = CallStats(self.env_steps)
+        lags: list[float] = []
+        self._raise_actor_error()
+        self._start_actor()
+        with self._cond:
+            self._target_env_steps = int(until_env_steps)
+            self._actor_may_run = True
+            self._cond.notify_all()
+        try:
+            while True:
+                unrolls = self._next_batch(until_env_steps, stats)
+                if unrolls is None:
+                    break
+                unroll = Unroll.concatenate(unrolls)
+                lags.append(float(self.updates - unroll.policy_updates.mean()))
+                started = time.perf_counter()
+                stats.add_update(self._update(unroll), unroll.length * unroll.num_envs)
+                self._publish()
+                stats.update_seconds += time.perf_counter() - started
+        finally:
+            self._pause_actor()
+            with self._cond:
+                self._take_episodes(stats)
+                stats.act_seconds = self._actor_seconds
+                self._actor_seconds = 0.0
+        self._raise_actor_error()
+        return stats.report(
+            self.env_steps,
+            self.updates,
+            policy_lag=float(np.mean(lags)) if lags else float("nan"),
+            policy_lag_max=float(np.max(lags)) if lags else float("nan"),
+            queued_unrolls=len(self._queue),
+            unroll_length=self.agent_cfg.unroll_length,
+        )
+
+    def _next_batch(self, until_env_steps: int, stats: CallStats) -> list[Unroll] | None:
+        """Wait for the next batch of unrolls; None once the actor reached the target and none is full."""
+        with self._cond:
+            while True:
+                self._raise_actor_error()
+                self._take_episodes(stats)
+                unrolls = self._pop_unrolls()
+                if unrolls:
+                    self._cond.notify_all()  # room in the queue again
+                    return unrolls
+                if self._actor_idle and self.env_steps >= until_env_steps:
+                    return None
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the IMPALA actor thread stopped unexpectedly")
+                self._cond.wait(timeout=1.0)
+
+    def _pop_unrolls(self) -> list[Unroll]:
+        """Up to ``learner_batch_unrolls`` queued unrolls of the current version and of equal length.
+
+        Fewer than asked only when an unroll of another length waits behind them (after an
+        ``unroll_length`` change), so that they are not held forever. Caller holds ``_cond``.
+        """
+        while self._queue and self._queue[0].policy_version != self._policy_version:
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        wanted = self.agent_cfg.learner_batch_unrolls
+        length = self._queue[0].length
+        same = 0
+        for unroll in self._queue:
+            if unroll.length != length or unroll.policy_version != self._policy_version or same == wanted:
+                break
+            same += 1
+        if same < wanted and same == len(self._queue):
+            return []
+        return [self._queue.popleft() for _ in range(same)]
+
+    def _take_episodes(self, stats: CallStats) -> None:
+        """Move the episodes the actor finished into ``stats``. Caller holds ``_cond``."""
+        stats.add_episodes(np.asarray(self._episode_returns), np.asarray(self._episode_lengths))
+        self._episode_returns.clear()
+        self._episode_lengths.clear()
+
+    def _targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
+                 bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
+        """V-trace: ``(pg_advantages, vs)``."""
+        agent = self.agent_cfg
+        valid = batch["valid"]
+        # An auto-reset step's action was ignored: give it importance weight 1 (log rho = 0) so its
+        # arbitrary log-probabilities cannot matter; it is masked out of the loss anyway.
+        behaviour = torch.where(valid, batch["behaviour_log_probs"], log_probs.detach())
+        discounts = agent.gamma * (1.0 - batch["terminated"].float())
+        targets = vtrace(
+            behaviour, log_probs, batch["rewards"], values.detach(), bootstrap_value, discounts,
+            trace_cut=batch["truncated"], rho_clip=agent.vtrace_rho_clip, c_clip=agent.vtrace_c_clip,
+            pg_rho_clip=agent.vtrace_pg_rho_clip, td_lambda=agent.td_lambda,
+        )
+        return targets.pg_advantages, targets.vs
+
+    def _publish(self) -> None:
+        """Hand the current weights to the actor (it loads them before its next env step)."""
+        weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+        with self._publish_lock:
+            self._published = (weights, self.updates)
+            self._publish_count += 1
+
+    # -- actor thread -------------------------------------------------------------------------
+
+    def _start_actor(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._actor_main, name="impala-actor", daemon=True)
+            self._thread.start()
+
+    def _pause_actor(self) -> None:
+        """Stop the actor at its next step boundary and wait until it is idle."""
+        with self._cond:
+            self._actor_may_run = False
+            self._cond.notify_all()
+            while not self._actor_idle and self._thread is not None and self._thread.is_alive():
+                self._cond.wait(timeout=1.0)
+
+    def _raise_actor_error(self) -> None:
+        if self._actor_error is not None:
+            raise self._actor_error
+
+    def _actor_main(self) -> None:
+        try:
+            self._actor_loop()
+        except BaseException as exc:  # re-raised in the learner thread by train()
+            with self._cond:
+                self._actor_error = exc
+                self._actor_idle = True
+                self._cond.notify_all()
+
+    def _actor_loop(self) -> None:
+        env = self.env
+        trajectories = _EnvTrajectories(env.num_envs)
+        version = self._policy_version
+        loaded_count = -1
+        policy_updates = 0
+        batch = None
+        obs = None  # prepared observations of `batch`
+        while True:
+            with self._cond:
+                while not self._stop and (not self._actor_may_run or self.env_steps >= self._target_env_steps):
+                    if not self._actor_idle:
+                        self._actor_idle = True
+                        self._cond.notify_all()
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._actor_idle = False
+                if version != self._policy_version:
+                    version = self._policy_version
+                    trajectories.drop_experience()
+            started = time.perf_counter()
+            with self._publish_lock:
+                published, count = self._published, self._publish_count
+            if count != loaded_count:
+                self._actor_model.load_state_dict(published[0])
+                policy_updates, loaded_count = published[1], count
+            if batch is None:
+                batch = env.reset()
+                obs = self._receive(trajectories, batch)
+            actions, env_actions, log_probs = self._policy_step(self._actor_model, obs)
+            trajectories.sent(batch.env_ids, actions, log_probs, policy_updates)
+            if env.is_async:
+                env.send(env_actions, batch.env_ids)
+                self._env_steps += batch.batch_size
+                batch = env.recv()
+            else:
+                self._env_steps += batch.batch_size
+                batch = env.step(env_actions)
+            obs = self._receive(trajectories, batch)
+            unrolls = []
+            while True:
+                unroll = trajectories.cut(self.agent_cfg.unroll_length, env.batch_size, version)
+                if unroll is None:
+                    break
+                unrolls.append(unroll)
+            with self._cond:
+                self._episode_returns.extend(batch.episode_returns.tolist())
+                self._episode_lengths.extend(batch.episode_lengths.tolist())
+                self._actor_seconds += time.perf_counter() - started
+                for unroll in unrolls:
+                    while (len(self._queue) >= self._queue_bound() and self._actor_may_run
+                           and not self._stop and version == self._policy_version):
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    if version == self._policy_version:
+                        self._queue.append(unroll)
+                        self._cond.notify_all()
+
+    def _receive(self, trajectories: _EnvTrajectories, batch: Any) -> np.ndarray:
+        """Normalise a received batch's observations and complete its envs' in-flight steps."""
+        obs = self._prepare_obs(batch.obs, update_statistics=True)
+        rewards = self._scale_rewards(batch)
+        trajectories.receive(batch.env_ids, obs, rewards, batch.terminated, batch.truncated, batch.is_first)
+        return obs
+
+    def _queue_bound(self) -> int:
+        agent = self.agent_cfg
+        return max(agent.queue_size, agent.learner_batch_unrolls)
+
+    # -- PBT hooks, state, shutdown -------------------------------------------------------------
+
+    def drop_stale_experience(self) -> None:
+        """Discard queued and partial unrolls gathered by the policy before this call."""
+        with self._cond:
+            self._policy_version += 1
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def _state_loaded(self) -> None:
+        self.drop_stale_experience()
+        self._publish()
+
+    def _hyperparameters_changed(self, names: set[str]) -> None:
+        with self._cond:
+            self._cond.notify_all()  # a new queue bound may free a waiting actor
+
+    def close(self) -> None:
+        """Stop and join the actor thread, then close the env. Closing twice is harmless."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=_ACTOR_JOIN_SECONDS)
+        super().close()

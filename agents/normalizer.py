@@ -1,0 +1,90 @@
+"""Running mean and variance of a stream of batches (numpy, float64), for observation and
+return normalisation on the host before data goes to the device.
+
+Batches are merged with the parallel-variance formula of Chan, Golub & LeVeque (1979): for
+statistics (mean_a, var_a, n_a) and a batch (mean_b, var_b, n_b), with δ = mean_b - mean_a and
+n = n_a + n_b,
+
+    mean = mean_a + δ n_b / n,
+    M2   = var_a n_a + var_b n_b + δ² n_a n_b / n,   var = M2 / n,
+
+which is exact (population variance of everything seen so far) and stable in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _to_float64_array(value) -> np.ndarray:
+    """A tensor (any device) or array-like as a fresh float64 numpy array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.array(value, dtype=np.float64)
+
+
+class RunningMeanStd:
+    """Mean and (population) variance per feature of every sample seen, ``shape`` = one sample.
+
+    Before the first update the statistics are mean 0, variance 1, count 0, so
+    :meth:`normalize` is the identity (up to ``epsilon`` and clipping).
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-8) -> None:
+        self.shape = tuple(shape)
+        self.epsilon = epsilon  # added to the variance before the square root
+        self.mean = np.zeros(self.shape, dtype=np.float64)
+        self.var = np.ones(self.shape, dtype=np.float64)
+        self.count = 0.0  # samples seen (float so that state dicts stay plain numbers)
+
+    def update(self, batch: np.ndarray) -> None:
+        """Merge a batch ``[N, *shape]`` of samples into the statistics (no-op for N = 0)."""
+        batch = np.asarray(batch, dtype=np.float64)
+        if batch.shape[1:] != self.shape:
+            raise ValueError(f"batch must be [N, *{self.shape}], got shape {batch.shape}")
+        batch_count = batch.shape[0]
+        if batch_count == 0:
+            return
+        batch_mean = batch.mean(axis=0)
+        batch_var = batch.var(axis=0)
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        sum_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.mean = self.mean + delta * batch_count / total
+        self.var = sum_squares / total
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        """``sqrt(var + epsilon)``, ``shape``."""
+        return np.sqrt(self.var + self.epsilon)
+
+    def normalize(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
+        """``(x - mean) / std`` clipped to ``[-clip, clip]`` (None = no clip), as float32."""
+        normalized = (np.asarray(x, dtype=np.float64) - self.mean) / self.std
+        if clip is not None:
+            normalized = np.clip(normalized, -clip, clip)
+        return normalized.astype(np.float32)
+
+    def scale(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
+        """``x / std`` without centring (reward scaling by the std of discounted returns), float32."""
+        scaled = np.asarray(x, dtype=np.float64) / self.std
+        if clip is not None:
+            scaled = np.clip(scaled, -clip, clip)
+        return scaled.astype(np.float32)
+
+    def state_dict(self) -> dict:
+        """Statistics as float64 tensors and a float, loadable by ``torch.load(weights_only=True)``."""
+        return {
+            "mean": torch.from_numpy(self.mean.copy()),
+            "var": torch.from_numpy(self.var.copy()),
+            "count": float(self.count),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore statistics saved by :meth:`state_dict` (tensors or arrays of this ``shape``)."""
+        mean, var = (_to_float64_array(state[key]) for key in ("mean", "var"))
+        if mean.shape != self.shape or var.shape != self.shape:
+            raise ValueError(f"state has shape {mean.shape}/{var.shape}, this normaliser has {self.shape}")
+        self.mean, self.var, self.count = mean, var, float(state["count"])

@@ -1,0 +1,237 @@
+"""``pbt-rl bench CONFIG``: raw envpool stepping vs. the whole population training, in one run.
+
+Both numbers are measured in one invocation on the same machine, so their ratio is meaningful
+even where absolute speeds vary between machines:
+
+(a) *raw*: envpool alone, random actions, the same env id and options, the same total number of
+    envs (population_size x env.num_envs) and the same number of threads the population uses;
+(b) *population*: ``pbt-rl train`` of the config into a temporary run directory (learners
+    updating, PBT deciding, checkpoints and metrics written) for ``warmup + seconds`` of wall
+    time; the env-step rate is read back from the members' ``metrics.jsonl`` over the window after
+    the warm-up.
+
+Units: env steps per second summed over all envs (Atari: x4 for frames per second).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pbt_rl.config import ExperimentConfig, from_dict, to_dict
+
+
+def population_threads(config: ExperimentConfig) -> int:
+    """Env threads the whole population uses (the runtime splits them among members)."""
+    return config.run.total_threads or os.cpu_count() or 1
+
+
+def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: float = 3.0) -> dict[str, Any]:
+    """Env steps/s of envpool alone with random actions, at the population's env and thread count."""
+    import envpool
+
+    from pbt_rl.envs import env_family
+    from pbt_rl.envs.factory import envpool_options
+
+    family = env_family(config.env.id)
+    if family == "gymnasium":
+        raise ValueError(f"{config.env.id} is not an envpool env; the raw benchmark needs envpool")
+    total_envs = config.pbt.population_size * config.env.num_envs
+    is_async = config.env.async_batch_size > 0
+    batch_size = total_envs * config.env.async_batch_size // config.env.num_envs if is_async else total_envs
+    threads = population_threads(config)
+    pool = envpool.make(
+        config.env.id,
+        env_type="gymnasium",
+        num_envs=total_envs,
+        batch_size=batch_size,
+        num_threads=min(threads, batch_size),
+        seed=config.run.seed,
+        **envpool_options(config.env, family),
+    )
+    rng = np.random.default_rng(config.run.seed)
+    space = pool.action_space
+    # Pre-drawn actions, so that the measurement is envpool and not Python's sampling.
+    if hasattr(space, "n"):
+        actions = [rng.integers(0, space.n, size=batch_size) for _ in range(16)]
+    else:
+        actions = [rng.uniform(space.low, space.high, size=(batch_size, *space.shape)).astype(space.dtype) for _ in range(16)]
+
+    steps = 0
+    if is_async:
+        pool.async_reset()
+
+        def one_batch(i: int) -> None:
+            _obs, _rew, _term, _trunc, info = pool.recv()
+            pool.send(actions[i % 16], info["env_id"])
+    else:
+        pool.reset()
+
+        def one_batch(i: int) -> None:
+            pool.step(actions[i % 16])
+
+    i = 0
+    deadline = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < deadline:
+        one_batch(i)
+        i += 1
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        one_batch(i)
+        i += 1
+        steps += batch_size
+    elapsed = time.perf_counter() - start
+    pool.close()
+    return {
+        "env_steps_per_second": steps / elapsed,
+        "total_envs": total_envs,
+        "batch_size": batch_size,
+        "threads": min(threads, batch_size),
+        "mode": "async" if is_async else "sync",
+        "seconds": elapsed,
+    }
+
+
+class _MachineSampler:
+    """Samples machine-wide CPU use (/proc/stat) and GPU use (nvidia-smi) once a second."""
+
+    def __init__(self) -> None:
+        self.cpu_busy: list[float] = []
+        self.gpu_util: list[float] = []
+        self.gpu_memory_mib: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._has_nvidia_smi = shutil.which("nvidia-smi") is not None
+
+    @staticmethod
+    def _cpu_times() -> tuple[float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        values = [float(v) for v in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0.0)
+        return sum(values), idle
+
+    def _run(self) -> None:
+        previous = self._cpu_times()
+        while not self._stop.wait(1.0):
+            current = self._cpu_times()
+            if previous and current and current[0] > previous[0]:
+                total, idle = current[0] - previous[0], current[1] - previous[1]
+                self.cpu_busy.append(1.0 - idle / total)
+            previous = current
+            if self._has_nvidia_smi:
+                try:
+                    out = subprocess.run(
+                        ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                        capture_output=True, text=True, timeout=5,
+                    ).stdout.strip().splitlines()
+                    util, memory = (float(x) for x in out[0].split(","))
+                    self.gpu_util.append(util)
+                    self.gpu_memory_mib.append(memory)
+                except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                    self._has_nvidia_smi = False
+
+    def __enter__(self) -> "_MachineSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def summary(self, skip_first: int = 0) -> dict[str, float | None]:
+        def mean(values: list[float]) -> float | None:
+            values = values[skip_first:] or values
+            return float(np.mean(values)) if values else None
+
+        return {
+            "cpu_busy_fraction": mean(self.cpu_busy),
+            "gpu_utilization_percent": mean(self.gpu_util),
+            "gpu_memory_mib_max": max(self.gpu_memory_mib) if self.gpu_memory_mib else None,
+        }
+
+
+def population_rate_from_metrics(run_dir: Path, window_start: float) -> dict[str, Any]:
+    """Population env steps/s over [window_start, end], from every member's metrics.jsonl.
+
+    Each member's env-step count is interpolated linearly in wall time, so members that report
+    at different moments are compared over the same window.
+    """
+    series = []
+    for path in sorted((run_dir / "members").glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = sorted((row["wall_seconds"], row["env_steps"]) for row in rows)
+        if len(points) >= 2:
+            series.append(np.array(points, dtype=np.float64))
+    if not series:
+        raise RuntimeError(f"no member reported progress twice in {run_dir}; run the benchmark longer")
+    start = max(window_start, max(s[0, 0] for s in series))
+    end = min(s[-1, 0] for s in series)
+    if end <= start:
+        raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
+    steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
+    return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series)}
+
+
+def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None) -> dict[str, Any]:
+    """Measure raw envpool and the population training; return both rates and their ratio."""
+    from pbt_rl.runtime import train
+
+    warmup = warmup_seconds if warmup_seconds is not None else min(30.0, max(5.0, seconds / 3))
+    raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
+    with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
+        raw_cfg = to_dict(config)
+        raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=warmup + seconds, total_env_steps=10**12)
+        raw_cfg["logging"].update(report=False, wandb="disabled")
+        bench_config = from_dict(raw_cfg)
+        with _MachineSampler() as sampler:
+            train(bench_config, console=False)
+        population = population_rate_from_metrics(bench_config.run_dir, window_start=warmup)
+        lineage = bench_config.run_dir / "lineage.jsonl"
+        exploits = len(lineage.read_text().splitlines()) if lineage.exists() else 0
+    return {
+        "env": config.env.id,
+        "algo": config.agent.algo,
+        "population_size": config.pbt.population_size,
+        "num_envs_per_member": config.env.num_envs,
+        "raw": raw,
+        "population": population,
+        "ratio": population["env_steps_per_second"] / raw["env_steps_per_second"],
+        "exploits": exploits,
+        "machine": {**sampler.summary(skip_first=int(warmup)), "cpu_count": os.cpu_count()},
+    }
+
+
+def format_population_bench(result: dict[str, Any]) -> str:
+    raw, pop, machine = result["raw"], result["population"], result["machine"]
+    gpu = (
+        f"GPU util {machine['gpu_utilization_percent']:.0f}%, max memory {machine['gpu_memory_mib_max']:.0f} MiB"
+        if machine.get("gpu_utilization_percent") is not None else "GPU: none seen"
+    )
+    cpu = f"CPU busy {100 * machine['cpu_busy_fraction']:.0f}% of {machine['cpu_count']} cores" if machine.get("cpu_busy_fraction") is not None else "CPU: n/a"
+    return "\n".join([
+        f"{result['env']}  {result['algo']}  population {result['population_size']} x {result['num_envs_per_member']} envs",
+        f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
+        f"{raw['env_steps_per_second']:,.0f} env steps/s",
+        f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
+        f"{pop['env_steps_per_second']:,.0f} env steps/s",
+        f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
+        f"{cpu}; {gpu}",
+        "json: " + json.dumps(result, default=float),
+    ])
+
+
+__all__ = ["bench_population", "bench_raw_envpool", "format_population_bench", "population_rate_from_metrics"]
+_ = dataclasses  # dataclasses kept for callers that replace configs

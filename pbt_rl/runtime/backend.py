@@ -1,0 +1,134 @@
+"""Where members run. The controller sees only :class:`MemberHandle` and :class:`Backend`.
+
+``LocalProcessBackend`` hosts each member in its own process on this machine (multiprocessing,
+spawn context: no forked torch/envpool state). Another backend (e.g. Ray actors on a cluster)
+implements the same two small interfaces around :class:`pbt_rl.runtime.member.MemberWorker`;
+the scheduler, learners and controller do not change.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from multiprocessing.connection import Connection, wait
+from typing import Protocol
+
+from pbt_rl.runtime.member import MemberSpec, member_main
+
+KILL_GRACE_SECONDS = 5.0
+
+
+class MemberHandle(Protocol):
+    """The controller's view of one running member."""
+
+    member_id: int
+
+    def send(self, message: tuple) -> bool:
+        """Deliver a command; False if the member is gone."""
+
+    def poll(self) -> list[tuple]:
+        """Messages received so far (non-blocking). A ``("exited", {exitcode})`` message ends the stream."""
+
+    def alive(self) -> bool: ...
+
+    def kill(self) -> None:
+        """Stop the member now and wait for it (idempotent)."""
+
+    def wait_object(self) -> object | None:
+        """Something :func:`multiprocessing.connection.wait` can block on, or None."""
+
+
+class Backend(Protocol):
+    def start(self, spec: MemberSpec) -> MemberHandle: ...
+
+    def wait(self, handles: list[MemberHandle], timeout: float) -> None:
+        """Block until some handle may have messages, or ``timeout`` seconds."""
+
+    def close(self) -> None: ...
+
+
+class LocalProcessHandle:
+    def __init__(self, spec: MemberSpec, context: multiprocessing.context.BaseContext):
+        self.member_id = spec.member_id
+        self.connection, child_end = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=member_main, args=(spec, child_end, os.getpid()), name=f"pbt-member-{spec.member_id}", daemon=True
+        )
+        self.process.start()
+        child_end.close()  # so EOF reaches us when the child dies
+        self._exited = False
+
+    def send(self, message: tuple) -> bool:
+        try:
+            self.connection.send(message)
+            return True
+        except (OSError, EOFError, BrokenPipeError, ValueError):
+            return False
+
+    def poll(self) -> list[tuple]:
+        messages: list[tuple] = []
+        if self._exited:
+            return messages
+        try:
+            while self.connection.poll():
+                messages.append(self.connection.recv())
+        except (EOFError, OSError, ValueError):
+            # The pipe closed: the process ended (or is ending). Reap it for the exit code.
+            self.process.join(timeout=KILL_GRACE_SECONDS)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+            self._exited = True
+            messages.append(("exited", {"exitcode": self.process.exitcode}))
+        return messages
+
+    def alive(self) -> bool:
+        return not self._exited and self.process.is_alive()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=KILL_GRACE_SECONDS)
+        self._exited = True
+        try:
+            self.connection.close()
+        except OSError:
+            pass
+
+    def wait_object(self) -> Connection | None:
+        return None if self._exited else self.connection
+
+
+class LocalProcessBackend:
+    """Members as processes of this machine."""
+
+    def __init__(self) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.handles: list[LocalProcessHandle] = []
+
+    def start(self, spec: MemberSpec) -> LocalProcessHandle:
+        handle = LocalProcessHandle(spec, self.context)
+        self.handles.append(handle)
+        return handle
+
+    def wait(self, handles: list, timeout: float) -> None:
+        objects = [o for h in handles if (o := h.wait_object()) is not None]
+        if objects:
+            wait(objects, timeout=timeout)
+        else:
+            import time
+
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.kill()
+        self.handles.clear()
+
+
+def make_backend(name: str) -> Backend:
+    if name == "local":
+        return LocalProcessBackend()
+    from pbt_rl.config import ConfigError
+
+    raise ConfigError(f"run.backend: {name!r} is not available; choose 'local'")

@@ -1,0 +1,295 @@
+"""One member of the population: its own process, envs and learner.
+
+The member trains to its next ready point in chunks, sending progress after each chunk (at most
+about once a second), then saves a checkpoint, reports it and waits for the controller's
+decision. Messages are ``(kind, payload)`` tuples over a duplex pipe:
+
+member -> controller
+  ``started``  {env_steps, hyperparameters, checkpoint, weights_sha256}   learner built, restore applied
+  ``progress`` {env_steps, updates, episode_returns, episode_lengths, losses, env_steps_per_second,
+               hyperparameters}
+  ``ready``    progress fields + {checkpoint}        a ready point: waits for a command
+  ``done``     progress fields + {checkpoint}        budget reached: the process exits
+  ``applied``  {env_steps, donor_checkpoint, hyperparameters, weights_sha256}  exploit applied
+  ``exploit_failed`` {donor_checkpoint, error}      donor checkpoint unusable; own weights kept
+  ``failed``   {error, traceback, diverged}          the member stops (the controller restarts it)
+
+controller -> member
+  ``continue`` {}    ``exploit`` {checkpoint, hyperparameters}    ``stop`` {}
+
+A member never outlives the controller: it asks the kernel for SIGKILL when its parent dies
+(Linux) and also polls its parent pid, and a closed pipe ends it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pbt_rl.config import ExperimentConfig
+from pbt_rl.runtime.store import RunStore
+
+DEFAULT_LEARNER_FACTORY = "pbt_rl.agents:make_learner"
+PROGRESS_SECONDS = 1.0
+PARENT_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a member (re)starts: a checkpoint (its own or a donor's) or nothing (fresh from its seed).
+
+    ``env_steps`` is the member's own counter at that point (after an exploit the member keeps
+    its own steps, not the donor's); ``hyperparameters`` are applied after loading (None: keep
+    the checkpoint's, or the config's for a fresh start).
+    """
+
+    checkpoint: str | None = None
+    env_steps: int = 0
+    updates: int = 0
+    hyperparameters: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "env_steps": self.env_steps, "updates": self.updates,
+                "hyperparameters": self.hyperparameters}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Restore":
+        return cls(raw.get("checkpoint"), int(raw.get("env_steps", 0)), int(raw.get("updates", 0)),
+                   raw.get("hyperparameters"))
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """Everything a member process needs; picklable, so any backend can ship it."""
+
+    member_id: int
+    seed: int
+    config: ExperimentConfig
+    run_dir: str
+    restore: Restore
+    device: str | None = None
+    num_threads: int = 0
+    learner_factory: str = DEFAULT_LEARNER_FACTORY
+    progress_steps: int = 0  # env steps per training chunk; 0 = ready_after_steps / 8
+
+
+def load_factory(path: str) -> Callable[..., Any]:
+    """``module:function`` -> the function (lets tests and other backends swap the learner)."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def weights_sha256(state: Any) -> str:
+    """A fingerprint of every tensor in a (nested) learner state dict, in key order.
+
+    Used to check that a member which exploited holds exactly the donor checkpoint's weights.
+    Only floating-point tensors count: the weights, optimizer moments and normaliser statistics.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                digest.update(prefix.encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{prefix}/{i}", item)
+
+    visit("", state)
+    return digest.hexdigest()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: the kernel kills us when the controller dies, even by SIGKILL.
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:  # portable fallback
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _Accumulator:
+    """Episode returns and losses gathered since the last message to the controller."""
+
+    def __init__(self) -> None:
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.losses: dict[str, float] = {}
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, report: Any, steps: int, seconds: float) -> None:
+        self.returns.extend(float(r) for r in report.episode_returns)
+        self.lengths.extend(int(n) for n in report.episode_lengths)
+        self.losses = {k: float(v) for k, v in report.losses.items()} or self.losses
+        self.steps += steps
+        self.seconds += seconds
+
+    def take(self) -> dict:
+        out = {"episode_returns": self.returns, "episode_lengths": self.lengths, "losses": self.losses,
+               "env_steps_per_second": self.steps / self.seconds if self.seconds > 0 else 0.0}
+        self.__init__()
+        return out
+
+
+class MemberWorker:
+    """The member loop, separated from the process plumbing so any backend can host it."""
+
+    def __init__(self, spec: MemberSpec, send: Callable[[tuple], None], receive: Callable[[], tuple]):
+        self.spec = spec
+        self.send = send
+        self.receive = receive
+        self.store = RunStore(spec.run_dir)
+        config = spec.config
+        self.total = config.run.total_env_steps
+        self.ready_after = config.pbt.ready_after_steps
+        self.chunk = spec.progress_steps or max(1, self.ready_after // 8)
+        factory = load_factory(spec.learner_factory)
+        self.learner = factory(config, seed=spec.seed, device=spec.device, num_threads=spec.num_threads)
+        self.offset = 0  # learner.env_steps - this member's env steps (non-zero after an exploit)
+        self.updates = 0
+        self.last_checkpoint_steps = 0
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.learner.env_steps) - self.offset
+
+    def _load(self, checkpoint: str, env_steps: int, hyperparameters: dict | None) -> None:
+        """Load a checkpoint, keep this member's step counter, THEN apply hyperparameters."""
+        payload = self.store.load_checkpoint(checkpoint, map_location=self.spec.device or "cpu")
+        self.learner.load_state_dict(payload["learner"])
+        self.offset = int(self.learner.env_steps) - env_steps
+        if hyperparameters:
+            self.learner.set_hyperparameters(dict(hyperparameters))
+
+    def _fingerprint(self) -> str:
+        return weights_sha256(self.learner.state_dict())
+
+    def _save(self) -> str:
+        steps = self.env_steps
+        payload = {
+            "learner": self.learner.state_dict(),
+            "member": {"member_id": self.spec.member_id, "seed": self.spec.seed, "env_steps": steps,
+                       "updates": self.updates, "hyperparameters": self.learner.hyperparameters(),
+                       "time": time.time()},
+        }
+        checkpoint = self.store.save_checkpoint(self.spec.member_id, steps, payload)
+        self.last_checkpoint_steps = steps
+        return checkpoint
+
+    def _progress(self, accumulated: dict) -> dict:
+        return {"env_steps": self.env_steps, "updates": self.updates,
+                "hyperparameters": self.learner.hyperparameters(), **accumulated}
+
+    def run(self) -> None:
+        restore = self.spec.restore
+        if restore.checkpoint:
+            self._load(restore.checkpoint, restore.env_steps, restore.hyperparameters)
+        elif restore.hyperparameters:
+            self.learner.set_hyperparameters(dict(restore.hyperparameters))
+        self.updates = restore.updates
+        self.last_checkpoint_steps = self.env_steps
+        self.send(("started", {"env_steps": self.env_steps, "checkpoint": restore.checkpoint,
+                               "hyperparameters": self.learner.hyperparameters(),
+                               "weights_sha256": self._fingerprint()}))
+        pending = _Accumulator()
+        last_sent = time.monotonic()
+        while True:
+            target = min(self.last_checkpoint_steps + self.ready_after, self.total)
+            while self.env_steps < target:
+                start_steps, start = self.env_steps, time.perf_counter()
+                report = self.learner.train(min(target, self.env_steps + self.chunk) + self.offset)
+                self.updates += int(report.updates)
+                pending.add(report, self.env_steps - start_steps, time.perf_counter() - start)
+                if self.env_steps < target and time.monotonic() - last_sent >= PROGRESS_SECONDS:
+                    self.send(("progress", self._progress(pending.take())))
+                    last_sent = time.monotonic()
+            checkpoint = self._save()
+            finished = self.env_steps >= self.total
+            self.send(("done" if finished else "ready", {**self._progress(pending.take()), "checkpoint": checkpoint}))
+            last_sent = time.monotonic()
+            if finished:
+                return
+            kind, payload = self.receive()
+            if kind == "stop":
+                return
+            if kind == "exploit":
+                self._exploit(payload)
+
+    def _exploit(self, payload: dict) -> None:
+        from pbt_rl.runtime.store import CheckpointError
+
+        try:
+            self._load(payload["checkpoint"], self.env_steps, payload["hyperparameters"])
+        except CheckpointError as exc:
+            self.send(("exploit_failed", {"donor_checkpoint": payload["checkpoint"], "error": str(exc)}))
+            return
+        self.learner.drop_stale_experience()
+        self.send(("applied", {"env_steps": self.env_steps, "donor_checkpoint": payload["checkpoint"],
+                               "hyperparameters": self.learner.hyperparameters(),
+                               "weights_sha256": self._fingerprint()}))
+
+
+def member_main(spec: MemberSpec, connection: Any, parent_pid: int) -> None:
+    """Entry point of a member process (multiprocessing target)."""
+    _die_with_parent(parent_pid)
+    if spec.device in (None, "cpu"):
+        import torch
+
+        torch.set_num_threads(1)  # env threads are the parallelism; N members share the cores
+    worker = None
+
+    def receive() -> tuple:
+        return connection.recv()
+
+    try:
+        worker = MemberWorker(spec, connection.send, receive)
+        worker.run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the controller is gone or closed our pipe
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
+        diverged = type(exc).__name__ == "TrainingDiverged"
+        try:
+            connection.send(("failed", {"error": f"{type(exc).__name__}: {exc}", "diverged": diverged,
+                                        "traceback": traceback.format_exc(limit=20)}))
+        except (OSError, EOFError, BrokenPipeError):
+            pass
+        if not isinstance(exc, Exception):
+            raise
+        sys.exit(1)
+    finally:
+        if worker is not None:
+            try:
+                worker.learner.close()
+            except Exception:  # noqa: BLE001 - closing after a failure must not hide it
+                pass
+        try:
+            connection.close()
+        except OSError:
+            pass

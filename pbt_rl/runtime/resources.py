@@ -1,0 +1,46 @@
+"""How the machine is shared among members: env threads per member and each member's device."""
+
+from __future__ import annotations
+
+import os
+
+
+def threads_per_member(population_size: int, total_threads: int = 0, env_threads: int = 0) -> int:
+    """Env worker threads for one member: ``env.num_threads`` when set, else the machine's
+    threads (``run.total_threads`` or the core count) divided among members, at least 1.
+
+    Members never ask for more threads than their share, so N members do not oversubscribe
+    the cores (each member process also runs torch with one intra-op thread on CPU).
+    """
+    if env_threads > 0:
+        return env_threads
+    total = total_threads if total_threads > 0 else (os.cpu_count() or 1)
+    return max(1, total // max(1, population_size))
+
+
+def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_device_count: int) -> str:
+    """The torch device of one member.
+
+    ``agent.device`` 'auto' means CUDA when there is a GPU. All members share GPU 0 unless
+    ``run.members_per_gpu`` > 0, which puts members 0..k-1 on GPU 0, k..2k-1 on GPU 1, and so on
+    (wrapping around when there are more members than GPUs can take). An explicit 'cuda:N' is kept.
+    """
+    if agent_device == "cpu":
+        return "cpu"
+    if agent_device.startswith("cuda:"):
+        return agent_device
+    if cuda_device_count <= 0:
+        if agent_device == "cuda":
+            from pbt_rl.config import ConfigError
+
+            raise ConfigError("agent.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        return "cpu"
+    if members_per_gpu <= 0:
+        return "cuda:0"
+    return f"cuda:{(member_id // members_per_gpu) % cuda_device_count}"
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

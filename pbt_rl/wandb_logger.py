@@ -1,0 +1,328 @@
+"""Weights & Biases logging for a population: one W&B run per member, all from the controller.
+
+:class:`WandbPopulationLogger` implements the ``PopulationLogger`` protocol of docs/design.md. The
+controller process opens one W&B run per member (``wandb.init(reinit="create_new")`` keeps several
+runs open in one process), grouped by experiment name, so the W&B UI shows the population as a
+group and each member as a run. Per run:
+
+- time series against ``env_steps`` (``define_metric(..., step_metric="env_steps")``): episodic
+  returns, fitness, losses, env steps/s and every hyperparameter as ``hp/<name>``;
+- on each exploit of the member: the parent (``parent`` in the run config and ``exploit/donor``
+  in the history), a config update with the new hyperparameters, one row of the incremental
+  ``lineage`` table, and the member's new weights (the donor's checkpoint file) as a ``model``
+  artifact with metadata ``{member, parent, generation, env_steps}``;
+- online only: the donor's checkpoint is logged as an artifact of the donor's run and the child
+  run records it with ``use_artifact``, so W&B's artifact graph draws the family tree. W&B refuses
+  ``use_artifact`` in offline mode; offline runs keep the donor's artifact name in the lineage
+  table and config instead (docs/lineage.md).
+
+Modes (``logging.wandb``): ``online``, ``offline`` (files under ``<run.dir>/wandb/``, upload later
+with ``wandb sync``) and ``disabled`` (this logger does nothing and never imports wandb).
+``online`` falls back to ``offline`` when no W&B credentials are configured; see
+:func:`wandb_credentials_found`.
+
+Resume: :meth:`state_dict` returns the W&B run ids (and each run's current config); after
+:meth:`load_state_dict`, :meth:`start` re-opens the same runs (same ids, ``resume="allow"``), so
+a resumed population keeps appending to the runs it had.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pbt_rl.config import ExperimentConfig, to_dict
+
+JOB_TYPE = "pbt-member"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+LINEAGE_TABLE_KEY = "lineage"
+
+
+def wandb_credentials_found(environ: dict[str, str] | None = None) -> bool:
+    """True when W&B credentials are configured, checked without touching the network.
+
+    The sources are those wandb 0.31 reads itself (``wandb.sdk.lib.wbauth``): the
+    ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE`` environment variables, then the netrc
+    file (``$NETRC`` or ``~/.netrc``) entry for the host of ``WANDB_BASE_URL``
+    (default api.wandb.ai). ``wandb.login()`` is not used: it verifies the key over the network
+    by default and refuses to run once a run is open.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    netrc_path = Path(env["NETRC"]) if env.get("NETRC") else Path.home() / ".netrc"
+    if not netrc_path.is_file():
+        return False
+    host = urlsplit(env.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).hostname or ""
+    try:
+        entry = netrc.netrc(str(netrc_path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_mode(requested: str, environ: dict[str, str] | None = None) -> str:
+    """The W&B mode to use: ``online`` becomes ``offline`` when no credentials are found."""
+    if requested == "online" and not wandb_credentials_found(environ):
+        return "offline"
+    return requested
+
+
+def _artifact_name(experiment: str, member: int) -> str:
+    """Artifact names are project-wide; the experiment name keeps two experiments apart."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in experiment)
+    return f"{safe}-member-{member}"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class WandbPopulationLogger:
+    """PopulationLogger that writes one W&B run per member (see the module docstring).
+
+    Args:
+        config: the experiment; uses ``logging.wandb``, ``logging.wandb_project``,
+            ``logging.wandb_entity`` and ``run.name`` (the W&B group).
+        run_dir: the run directory; W&B files go to ``<run_dir>/wandb/``.
+    """
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.requested_mode = config.logging.wandb
+        self.mode = resolve_mode(self.requested_mode)
+        self._run_ids: dict[int, str] = {}
+        self._run_configs: dict[int, dict[str, Any]] = {}  # what each run's config holds now
+        self._runs: dict[int, Any] = {}
+        self._tables: dict[int, Any] = {}
+        self._search_space: list[str] = [spec.name for spec in config.pbt.search_space]
+        self._started = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+    @property
+    def run_ids(self) -> dict[int, str]:
+        return dict(self._run_ids)
+
+    # -- PopulationLogger -----------------------------------------------------------------
+
+    def start(self, population: dict) -> None:
+        """Open (or, after load_state_dict, re-open) one W&B run per member."""
+        if not self.enabled or self._started:
+            return
+        import wandb
+
+        if self.requested_mode == "online" and self.mode == "offline":
+            print("W&B: no credentials found (WANDB_API_KEY, ~/.netrc); logging offline to "
+                  f"{self.run_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr)
+        self._search_space = list(population.get("search_space") or self._search_space)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            console="off",  # stdout belongs to the controller's progress lines, not to one member
+            x_disable_stats=True,  # one process, many runs: machine stats would repeat per member
+            save_code=False,
+            disable_git=True,
+        )
+        experiment = to_dict(self.config)
+        for key, info in sorted(population["members"].items(), key=lambda kv: int(kv[0])):
+            member = int(key)
+            run_config = self._run_configs.get(member) or {
+                "member": member,
+                "seed": info.get("seed"),
+                "parent": None,
+                "generation": 0,
+                "hp": dict(info.get("hyperparameters", {})),
+                "experiment": experiment,
+            }
+            resuming = member in self._run_ids
+            run = wandb.init(
+                project=self.config.logging.wandb_project,
+                entity=self.config.logging.wandb_entity or None,
+                group=self.config.run.name,
+                job_type=JOB_TYPE,
+                name=f"member-{member}",
+                dir=str(self.run_dir),
+                mode=self.mode,
+                id=self._run_ids.get(member),
+                resume="allow" if resuming else None,
+                reinit="create_new",
+                config=run_config,
+                settings=settings,
+            )
+            run.define_metric("env_steps")
+            run.define_metric("*", step_metric="env_steps")
+            self._runs[member] = run
+            self._run_ids[member] = run.id
+            self._run_configs[member] = run_config
+            self._tables[member] = wandb.Table(columns=self._lineage_columns(), log_mode="INCREMENTAL")
+        self._started = True
+
+    def log_progress(self, row: dict) -> None:
+        """Log one metrics.jsonl row as a point of the member's time series at ``env_steps``."""
+        run = self._run(row)
+        if run is None:
+            return
+        data: dict[str, Any] = {"env_steps": int(row["env_steps"])}
+        if row.get("updates") is not None:
+            data["updates"] = row["updates"]
+        if row.get("fitness") is not None:
+            data["fitness"] = row["fitness"]
+        returns = row.get("episode_returns") or []
+        if returns:
+            data["episode_return/mean"] = _mean(returns)
+            data["episode_return/max"] = max(returns)
+            data["episode_return/min"] = min(returns)
+        data["episodes_finished"] = len(returns)
+        lengths = row.get("episode_lengths") or []
+        if lengths:
+            data["episode_length/mean"] = _mean(lengths)
+        for name, value in (row.get("losses") or {}).items():
+            data[f"losses/{name}"] = value
+        if row.get("env_steps_per_second") is not None:
+            data["env_steps_per_second"] = row["env_steps_per_second"]
+        for name, value in (row.get("hyperparameters") or {}).items():
+            data[f"hp/{name}"] = value
+        run.log(data)
+
+    def log_exploit(self, row: dict, checkpoint_path: Path) -> None:
+        """Record an exploit of ``row["member"]`` (a lineage row); ``checkpoint_path`` = donor checkpoint."""
+        run = self._run(row)
+        if run is None:
+            return
+        import wandb
+
+        member, donor = int(row["member"]), int(row["donor"])
+        generation = int(row["generation"])
+        checkpoint_path = Path(checkpoint_path)
+        experiment = self.config.run.name
+
+        donor_artifact_name = None
+        donor_run = self._runs.get(donor)
+        if self.mode == "online" and donor_run is not None:
+            # The donor's run outputs its checkpoint; the child consumes it: an edge in W&B's graph.
+            donor_artifact = wandb.Artifact(
+                _artifact_name(experiment, donor), type="model",
+                metadata={"member": donor, "parent": self._run_configs[donor].get("parent"),
+                          "generation": self._run_configs[donor].get("generation", 0),
+                          "env_steps": int(row["donor_env_steps"])},
+            )
+            donor_artifact.add_file(str(checkpoint_path), name="checkpoint.pt")
+            donor_run.log_artifact(donor_artifact, aliases=[f"step-{int(row['donor_env_steps'])}"])
+            try:
+                donor_artifact.wait()
+                run.use_artifact(donor_artifact)
+                donor_artifact_name = f"{donor_artifact.name}"
+            except Exception as exc:  # the graph edge is a nicety; never stop training for it
+                print(f"W&B: could not link member {member} to its donor's artifact: {exc}", file=sys.stderr)
+        if donor_artifact_name is None:
+            donor_artifact_name = f"{_artifact_name(experiment, donor)} (step {int(row['donor_env_steps'])})"
+
+        new_hp = dict(row.get("new_hyperparameters") or {})
+        config_update = {
+            "parent": donor,
+            "generation": generation,
+            "hp": {**self._run_configs[member].get("hp", {}), **new_hp},
+            "last_exploit": {
+                "env_steps": int(row["env_steps"]),
+                "donor": donor,
+                "donor_env_steps": int(row["donor_env_steps"]),
+                "donor_checkpoint": row.get("donor_checkpoint"),
+                "donor_artifact": donor_artifact_name,
+            },
+        }
+        run.config.update(config_update, allow_val_change=True)
+        self._run_configs[member] = {**self._run_configs[member], **config_update}
+
+        table = self._tables[member]
+        table.add_data(*self._lineage_cells(row, donor_artifact_name))
+        data: dict[str, Any] = {
+            "env_steps": int(row["env_steps"]),
+            "exploit/donor": donor,
+            "exploit/generation": generation,
+            LINEAGE_TABLE_KEY: table,
+        }
+        if row.get("member_score") is not None:
+            data["exploit/member_score"] = row["member_score"]
+        if row.get("donor_score") is not None:
+            data["exploit/donor_score"] = row["donor_score"]
+        for name, value in new_hp.items():
+            data[f"hp/{name}"] = value  # the schedule steps at the exploit's env step
+        run.log(data)
+
+        artifact = wandb.Artifact(
+            _artifact_name(experiment, member), type="model",
+            metadata={"member": member, "parent": donor, "generation": generation,
+                      "env_steps": int(row["env_steps"]), "donor_env_steps": int(row["donor_env_steps"]),
+                      "hyperparameters": new_hp},
+        )
+        artifact.add_file(str(checkpoint_path), name="checkpoint.pt")
+        run.log_artifact(artifact, aliases=[f"generation-{generation}"])
+
+    def log_event(self, row: dict) -> None:
+        """An events.jsonl row: counted as ``events/<kind>`` in the member's run (all runs if no member)."""
+        if not self._started:
+            return
+        kind = str(row.get("event") or row.get("kind") or row.get("type") or "event")
+        member = row.get("member")
+        targets = [int(member)] if isinstance(member, int) and int(member) in self._runs else list(self._runs)
+        for target in targets:
+            run = self._runs[target]
+            data: dict[str, Any] = {f"events/{kind}": 1}
+            if row.get("env_steps") is not None:
+                data["env_steps"] = int(row["env_steps"])
+            run.log(data)
+            run.summary[f"last_event/{kind}"] = json.dumps(row, default=str)
+
+    def state_dict(self) -> dict:
+        """The W&B run ids and each run's current config (JSON-serialisable), for state.json."""
+        return {
+            "mode": self.mode,
+            "run_ids": {str(m): run_id for m, run_id in self._run_ids.items()},
+            "run_configs": {str(m): cfg for m, cfg in self._run_configs.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called before start() on resume: start() then re-opens these runs."""
+        self._run_ids = {int(m): str(run_id) for m, run_id in (state.get("run_ids") or {}).items()}
+        self._run_configs = {int(m): dict(cfg) for m, cfg in (state.get("run_configs") or {}).items()}
+
+    def close(self) -> None:
+        """Finish every run (flushes the offline files)."""
+        runs, self._runs = self._runs, {}
+        for run in runs.values():
+            run.finish()
+        self._tables = {}
+        self._started = False
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _run(self, row: dict) -> Any:
+        if not self._started:
+            return None
+        return self._runs.get(int(row["member"]))
+
+    def _lineage_columns(self) -> list[str]:
+        columns = ["env_steps", "member", "generation", "donor", "donor_env_steps", "donor_checkpoint",
+                   "donor_artifact", "member_score", "donor_score", "exploit"]
+        for name in self._search_space:
+            columns += [f"old/{name}", f"new/{name}", f"op/{name}"]
+        return columns
+
+    def _lineage_cells(self, row: dict, donor_artifact: str) -> list[Any]:
+        cells = [int(row["env_steps"]), int(row["member"]), int(row["generation"]), int(row["donor"]),
+                 int(row["donor_env_steps"]), row.get("donor_checkpoint"), donor_artifact,
+                 row.get("member_score"), row.get("donor_score"), row.get("exploit")]
+        old = row.get("old_hyperparameters") or {}
+        new = row.get("new_hyperparameters") or {}
+        operations = row.get("operations") or {}
+        for name in self._search_space:
+            cells += [old.get(name), new.get(name), operations.get(name)]
+        return cells

@@ -1,0 +1,272 @@
+"""The env factory against real envpool and Gymnasium envs (few envs, few steps)."""
+
+from __future__ import annotations
+
+import envpool
+import gymnasium
+import numpy as np
+import pytest
+
+from pbt_rl.config import ConfigError, EnvConfig
+from pbt_rl.envs import (
+    FAMILIES,
+    GYMNASIUM_FALLBACK_NOTE,
+    StepBatch,
+    UnknownEnvError,
+    atari_max_episode_steps,
+    check_env_id,
+    env_family,
+    envpool_options,
+    make_env,
+    per_env_seeds,
+    supported_envs,
+)
+
+# Taxi-v4 is registered in Gymnasium but not in envpool, so it exercises the fallback backend.
+GYMNASIUM_ONLY_ID = "Taxi-v4"
+
+
+def random_actions(env, rng: np.random.Generator, batch: int) -> np.ndarray:
+    """Actions ``[batch, ...]`` drawn from ``rng`` (not the space's own RNG, for reproducibility)."""
+    space = env.action_space
+    if isinstance(space, gymnasium.spaces.Discrete):
+        return rng.integers(0, space.n, size=batch)
+    return rng.uniform(-1.0, 1.0, size=(batch, *space.shape))
+
+
+def assert_batch_types(batch: StepBatch, size: int) -> None:
+    assert batch.reward.shape == (size,) and batch.reward.dtype == np.float32
+    for flags in (batch.terminated, batch.truncated, batch.is_first):
+        assert flags.shape == (size,) and flags.dtype == np.bool_
+    assert batch.env_ids.shape == (size,) and batch.env_ids.dtype == np.int32
+    assert batch.episode_returns.dtype == np.float64 and batch.episode_lengths.dtype == np.int64
+    assert batch.episode_returns.shape == batch.episode_lengths.shape
+
+
+@pytest.mark.parametrize(
+    "env_id, family, obs_shape, obs_dtype",
+    [
+        ("Pong-v5", "atari", (4, 84, 84), np.uint8),
+        ("Hopper-v5", "mujoco", (11,), np.float32),
+        ("CartPole-v1", "classic", (4,), np.float32),
+        (GYMNASIUM_ONLY_ID, "gymnasium", (500,), np.float32),
+    ],
+)
+def test_shapes_dtypes_and_first_steps(env_id, family, obs_shape, obs_dtype):
+    num_envs = 3
+    with make_env(EnvConfig(id=env_id), num_envs=num_envs, seed=0) as env:
+        assert env.family == family and env_family(env_id) == family
+        assert (env.num_envs, env.batch_size, env.is_async) == (num_envs, num_envs, False)
+        assert env.observation_space.shape == obs_shape and env.observation_space.dtype == obs_dtype
+        batch = env.reset()
+        assert batch.obs.shape == (num_envs, *obs_shape) and batch.obs.dtype == obs_dtype
+        assert_batch_types(batch, num_envs)
+        assert batch.is_first.all() and not batch.reward.any()
+        assert batch.env_ids.tolist() == list(range(num_envs))
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            batch = env.step(random_actions(env, rng, num_envs))
+            assert batch.obs.shape == (num_envs, *obs_shape) and batch.obs.dtype == obs_dtype
+            assert_batch_types(batch, num_envs)
+            assert not batch.is_first.any()
+        assert env.describe()["family"] == family
+
+
+def test_gymnasium_only_id_is_not_an_envpool_id_and_is_one_hot_encoded():
+    assert GYMNASIUM_ONLY_ID not in envpool.list_all_envs()
+    with make_env(EnvConfig(id=GYMNASIUM_ONLY_ID), num_envs=2, seed=0) as env:
+        assert env.backend == "gymnasium"
+        obs = env.reset().obs
+        assert np.array_equal(obs.sum(axis=1), np.ones(2, np.float32))
+        assert set(np.unique(obs).tolist()) == {0.0, 1.0}
+
+
+def test_atari_defaults_follow_the_machado_protocol():
+    with make_env(EnvConfig(id="Pong-v5"), num_envs=1, seed=0) as env:
+        options = env.describe()["envpool_options"]
+    assert options["repeat_action_probability"] == 0.25
+    assert options["noop_max"] == 1
+    assert options["episodic_life"] is False
+    assert options["use_fire_reset"] is False
+    assert options["max_episode_steps"] == 27_000  # 108k frames at frame skip 4
+    assert options["reward_clip"] is True  # learning reward only; returns stay raw
+
+
+def test_atari_options_follow_the_config():
+    cfg = EnvConfig(id="Breakout-v5", frame_skip=5, frame_stack=2, image_size=64, noop_max=30,
+                    episodic_life=True, reward_clip=False, repeat_action_probability=0.0,
+                    full_action_space=True)
+    options = envpool_options(cfg, "atari")
+    assert options["max_episode_steps"] == 108_000 // 5
+    assert (options["stack_num"], options["img_height"], options["img_width"]) == (2, 64, 64)
+    assert (options["noop_max"], options["episodic_life"], options["reward_clip"]) == (30, True, False)
+    assert options["repeat_action_probability"] == 0.0 and options["full_action_space"] is True
+    assert atari_max_episode_steps(EnvConfig(max_episode_steps=500)) == 500
+    assert envpool_options(EnvConfig(id="CartPole-v1"), "classic") == {}
+    assert envpool_options(EnvConfig(id="CartPole-v1", max_episode_steps=7), "classic") == {"max_episode_steps": 7}
+    with make_env(cfg, num_envs=1, seed=0) as env:
+        assert env.reset().obs.shape == (1, 2, 64, 64)
+        assert env.action_space.n == 18
+
+
+def observation_sequence(env_id: str, seed: int, steps: int = 25) -> np.ndarray:
+    """``[steps + 1, num_envs, ...]`` observations under a fixed action sequence."""
+    rng = np.random.default_rng(1234)  # same actions for every seed
+    with make_env(EnvConfig(id=env_id), num_envs=2, seed=seed) as env:
+        observations = [env.reset().obs]
+        for _ in range(steps):
+            observations.append(env.step(random_actions(env, rng, 2)).obs)
+    return np.stack(observations)
+
+
+@pytest.mark.parametrize("env_id", ["Pong-v5", "Hopper-v5", "CartPole-v1", GYMNASIUM_ONLY_ID])
+def test_same_seed_same_observations_different_seed_different(env_id):
+    first = observation_sequence(env_id, seed=1)
+    assert np.array_equal(first, observation_sequence(env_id, seed=1))
+    assert not np.array_equal(first, observation_sequence(env_id, seed=2))
+
+
+def test_per_env_seeds_do_not_overlap_between_neighbouring_member_seeds():
+    seeds_0, seeds_1 = per_env_seeds(0, 8), per_env_seeds(1, 8)
+    assert len(set(seeds_0.tolist()) | set(seeds_1.tolist())) == 16
+    assert ((0 <= seeds_0) & (seeds_0 < 2**31)).all()
+    assert np.array_equal(seeds_0, per_env_seeds(0, 8))
+
+
+@pytest.mark.parametrize("env_id", ["Pong-v5", "CartPole-v1", GYMNASIUM_ONLY_ID])
+def test_async_send_recv_returns_batch_size_envs(env_id):
+    num_envs, batch_size = 4, 2
+    cfg = EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=batch_size)
+    rng = np.random.default_rng(0)
+    with make_env(cfg, num_envs=num_envs, seed=0) as env:
+        assert env.is_async and env.batch_size == batch_size
+        batch = env.reset()
+        seen_first = set(batch.env_ids.tolist())
+        assert batch.is_first.all() and batch.obs.shape[0] == batch_size
+        for _ in range(12):
+            env.send(random_actions(env, rng, batch_size), batch.env_ids)
+            batch = env.recv()
+            assert_batch_types(batch, batch_size)
+            assert batch.obs.shape[0] == batch_size
+            assert len(set(batch.env_ids.tolist())) == batch_size
+            assert ((0 <= batch.env_ids) & (batch.env_ids < num_envs)).all()
+            # Each env's first delivery after reset is its reset observation, and only that one.
+            for env_id_, first in zip(batch.env_ids.tolist(), batch.is_first.tolist()):
+                assert first == (env_id_ not in seen_first)
+                seen_first.add(env_id_)
+        assert seen_first == set(range(num_envs))
+        with pytest.raises(RuntimeError, match="send"):
+            env.step(random_actions(env, rng, num_envs))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", GYMNASIUM_ONLY_ID])
+def test_truncation_then_reset_step_and_episode_statistics(env_id):
+    """max_episode_steps=5: step 5 truncates, step 6 is the reset step, the episode is 5 steps long."""
+    num_envs = 2
+    cfg = EnvConfig(id=env_id, max_episode_steps=5)
+    rng = np.random.default_rng(0)
+    with make_env(cfg, num_envs=num_envs, seed=3) as env:
+        env.reset()
+        # A CartPole pole cannot fall within 5 steps, and Taxi cannot be solved in 5, so every
+        # episode here ends by truncation.
+        rewards = []
+        for step in range(1, 13):
+            batch = env.step(random_actions(env, rng, num_envs))
+            at_limit = step in (5, 11)
+            assert batch.truncated.tolist() == [at_limit] * num_envs
+            assert not batch.terminated.any()
+            assert batch.is_first.tolist() == [step in (6, 12)] * num_envs
+            if batch.is_first.any():
+                assert not batch.reward.any()
+            else:
+                rewards.append(batch.reward.astype(np.float64))
+            if at_limit:
+                assert batch.episode_lengths.tolist() == [5] * num_envs
+                np.testing.assert_allclose(batch.episode_returns, np.sum(rewards[-5:], axis=0))
+            else:
+                assert batch.episode_returns.size == 0
+    if env_id == "CartPole-v1":
+        assert np.sum(rewards[:5], axis=0).tolist() == [5.0, 5.0]
+
+
+def test_cartpole_episode_returns_equal_lengths():
+    rng = np.random.default_rng(0)
+    returns, lengths = [], []
+    with make_env(EnvConfig(id="CartPole-v1"), num_envs=4, seed=0) as env:
+        env.reset()
+        for _ in range(200):
+            batch = env.step(rng.integers(0, 2, size=4))
+            returns += batch.episode_returns.tolist()
+            lengths += batch.episode_lengths.tolist()
+    assert len(returns) >= 10  # random play falls in ~20 steps
+    assert returns == [float(n) for n in lengths]
+
+
+def test_breakout_life_loss_is_a_learning_boundary_but_not_an_episode_end():
+    """episodic_life: each life loss terminates and is followed by a reset step; the game goes on."""
+    rng = np.random.default_rng(0)
+    cfg = EnvConfig(id="Breakout-v5", episodic_life=True, reward_clip=True)
+    with make_env(cfg, num_envs=1, seed=0) as env:
+        env.reset()
+        previous_ended = False
+        terminations = agent_steps = 0
+        for _ in range(3000):
+            batch = env.step(rng.integers(0, env.action_space.n, size=1))
+            assert batch.is_first[0] == previous_ended
+            previous_ended = bool(batch.terminated[0] or batch.truncated[0])
+            terminations += int(batch.terminated[0])
+            agent_steps += int(not batch.is_first[0])
+            if batch.episode_returns.size:
+                break
+        else:
+            pytest.fail("no Breakout game finished in 3000 steps")
+    assert terminations == 5  # one per life; only the last one is game over
+    assert batch.episode_lengths.tolist() == [agent_steps]  # the 4 mid-game reset steps excluded
+
+
+def test_continuous_actions_are_clipped_and_shapes_checked():
+    with make_env(EnvConfig(id="Hopper-v5"), num_envs=2, seed=0) as env:
+        env.reset()
+        clipped = env._prepare_actions(np.full((2, 3), 5.0), 2)
+        assert clipped.max() == 1.0
+        env.step(np.full((2, 3), 5.0))
+        with pytest.raises(ValueError, match="shape"):
+            env.step(np.zeros((2, 4)))
+        with pytest.raises(RuntimeError, match="asynchronous"):
+            env.recv()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset()
+
+
+def test_unknown_env_id_suggests_close_matches():
+    with pytest.raises(UnknownEnvError, match=r"unknown env id 'Pongg-v5' \(did you mean Pong-v5"):
+        check_env_id("Pongg-v5")
+    with pytest.raises(ConfigError, match="Pong-v5"):
+        make_env(EnvConfig(id="pong-v5"), num_envs=1, seed=0)
+    with pytest.raises(UnknownEnvError, match="unknown env id 'NoSuchThing-v0'"):
+        env_family("NoSuchThing-v0")
+    check_env_id("Pong-v5")
+    check_env_id(GYMNASIUM_ONLY_ID)
+
+
+def test_envpool_only_id_of_an_unsupported_family_is_a_config_error():
+    with pytest.raises(ConfigError, match="procgen") as raised:
+        check_env_id("CoinrunEasy-v0")
+    assert not isinstance(raised.value, UnknownEnvError)
+
+
+def test_async_batch_size_must_divide_num_envs():
+    with pytest.raises(ConfigError, match="async_batch_size"):
+        make_env(EnvConfig(id="CartPole-v1", async_batch_size=3), num_envs=4, seed=0)
+
+
+def test_supported_envs_lists_resolvable_curated_ids():
+    listed = supported_envs()
+    assert set(listed) == set(FAMILIES)
+    for name in ("Pong-v5", "Breakout-v5", "SpaceInvaders-v5", "Seaquest-v5"):
+        assert name in listed["atari"]
+    assert {"HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5"} <= set(listed["mujoco"])
+    assert {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1"} <= set(listed["classic"])
+    for family, ids in listed.items():
+        assert all(env_family(env_id) == family for env_id in ids)
+    assert "Gymnasium" in GYMNASIUM_FALLBACK_NOTE

@@ -1,0 +1,153 @@
+"""Specification of the return targets in pbt_rl.agents.returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pbt_rl.agents.returns import gae, lambda_returns, n_step_returns
+
+
+def random_unroll(T: int, B: int, seed: int, gamma: float = 0.9, p_end: float = 0.2):
+    """Random [T, B] float64 unroll with terminations and truncations inside it."""
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(T, B, generator=gen, dtype=torch.float64)
+    values = torch.randn(T, B, generator=gen, dtype=torch.float64)
+    bootstrap = torch.randn(B, generator=gen, dtype=torch.float64)
+    terminated = torch.rand(T, B, generator=gen) < p_end
+    truncated = torch.rand(T, B, generator=gen) < p_end
+    discounts = gamma * (~terminated).double()
+    return rewards, values, bootstrap, discounts, truncated
+
+
+def naive_lambda_returns(rewards, values, bootstrap, discounts, cut, lam):
+    """Forward-view λ-return as an explicit weighted sum of n-step returns, per env.
+
+    G_t = sum_n w_n G_t^(n): within an episode segment that ends (termination, truncation or the
+    unroll end) at step e, G_t = (1-λ) sum_{n=1}^{e-t} λ^{n-1} G^(n)_t + λ^{e-t} G^(e-t+1)_t,
+    where G^(n)_t is the n-step return bootstrapped from V(x_{t+n}).
+    """
+    r, v, boot, d, c = (np.asarray(x, dtype=np.float64) for x in (rewards, values, bootstrap, discounts, cut))
+    T, B = r.shape
+    next_v = np.concatenate([v[1:], boot[None]], axis=0)
+    out = np.zeros((T, B))
+    for b in range(B):
+        for t in range(T):
+            # last step whose target may follow from t: the trace stops after a cut or at T-1;
+            # a termination needs no special case because its discount zeroes everything later.
+            end = t
+            while end < T - 1 and not c[end, b]:
+                end += 1
+
+            def n_step(n):  # return using steps t..t+n-1, bootstrapped from V(x_{t+n})
+                total, scale = 0.0, 1.0
+                for k in range(t, t + n):
+                    total += scale * r[k, b]
+                    scale *= d[k, b]
+                return total + scale * next_v[t + n - 1, b]
+
+            horizon = end - t + 1
+            total = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, horizon))
+            out[t, b] = total + lam ** (horizon - 1) * n_step(horizon)
+    return out
+
+
+def test_hand_computed_three_step_example():
+    # gamma 0.5, no episode ends: G_2 = 1 + 0.5*8 = 5, G_1 = 2 + 0.5*5 = 4.5, G_0 = 3 + 0.5*4.5 = 5.25
+    rewards = torch.tensor([[3.0], [2.0], [1.0]])
+    values = torch.tensor([[100.0], [100.0], [100.0]])  # ignored by λ = 1 inside the unroll
+    bootstrap = torch.tensor([8.0])
+    discounts = torch.full((3, 1), 0.5)
+    returns = lambda_returns(rewards, values, bootstrap, discounts, torch.zeros(3, 1, dtype=torch.bool), 1.0)
+    assert returns[:, 0].tolist() == [5.25, 4.5, 5.0]
+    assert torch.equal(n_step_returns(rewards, values, bootstrap, discounts), returns)
+
+
+def test_termination_zeroes_the_bootstrap_and_later_rewards():
+    rewards = torch.tensor([[1.0], [2.0], [4.0]])
+    values = torch.tensor([[10.0], [20.0], [30.0]])
+    bootstrap = torch.tensor([100.0])
+    terminated = torch.tensor([[False], [True], [False]])
+    discounts = 0.5 * (~terminated).float()
+    returns = lambda_returns(rewards, values, bootstrap, discounts, None, 1.0)
+    # step 2 starts a new episode: 4 + 0.5*100 = 54; step 1 ends its episode: exactly its reward
+    assert returns[:, 0].tolist() == [1.0 + 0.5 * 2.0, 2.0, 54.0]
+
+
+def test_truncation_bootstraps_from_the_next_value_without_later_rewards():
+    rewards = torch.tensor([[1.0], [2.0], [0.0], [7.0]])  # step 2 is the auto-reset step (reward 0)
+    values = torch.tensor([[10.0], [20.0], [30.0], [40.0]])  # values[2] = V(real last obs)
+    bootstrap = torch.tensor([100.0])
+    truncated = torch.tensor([[False], [True], [False], [False]])
+    discounts = torch.full((4, 1), 0.5)
+    for lam in (0.0, 0.5, 1.0):
+        returns = lambda_returns(rewards, values, bootstrap, discounts, truncated, lam)
+        assert returns[1, 0].item() == 2.0 + 0.5 * 30.0  # nothing from steps 2, 3 or the bootstrap
+    returns = lambda_returns(rewards, values, bootstrap, discounts, truncated, 1.0)
+    assert returns[0, 0].item() == 1.0 + 0.5 * (2.0 + 0.5 * 30.0)
+    # a NaN in the next episode cannot leak across the cut
+    poisoned = lambda_returns(rewards, values, torch.tensor([float("nan")]), discounts, truncated, 1.0)
+    assert torch.isfinite(poisoned[:2]).all()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 0.99])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
+def test_constant_value_known_rewards_analytic(gamma, lam):
+    # SB3-style known answer: V ≡ 1 everywhere, reward 1 per step, one episode terminating at the
+    # last step of the unroll. Then δ_t = 1 + γ - 1 = γ for t < T-1 and δ_{T-1} = 1 - 1 = 0, so
+    # A_t = sum_{k=t}^{T-2} (γλ)^{k-t} γ.
+    T = 6
+    rewards = torch.ones(T, 1, dtype=torch.float64)
+    values = torch.ones(T, 1, dtype=torch.float64)
+    bootstrap = torch.ones(1, dtype=torch.float64)
+    terminated = torch.zeros(T, 1, dtype=torch.bool)
+    terminated[-1] = True
+    discounts = gamma * (~terminated).double()
+    advantages = (lambda_returns(rewards, values, bootstrap, discounts, None, lam) - values)[:, 0]
+    expected = [sum((gamma * lam) ** (k - t) * gamma for k in range(t, T - 1)) for t in range(T)]
+    np.testing.assert_allclose(advantages.numpy(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("T,B", [(1, 1), (5, 3), (12, 4)])
+@pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
+def test_matches_forward_view_reference(T, B, lam):
+    for seed in range(3):
+        rewards, values, bootstrap, discounts, cut = random_unroll(T, B, seed)
+        returns = lambda_returns(rewards, values, bootstrap, discounts, cut, lam)
+        expected = naive_lambda_returns(rewards, values, bootstrap, discounts, cut, lam)
+        np.testing.assert_allclose(returns.numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
+def test_gae_equals_lambda_returns_minus_values(lam):
+    rewards, values, bootstrap, discounts, cut = random_unroll(9, 5, seed=7)
+    advantages = gae(rewards, values, bootstrap, discounts, cut, lam)
+    returns = lambda_returns(rewards, values, bootstrap, discounts, cut, lam)
+    torch.testing.assert_close(advantages, returns - values, rtol=1e-12, atol=1e-12)
+
+
+def test_no_gradient_flows_into_targets():
+    values = torch.randn(4, 2, requires_grad=True)
+    returns = lambda_returns(torch.randn(4, 2), values, torch.randn(2), torch.full((4, 2), 0.9), None, 0.9)
+    assert not returns.requires_grad
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="bootstrap_value"):
+        lambda_returns(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), None, 1.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    T=st.integers(1, 8),
+    B=st.integers(1, 4),
+    lam=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_zero_discounts_give_the_rewards(T, B, lam, seed):
+    rewards, values, bootstrap, _, cut = random_unroll(T, B, seed)
+    returns = lambda_returns(rewards, values, bootstrap, torch.zeros(T, B, dtype=torch.float64), cut, lam)
+    assert torch.equal(returns, rewards)

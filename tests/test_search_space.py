@@ -1,0 +1,282 @@
+"""Search space: priors, perturbation, resampling, explore modes, bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pbt_rl.config import ConfigError, ParamSpec, from_dict
+from pbt_rl.search_space import SearchSpace
+
+SPECS = (
+    ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2),
+    ParamSpec(name="entropy_cost", kind="uniform", low=0.0, high=0.05),
+    ParamSpec(name="unroll_length", kind="int", low=1, high=20),
+    ParamSpec(name="learner_batch_unrolls", kind="log_int", low=1, high=64),
+    ParamSpec(name="gamma", kind="uniform", low=0.9, high=0.999, perturb="one_minus"),
+    ParamSpec(name="value_cost", kind="categorical", choices=(0.25, 0.5, 1.0)),
+)
+SPACE = SearchSpace(SPECS)
+INT_NAMES = ("unroll_length", "learner_batch_unrolls")
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def space_of(*specs, factors=(0.8, 1.2)):
+    return SearchSpace(specs, default_factors=factors)
+
+
+# ---------------------------------------------------------------------------- priors
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_samples_lie_inside_the_space_with_the_field_types(seed):
+    values = SPACE.sample(rng(seed))
+    assert SPACE.contains(values)
+    assert set(values) == set(SPACE.names)
+    for name in INT_NAMES:
+        assert type(values[name]) is int
+    for name in ("lr", "entropy_cost", "gamma", "value_cost"):
+        assert type(values[name]) is float
+
+
+def test_log_uniform_prior_is_uniform_in_log_space():
+    space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-5, high=1e-1))
+    generator = rng(1)
+    logs = np.log10([space.sample(generator)["lr"] for _ in range(4000)])
+    # Each decade holds a quarter of the mass (a uniform prior would put ~90% in the top decade).
+    counts = np.histogram(logs, bins=[-5, -4, -3, -2, -1])[0] / len(logs)
+    np.testing.assert_allclose(counts, 0.25, atol=0.03)
+
+
+def test_degenerate_log_uniform_bounds_are_respected_exactly():
+    # exp(log(0.001)) is one ulp above 0.001: the draw must still lie inside [low, high].
+    space = space_of(ParamSpec(name="lr", kind="log_uniform", low=0.001, high=0.001))
+    assert space.sample(rng()) == {"lr": 0.001}
+
+
+def test_integer_priors_cover_both_bounds():
+    space = space_of(ParamSpec(name="unroll_length", kind="int", low=3, high=6),
+                     ParamSpec(name="queue_size", kind="log_int", low=1, high=8))
+    generator = rng(2)
+    draws = [space.sample(generator) for _ in range(2000)]
+    assert {d["unroll_length"] for d in draws} == {3, 4, 5, 6}
+    log_ints = [d["queue_size"] for d in draws]
+    assert set(log_ints) == set(range(1, 9))
+    # log_int: P(k) is proportional to log((k+1)/k), so 1 is drawn log(2)/log(9) ~ 32% of the time.
+    assert log_ints.count(1) / len(log_ints) == pytest.approx(math.log(2) / math.log(9), abs=0.03)
+
+
+def test_categorical_prior_draws_every_choice():
+    generator = rng(3)
+    assert {SPACE.sample(generator)["value_cost"] for _ in range(200)} == {0.25, 0.5, 1.0}
+
+
+def test_init_overrides_sampling_but_not_resampling():
+    space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2, init=3e-4),
+                     ParamSpec(name="value_cost", kind="categorical", choices=(0.25, 0.5), init=0.5))
+    generator = rng(4)
+    assert all(space.sample(generator) == {"lr": 3e-4, "value_cost": 0.5} for _ in range(20))
+    redrawn = {space.resample({"lr": 3e-4, "value_cost": 0.5}, generator, 1.0)[0]["lr"] for _ in range(20)}
+    assert len(redrawn) == 20
+
+
+def test_same_generator_state_gives_the_same_values():
+    values = SPACE.sample(rng(5))
+    assert SPACE.sample(rng(9)) == SPACE.sample(rng(9))
+    assert SPACE.explore(values, rng(9), "perturb_or_resample", 0.5) == SPACE.explore(values, rng(9), "perturb_or_resample", 0.5)
+
+
+# ---------------------------------------------------------------------------- perturbation
+
+
+def test_multiply_perturbation_and_its_operation_string():
+    space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2), factors=(1.2,))
+    new, ops = space.perturb({"lr": 1e-3, "other": "kept"}, rng())
+    assert new == {"lr": pytest.approx(1.2e-3), "other": "kept"}
+    assert ops == {"lr": "*1.2"}
+
+
+def test_perturbation_is_clamped_and_says_so():
+    space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2), factors=(1.2,))
+    new, ops = space.perturb({"lr": 9e-3}, rng())
+    assert new["lr"] == 1e-2
+    assert ops == {"lr": "*1.2 clamped"}
+
+
+def test_one_minus_perturbs_the_complement():
+    space = space_of(ParamSpec(name="gamma", kind="uniform", low=0.9, high=0.999, perturb="one_minus"), factors=(1.2,))
+    new, ops = space.perturb({"gamma": 0.99}, rng())
+    assert new["gamma"] == pytest.approx(1 - 0.01 * 1.2)
+    assert ops == {"gamma": "1-x *1.2"}
+
+
+def test_factors_are_picked_uniformly_from_the_parameter_factors():
+    space = space_of(ParamSpec(name="lr", kind="uniform", low=0.0, high=100.0, factors=(0.5, 2.0)))
+    generator = rng(6)
+    results = [space.perturb({"lr": 10.0}, generator)[0]["lr"] for _ in range(1000)]
+    assert set(results) == {5.0, 20.0}
+    assert results.count(20.0) / len(results) == pytest.approx(0.5, abs=0.05)
+
+
+def test_default_factors_come_from_the_config():
+    config = from_dict({"pbt": {"population_size": 2, "perturb_factors": [0.5],
+                                "search_space": {"value_cost": {"kind": "uniform", "low": 0.0, "high": 1.0},
+                                                 "entropy_cost": {"kind": "uniform", "low": 0.0, "high": 1.0, "factors": [1.5]}}}})
+    space = SearchSpace.from_config(config.pbt)
+    new, ops = space.perturb({"value_cost": 0.4, "entropy_cost": 0.4}, rng())
+    assert new == {"value_cost": pytest.approx(0.2), "entropy_cost": pytest.approx(0.6)}
+    assert ops == {"value_cost": "*0.5", "entropy_cost": "*1.5"}
+
+
+@pytest.mark.parametrize("value,factor,expected,operation", [
+    (10, 1.2, 12, "*1.2"),
+    (10, 0.8, 8, "*0.8"),
+    (2, 1.2, 3, "*1.2 step +1"),  # 2.4 rounds back to 2
+    (2, 0.8, 1, "*0.8 step -1"),  # 1.6 rounds back to 2
+    (4, 1.1, 5, "*1.1 step +1"),
+    (20, 1.2, 20, "*1.2 clamped"),
+    (1, 0.8, 1, "*0.8 step -1 clamped"),
+])
+def test_integer_perturbation_rounds_and_always_moves_when_it_can(value, factor, expected, operation):
+    space = space_of(ParamSpec(name="unroll_length", kind="int", low=1, high=20), factors=(factor,))
+    new, ops = space.perturb({"unroll_length": value}, rng())
+    assert new["unroll_length"] == expected and type(new["unroll_length"]) is int
+    assert ops["unroll_length"] == operation
+
+
+def test_integer_zero_steps_in_the_factor_direction():
+    space = space_of(ParamSpec(name="unroll_length", kind="int", low=0, high=5), factors=(1.2,))
+    assert space.perturb({"unroll_length": 0}, rng()) == ({"unroll_length": 1}, {"unroll_length": "*1.2 step +1"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), value=st.integers(1, 64))
+def test_integer_perturbation_moves_unless_a_bound_stops_it(seed, value):
+    space = space_of(ParamSpec(name="queue_size", kind="log_int", low=1, high=64))
+    new, ops = space.perturb({"queue_size": value}, rng(seed))
+    if new["queue_size"] == value:
+        assert value in (1, 64) and ops["queue_size"].endswith("clamped")
+    assert abs(new["queue_size"] - value) <= max(1, math.ceil(value * 0.2))
+
+
+def test_categorical_steps_to_a_neighbour():
+    generator = rng(7)
+    middle = [SPACE.perturb({**SPACE.sample(generator), "value_cost": 0.5}, generator) for _ in range(200)]
+    assert {new["value_cost"] for new, _ in middle} == {0.25, 1.0}
+    assert {ops["value_cost"] for _, ops in middle} == {"neighbour -1", "neighbour +1"}
+    for new, ops in middle:
+        assert ops["value_cost"] == ("neighbour -1" if new["value_cost"] == 0.25 else "neighbour +1")
+    # At an end the only neighbour.
+    for _ in range(20):
+        assert SPACE.perturb({**SPACE.sample(generator), "value_cost": 0.25}, generator)[0]["value_cost"] == 0.5
+        assert SPACE.perturb({**SPACE.sample(generator), "value_cost": 1.0}, generator)[0]["value_cost"] == 0.5
+
+
+def test_categorical_with_one_choice_stays():
+    space = space_of(ParamSpec(name="value_cost", kind="categorical", choices=(0.5,)))
+    assert space.perturb({"value_cost": 0.5}, rng()) == ({"value_cost": 0.5}, {"value_cost": "neighbour none"})
+
+
+# ---------------------------------------------------------------------------- resample / explore
+
+
+def test_resample_probability_zero_and_one():
+    values = SPACE.sample(rng(8))
+    assert SPACE.resample(values, rng(), 0.0) == (values, {})
+    new, ops = SPACE.resample(values, rng(), 1.0)
+    assert ops == {name: "resample" for name in SPACE.names}
+    assert SPACE.contains(new)
+
+
+def test_explore_modes():
+    values = {**SPACE.sample(rng(10)), "algo": "a2c"}
+    generator = rng(11)
+    perturbed, ops = SPACE.explore(values, generator, "perturb")
+    assert set(ops) == set(SPACE.names) and "resample" not in ops.values()
+    resampled, ops = SPACE.explore(values, generator, "resample")
+    assert set(ops.values()) == {"resample"} and set(ops) == set(SPACE.names)
+    assert perturbed["algo"] == resampled["algo"] == "a2c"
+    _, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=0.0)
+    assert "resample" not in ops.values()
+    _, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=1.0)
+    assert set(ops.values()) == {"resample"}
+    with pytest.raises(ValueError, match="explore mode"):
+        SPACE.explore(values, generator, "mutate")
+
+
+def test_perturb_or_resample_resamples_each_parameter_with_the_probability():
+    values = SPACE.sample(rng(12))
+    generator = rng(13)
+    resampled = [SPACE.explore(values, generator, "perturb_or_resample", 0.25)[1] for _ in range(800)]
+    for name in SPACE.names:
+        share = sum(ops[name] == "resample" for ops in resampled) / len(resampled)
+        assert share == pytest.approx(0.25, abs=0.05)
+
+
+def test_missing_search_space_value_is_a_key_error():
+    with pytest.raises(KeyError, match="gamma"):
+        SPACE.perturb({name: v for name, v in SPACE.sample(rng()).items() if name != "gamma"}, rng())
+
+
+# ---------------------------------------------------------------------------- bounds
+
+operation = st.sampled_from(["perturb", "resample", "explore_perturb", "explore_resample", "explore_mixed"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), operations=st.lists(operation, min_size=1, max_size=40),
+       factors=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=3))
+def test_values_stay_inside_the_bounds_under_any_sequence(seed, operations, factors):
+    space = SearchSpace(SPECS, default_factors=factors)
+    generator = rng(seed)
+    values = space.sample(generator)
+    for name in operations:
+        if name == "perturb":
+            values, _ = space.perturb(values, generator)
+        elif name == "resample":
+            values, _ = space.resample(values, generator, 0.5)
+        else:
+            mode = {"explore_perturb": "perturb", "explore_resample": "resample", "explore_mixed": "perturb_or_resample"}[name]
+            values, _ = space.explore(values, generator, mode, 0.25)
+        assert space.contains(values), (name, values)
+        assert all(type(values[n]) is int for n in INT_NAMES)
+
+
+def test_contains_rejects_out_of_bounds_wrong_type_and_missing():
+    good = SPACE.sample(rng(14))
+    assert SPACE.contains(good)
+    assert not SPACE.contains({**good, "lr": 0.5})
+    assert not SPACE.contains({**good, "gamma": 0.5})
+    assert not SPACE.contains({**good, "unroll_length": 2.5})
+    assert not SPACE.contains({**good, "unroll_length": 0})
+    assert not SPACE.contains({**good, "value_cost": 0.3})
+    assert not SPACE.contains({**good, "lr": math.nan})
+    assert not SPACE.contains({**good, "lr": "0.001"})
+    assert not SPACE.contains({k: v for k, v in good.items() if k != "lr"})
+
+
+def test_clamp_pulls_values_inside():
+    values = {"lr": 1.0, "entropy_cost": -1.0, "unroll_length": 7.6, "learner_batch_unrolls": 500,
+              "gamma": 0.5, "value_cost": 0.8, "algo": "a2c"}
+    clamped = SPACE.clamp(values)
+    assert clamped == {"lr": 1e-2, "entropy_cost": 0.0, "unroll_length": 8, "learner_batch_unrolls": 64,
+                       "gamma": 0.9, "value_cost": 1.0, "algo": "a2c"}
+    assert SPACE.contains(clamped)
+    assert SPACE.clamp(clamped) == clamped
+
+
+def test_constructor_rejects_bad_specs():
+    with pytest.raises(ConfigError, match="declared twice"):
+        space_of(SPECS[0], SPECS[0])
+    with pytest.raises(ConfigError, match="inverted"):
+        space_of(ParamSpec(name="lr", kind="uniform", low=1.0, high=0.0))
+    with pytest.raises(ConfigError, match="factors"):
+        space_of(ParamSpec(name="lr", kind="uniform", low=0.0, high=1.0), factors=(0.0,))
