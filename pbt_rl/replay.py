@@ -28,7 +28,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from pbt_rl.config import ConfigError
 from pbt_rl.report import final_fitness, load_run, member_env_steps, resolve_member, schedule_of
 
 CHUNKS_PER_RUN = 50  # training chunks per replay: the resolution of the returns curve
@@ -154,9 +153,9 @@ def _describe(values: dict) -> str:
 
 
 def _plot(run, member: int, curve: list[dict], followed: list[dict], path: Path) -> None:
-    from pbt_rl.report import _pyplot
+    from pbt_rl.report import pyplot_agg
 
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     xs = [row["env_steps"] for row in curve if row["score"] is not None]
     ys = [row["score"] for row in curve if row["score"] is not None]
@@ -176,5 +175,3 @@ def _plot(run, member: int, curve: list[dict], followed: list[dict], path: Path)
     fig.savefig(path)
     plt.close(fig)
 
-
-__all__ = ["replay", "default_replay_seed", "ConfigError"]

@@ -303,7 +303,8 @@ def ancestry_length(segments: list[Segment]) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot_agg():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -331,7 +332,7 @@ def _format_value(value: Any) -> str:
 
 
 def _member_colors(members: list[int]) -> dict[int, Any]:
-    plt = _pyplot()
+    plt = pyplot_agg()
     cmap = plt.get_cmap("tab10" if len(members) <= 10 else "viridis")
     if len(members) <= 10:
         return {m: cmap(i % 10) for i, m in enumerate(members)}
@@ -339,7 +340,7 @@ def _member_colors(members: list[int]) -> dict[int, Any]:
 
 
 def _plot_lineage(run: RunFiles, best: int | None, best_segments: list[Segment], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot_agg()
     members = run.members
     colors = _member_colors(members)
     fig, ax = plt.subplots(figsize=(10, max(3.5, 0.45 * len(members) + 2)), dpi=100)
@@ -388,7 +389,7 @@ def _log_scale_names(run: RunFiles) -> set[str]:
 
 
 def _plot_hyperparameter(run: RunFiles, name: str, best: int | None, best_schedule, best_length: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot_agg()
     colors = _member_colors(run.members)
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     plotted = False
@@ -419,7 +420,7 @@ def _plot_hyperparameter(run: RunFiles, name: str, best: int | None, best_schedu
 
 
 def _plot_returns(run: RunFiles, best: int | None, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot_agg()
     colors = _member_colors(run.members)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), dpi=100, sharex=True)
     for m in run.members:
