@@ -24,7 +24,8 @@ def make_learner(config: ExperimentConfig, seed: int, device: str | None = None,
         seed: seeds the envs, the weight initialisation and the torch/numpy RNGs.
         device: overrides ``config.agent.device`` (``'auto'``, ``'cpu'``, ``'cuda'``, ``'cuda:N'``).
         num_threads: this member's share of CPU cores: envpool worker threads (unless
-            ``env.num_threads`` sets them) and, on CPU, torch's intra-op threads.
+            ``env.num_threads`` sets them) and torch's intra-op threads (on CUDA: 1). None leaves
+            envpool's default and torch's thread count alone.
     """
     algo = config.agent.algo
     if algo == "a2c":

@@ -44,7 +44,7 @@ class A2CLearner(Learner):
             started = time.perf_counter()
             unroll = self._collect(stats)
             acted = time.perf_counter()
-            stats.add_update(self._update(unroll), unroll.length * unroll.num_envs)
+            stats.add_update(self._update(unroll), unroll)
             stats.act_seconds += acted - started
             stats.update_seconds += time.perf_counter() - acted
         return stats.report(self.env_steps, self.updates, unroll_length=self.agent_cfg.unroll_length)

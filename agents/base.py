@@ -42,7 +42,7 @@ class TrainReport:
     during it, the mean losses of its updates, its number of updates and its throughput (env steps
     taken in this call / wall seconds of this call). ``extra`` holds learner-specific numbers
     (``env_steps_in_call``, ``updates_total``, ``grad_norm``, ``act_seconds``,
-    ``update_seconds``, ``batch_samples``; IMPALA adds ``policy_lag`` and ``policy_lag_max``).
+    ``update_seconds``, ``batch_shape`` ``[T, B]`` of the last update, ``wall_seconds``; IMPALA adds ``policy_lag`` and ``policy_lag_max``).
     """
 
     env_steps: int
@@ -89,6 +89,18 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(value) for value in obj)
     return copy.deepcopy(obj)
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = torch.as_tensor(state["keys"]).numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +195,8 @@ class RewardScaler:
     def __init__(self, num_envs: int) -> None:
         from pbt_rl.agents.normalizer import RunningMeanStd
 
-        self.statistics = RunningMeanStd(())
+        # Shape (1,) rather than (): RunningMeanStd's 0-d statistics decay to numpy scalars.
+        self.statistics = RunningMeanStd((1,))
         self.discounted_returns = np.zeros(num_envs, dtype=np.float64)  # [num_envs]
 
     def __call__(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
@@ -192,17 +205,17 @@ class RewardScaler:
         counted = ~np.asarray(is_first, dtype=bool)
         ids = np.asarray(env_ids, dtype=np.int64)[counted]
         self.discounted_returns[ids] = gamma * self.discounted_returns[ids] + rewards[counted]
-        self.statistics.update(self.discounted_returns[ids])
+        self.statistics.update(self.discounted_returns[ids, None])
         ended = ids[(np.asarray(terminated) | np.asarray(truncated))[counted]]
         self.discounted_returns[ended] = 0.0
         return self.statistics.scale(rewards)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"statistics": self.statistics.state_dict(), "discounted_returns": self.discounted_returns.copy()}
+        return {"statistics": self.statistics.state_dict(), "discounted_returns": torch.from_numpy(self.discounted_returns.copy())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.statistics.load_state_dict(state["statistics"])
-        returns = np.asarray(state["discounted_returns"], dtype=np.float64)
+        returns = torch.as_tensor(state["discounted_returns"]).cpu().numpy().astype(np.float64)
         if returns.shape == self.discounted_returns.shape:
             self.discounted_returns[:] = returns
 
@@ -264,8 +277,12 @@ class Unroll:
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over the entries where ``mask`` is 1 (0 when none is)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    """Mean of ``values`` over the entries where ``mask`` is 1 (0 when none is).
+
+    Masked-out entries are selected away, not multiplied by 0, so that whatever they hold
+    (an auto-reset step's meaningless numbers, even inf) cannot reach the result.
+    """
+    return torch.where(mask > 0, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1.0)
 
 
 def actor_critic_loss(
@@ -322,9 +339,10 @@ class Learner:
         self.seed = int(seed)
         self.device = resolve_device(device if device is not None else config.agent.device)
         env_threads = config.env.num_threads or (num_threads or 0)
-        if self.device.type == "cpu" and num_threads:
-            # The runtime gives each member a share of the cores; torch must not take them all.
-            torch.set_num_threads(max(1, int(num_threads)))
+        if num_threads:
+            # The runtime gives each member a share of the cores; torch must not take them from
+            # the env threads. On CUDA torch's CPU threads only launch kernels: one is enough.
+            torch.set_num_threads(max(1, int(num_threads)) if self.device.type == "cpu" else 1)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
 
@@ -474,7 +492,8 @@ class Learner:
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything this member is, as CPU tensors / numpy / plain values (a copy)."""
+        """Everything this member is: a copy made of CPU tensors and plain Python values, so that
+        ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
         state = {
             "format": STATE_FORMAT,
             "algo": self.algo,
@@ -488,7 +507,7 @@ class Learner:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
             },
         }
         state.update(self._extra_state())
@@ -518,7 +537,7 @@ class Learner:
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            _set_numpy_rng_state(rng["numpy"])
         self._hyperparameters_changed(set(state["hyperparameters"]))
         self._state_loaded()
 
@@ -555,7 +574,7 @@ class CallStats:
         self.episode_lengths: list[int] = []
         self.loss_sums: dict[str, float] = {}
         self.updates = 0
-        self.batch_samples = 0
+        self.batch_shape: list[int] = []
         self.act_seconds = 0.0
         self.update_seconds = 0.0
 
@@ -563,11 +582,11 @@ class CallStats:
         self.episode_returns.extend(float(r) for r in returns)
         self.episode_lengths.extend(int(n) for n in lengths)
 
-    def add_update(self, stats: dict[str, float], samples: int) -> None:
+    def add_update(self, stats: dict[str, float], unroll: Unroll) -> None:
         for name, value in stats.items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
         self.updates += 1
-        self.batch_samples = samples
+        self.batch_shape = [unroll.length, unroll.num_envs]
 
     def report(self, env_steps: int, updates_total: int, **extra: Any) -> TrainReport:
         seconds = max(time.perf_counter() - self.started, 1e-9)
@@ -587,7 +606,7 @@ class CallStats:
                 "grad_norm": grad_norm,
                 "act_seconds": self.act_seconds,
                 "update_seconds": self.update_seconds,
-                "batch_samples": self.batch_samples,
+                "batch_shape": self.batch_shape,
                 "wall_seconds": seconds,
                 **extra,
             },

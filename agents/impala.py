@@ -106,8 +106,12 @@ class _EnvTrajectories:
         group = ready[:group_size]
         obs = np.stack([np.stack(self.obs[e][: length + 1]) for e in group], axis=1)  # [T + 1, B, ...]
         columns = [list(zip(*self.steps[e][:length])) for e in group]  # per env: fields of T steps
-        field = lambda index, dtype: np.stack([np.asarray(c[index], dtype=dtype) for c in columns], axis=1)
-        actions = np.stack([np.stack(c[0]) for c in columns], axis=1)  # [T, B, *action_shape]
+
+        def field(index: int, dtype: type) -> np.ndarray:
+            """Field ``index`` of the step tuples as ``[T, B]``."""
+            return np.stack([np.asarray(column[index], dtype=dtype) for column in columns], axis=1)
+
+        actions = np.stack([np.stack(column[0]) for column in columns], axis=1)  # [T, B, *action_shape]
         unroll = Unroll(
             obs=obs,
             actions=actions,
@@ -176,7 +180,7 @@ class ImpalaLearner(Learner):
                 unroll = Unroll.concatenate(unrolls)
                 lags.append(float(self.updates - unroll.policy_updates.mean()))
                 started = time.perf_counter()
-                stats.add_update(self._update(unroll), unroll.length * unroll.num_envs)
+                stats.add_update(self._update(unroll), unroll)
                 self._publish()
                 stats.update_seconds += time.perf_counter() - started
         finally:

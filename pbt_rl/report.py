@@ -140,14 +140,6 @@ def checkpoints(run_dir: str | Path, member: int) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | Path, member: int) -> tuple[int, Path]:
-    """The member's newest checkpoint, or ConfigError if it has none."""
-    found = checkpoints(run_dir, member)
-    if not found:
-        raise ConfigError(f"member {member} has no checkpoint in {Path(run_dir) / 'members' / str(member) / 'checkpoints'}")
-    return found[-1]
-
-
 def final_fitness(run: RunFiles, member: int) -> float | None:
     """The member's last reported fitness (null until it had enough finished episodes)."""
     for row in reversed(run.metrics.get(member, [])):
@@ -470,7 +462,8 @@ def _summary_markdown(run: RunFiles, best: int | None, segments: list[Segment], 
             f"member {s.member} [{_format_steps(s.start)}, {_format_steps(s.end)})" for s in reversed(segments)
         )
         lines += ["## Ancestry (newest first; own env steps)", "", chain, ""]
-        names = sorted({name for _, values in schedule for name in values})
+        names = [spec.name for spec in run.config.pbt.search_space]
+        names = names or sorted({name for _, values in schedule for name in values})
         lines += ["## Schedule (ancestry env steps)", "",
                   "| from env step | to env step | member | " + " | ".join(names) + " |",
                   "|---|---|---|" + "---|" * len(names)]

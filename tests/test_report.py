@@ -168,7 +168,8 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert "member: 1" in summary and "fitness: 40" in summary
     assert "member 1 [200, 300) <- member 2 [100, 180) <- member 0 [0, 100)" in summary
     # The schedule table: one row per ancestry segment, in ancestry env steps.
-    assert "| 100 | 180 | 2 | 0.1 | 0.012 |" in summary
+    assert "| from env step | to env step | member | lr | entropy_cost |" in summary
+    assert "| 100 | 180 | 2 | 0.012 | 0.1 |" in summary
 
 
 def test_report_on_a_run_in_progress_without_exploits(tmp_path):

@@ -87,6 +87,7 @@ def test_offline_logging_and_resume(wandb_env):
     logger = WandbPopulationLogger(config, run_dir)
     logger.start(population)
     drive(logger, until_steps=150)  # exploit A (member 2 at 100) happens in the first session
+    logger.log_event({"time": 1.0e9, "wall_seconds": 1.0, "event": "member_restarted", "member": 0, "env_steps": 150})
     state = json.loads(json.dumps(logger.state_dict()))  # as stored in state.json
     logger.close()
     run_ids = {int(m): run_id for m, run_id in state["run_ids"].items()}
@@ -138,6 +139,10 @@ def test_offline_logging_and_resume(wandb_env):
     assert (row["env_steps"], row["member"], row["donor"], row["donor_env_steps"]) == (100, 2, 0, 100)
     assert (row["old/lr"], row["new/lr"], row["op/lr"]) == (0.03, 0.012, "*1.2")
     assert any(a.type == "wandb-run-incremental-table" for a in _of_type(first, "artifact"))
+
+    # Events count in the member's own run only.
+    assert any(h.get("events/member_restarted") == 1 for h in _history(read_records(logs[0][0])))
+    assert not any("events/member_restarted" in h for h in _history(read_records(logs[1][0])))
 
     # Member 1's resumed session appends to the same run: exploit B at 200 from member 2.
     second = read_records(logs[1][1])

@@ -45,6 +45,11 @@ class ConsoleProgress:
         self._last_time = time.monotonic()
         self._last_steps: int | None = None
         self._rate = 0.0
+        self._printed_at = -math.inf
+
+    def start(self, env_steps: int) -> None:
+        """The population's step count when this process started (the first rate is from here)."""
+        self._last_time, self._last_steps = time.monotonic(), env_steps
 
     def maybe_print(self, wall_seconds: float, rows: list[dict]) -> None:
         now = time.monotonic()
@@ -56,9 +61,10 @@ class ConsoleProgress:
         self._last_time, self._last_steps = now, steps
         self.print_table(wall_seconds, rows)
 
-    def print_table(self, wall_seconds: float, rows: list[dict]) -> None:
-        if not self.enabled:
+    def print_table(self, wall_seconds: float, rows: list[dict], final: bool = False) -> None:
+        if not self.enabled or (final and time.monotonic() - self._printed_at < 1.0):
             return
+        self._printed_at = time.monotonic()
         steps = sum(r["env_steps"] for r in rows)
         budget = self.total * max(1, len(rows))
         remaining = sum(max(0, self.total - r["env_steps"]) for r in rows if r["status"] not in ("done", "abandoned"))

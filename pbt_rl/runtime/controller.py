@@ -335,6 +335,7 @@ class Controller:
         if self.resumed:
             self._event("resumed", steps={str(i): r.env_steps for i, r in self.records.items()})
         self._save_state()
+        self.console.start(sum(r.env_steps for r in self.records.values()))
         for record in self.records.values():
             if not (record.done or record.abandoned):
                 self._launch(record)
@@ -579,7 +580,7 @@ class Controller:
         self._save_state()
         summary = self._summary()
         self.store.write_json(self.store.summary_path, summary)
-        self.console.print_table(self.wall_seconds(), self._table())
+        self.console.print_table(self.wall_seconds(), self._table(), final=True)
         if self.console.enabled:
             if summary["best_member"] is None:
                 print("No member has a score yet (too few finished episodes).")

@@ -183,7 +183,10 @@ class MemberWorker:
     def _load(self, checkpoint: str, env_steps: int, hyperparameters: dict | None) -> None:
         """Load a checkpoint, keep this member's step counter, THEN apply hyperparameters."""
         payload = self.store.load_checkpoint(checkpoint, map_location=self.spec.device or "cpu")
-        self.learner.load_state_dict(payload["learner"])
+        # Own checkpoint: a restart, restore counters and RNG streams too. A donor's: an exploit,
+        # take weights, optimiser and normalisers but keep this member's own RNG streams.
+        own = checkpoint.startswith(f"members/{self.spec.member_id}/")
+        self.learner.load_state_dict(payload["learner"], resume=own)
         self.offset = int(self.learner.env_steps) - env_steps
         if hyperparameters:
             self.learner.set_hyperparameters(dict(hyperparameters))
@@ -259,6 +262,10 @@ class MemberWorker:
 def member_main(spec: MemberSpec, connection: Any, parent_pid: int) -> None:
     """Entry point of a member process (multiprocessing target)."""
     _die_with_parent(parent_pid)
+    import signal
+
+    # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.device in (None, "cpu"):
         import torch
 

@@ -1,0 +1,99 @@
+"""Throughput of one learner (``pbt-rl bench agent CONFIG``): env steps/s and learner samples/s.
+
+After a warm-up (a few updates: allocations, first-call overheads, CUDA kernel selection), the
+learner trains in short :meth:`~pbt_rl.agents.base.Learner.train` calls until ``seconds`` of wall
+time have passed. Reported rates:
+
+- ``env_steps_per_second``: env steps / wall seconds, the rate a PBT member trains at;
+- ``acting_env_steps_per_second``: env steps / seconds spent acting (policy inference and env
+  stepping; for IMPALA the actor thread's busy time);
+- ``learner_samples_per_second``: updates x samples per update (``T x B``) / seconds spent in
+  updates (forward, backward, optimiser step; for IMPALA also publishing the weights);
+- ``learner_samples_per_second_wall``: the same samples / wall seconds.
+
+For A2C acting and learning alternate, so wall time ~ acting + updating; for IMPALA they overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pbt_rl.config import ExperimentConfig
+
+_CALL_SECONDS = 0.5  # length of one train() call while measuring
+_WARMUP_UPDATES = 3
+
+
+def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = None) -> dict[str, Any]:
+    """Measure one learner built from ``config`` (seed ``run.seed``) for ``seconds`` after a warm-up."""
+    from pbt_rl.agents import make_learner
+
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    agent, env = config.agent, config.env
+    # The whole machine is this one learner's: env threads (env.num_threads or all cores), and
+    # on CPU as many torch threads.
+    learner = make_learner(config, seed=config.run.seed, device=device,
+                           num_threads=config.env.num_threads or os.cpu_count() or 1)
+    try:
+        unrolls_per_update = agent.learner_batch_unrolls if agent.algo == "impala" else 1
+        batch_envs = env.async_batch_size or env.num_envs
+        steps_per_update = agent.unroll_length * batch_envs * unrolls_per_update
+        warm_started = time.perf_counter()
+        learner.train(learner.env_steps + _WARMUP_UPDATES * steps_per_update)
+        warm_rate = learner.env_steps / max(time.perf_counter() - warm_started, 1e-6)
+        call_steps = max(steps_per_update, int(warm_rate * _CALL_SECONDS))
+
+        env_steps = updates = 0
+        act_seconds = update_seconds = 0.0
+        lags: list[float] = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            report = learner.train(learner.env_steps + call_steps)
+            env_steps += report.extra["env_steps_in_call"]
+            updates += report.updates
+            act_seconds += report.extra["act_seconds"]
+            update_seconds += report.extra["update_seconds"]
+            if report.updates and "policy_lag" in report.extra:
+                lags.append(report.extra["policy_lag"])
+        wall = time.perf_counter() - started
+        samples = updates * steps_per_update
+        return {
+            "algo": agent.algo,
+            "env_id": env.id,
+            "network": agent.network,
+            "device": str(learner.device),
+            "num_envs": env.num_envs,
+            "async_batch_size": env.async_batch_size,
+            "unroll_length": agent.unroll_length,
+            "samples_per_update": steps_per_update,
+            "seconds": wall,
+            "env_steps": env_steps,
+            "updates": updates,
+            "env_steps_per_second": env_steps / wall,
+            "acting_env_steps_per_second": env_steps / act_seconds if act_seconds else float("nan"),
+            "learner_samples_per_second": samples / update_seconds if update_seconds else float("nan"),
+            "learner_samples_per_second_wall": samples / wall,
+            "policy_lag": sum(lags) / len(lags) if lags else None,
+        }
+    finally:
+        learner.close()
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """A few aligned lines for the console."""
+    envs = f"{result['num_envs']} envs" + (f", async batch {result['async_batch_size']}" if result["async_batch_size"] else "")
+    lines = [
+        f"{result['algo']} on {result['env_id']} ({envs}, network {result['network']}, device {result['device']})",
+        f"  measured          {result['seconds']:.1f} s, {result['env_steps']:,} env steps, {result['updates']:,} updates "
+        f"of {result['samples_per_update']:,} samples (unroll {result['unroll_length']})",
+        f"  env steps/s       {result['env_steps_per_second']:,.0f} (wall)   "
+        f"{result['acting_env_steps_per_second']:,.0f} (while acting)",
+        f"  learner samples/s {result['learner_samples_per_second_wall']:,.0f} (wall)   "
+        f"{result['learner_samples_per_second']:,.0f} (while updating)",
+    ]
+    if result.get("policy_lag") is not None:
+        lines.append(f"  policy lag        {result['policy_lag']:.2f} updates")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""The benchmark's arithmetic (timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pbt_rl.bench import bench_raw_envpool, population_rate_from_metrics
+from pbt_rl.config import from_dict
+
+
+def write_metrics(run_dir, member, points):
+    path = run_dir / "members" / str(member) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"wall_seconds": t, "env_steps": s}) + "\n" for t, s in points))
+
+
+def test_population_rate_interpolates_members_over_one_window(tmp_path):
+    # Member 0 runs at 100 steps/s, member 1 at 300 steps/s, reporting at different moments.
+    write_metrics(tmp_path, 0, [(0.0, 0), (4.0, 400), (10.0, 1000)])
+    write_metrics(tmp_path, 1, [(1.0, 300), (7.0, 2100), (9.0, 2700)])
+    rate = population_rate_from_metrics(tmp_path, window_start=2.0)
+    assert rate["window_seconds"] == pytest.approx(7.0)  # from 2 s to the earliest last report (9 s)
+    assert rate["env_steps_per_second"] == pytest.approx(400.0)
+    assert rate["members"] == 2
+
+
+def test_population_rate_needs_a_window(tmp_path):
+    write_metrics(tmp_path, 0, [(0.0, 0), (1.0, 100)])
+    with pytest.raises(RuntimeError, match="window is empty"):
+        population_rate_from_metrics(tmp_path, window_start=5.0)
+
+
+def test_raw_envpool_counts_env_steps_at_the_population_size():
+    config = from_dict({
+        "env": {"id": "CartPole-v1", "num_envs": 4, "async_batch_size": 2},
+        "pbt": {"population_size": 2, "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}},
+        "run": {"total_threads": 2},
+    })
+    result = bench_raw_envpool(config, seconds=0.2, warmup_seconds=0.05)
+    assert result["total_envs"] == 8 and result["batch_size"] == 4 and result["mode"] == "async"
+    assert result["env_steps_per_second"] > 0

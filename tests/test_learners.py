@@ -1,0 +1,435 @@
+"""The learner contract (docs/design.md) for A2C and IMPALA: smoke runs on MuJoCo and Atari,
+state round trips, hyperparameter changes, divergence, reports and the IMPALA actor thread."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pbt_rl.agents import TrainingDiverged, make_learner
+from pbt_rl.agents.base import Unroll
+from pbt_rl.config import AgentConfig, ConfigError, EnvConfig, ExperimentConfig, tunable_agent_fields
+
+ALGOS = ["a2c", "impala"]
+
+
+def make_config(algo: str, env_id: str = "CartPole-v1", num_envs: int = 4, async_batch_size: int = 0,
+                **agent: object) -> ExperimentConfig:
+    return ExperimentConfig(
+        env=EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=async_batch_size),
+        agent=AgentConfig(algo=algo, device="cpu", **agent),
+    )
+
+
+@pytest.fixture
+def learners():
+    """Learners built through this fixture are closed after the test, whatever happens."""
+    built = []
+
+    def build(config: ExperimentConfig, seed: int = 0):
+        learner = make_learner(config, seed, num_threads=1)
+        built.append(learner)
+        return learner
+
+    yield build
+    for learner in built:
+        learner.close()
+
+
+def record_updates(learner) -> list[Unroll]:
+    """Spy on the learner's gradient steps: the unroll batch of every update, in order."""
+    seen: list[Unroll] = []
+    original = learner._update
+
+    def update(unroll: Unroll):
+        seen.append(unroll)
+        return original(unroll)
+
+    learner._update = update
+    return seen
+
+
+def record_episodes(learner) -> list[float]:
+    """Spy on the env: the episode returns of every step batch it delivers (any thread)."""
+    returns: list[float] = []
+    env = learner.env
+    for name in ("step", "recv", "reset"):
+        original = getattr(env, name)
+
+        def wrapped(*args, _original=original):
+            batch = _original(*args)
+            returns.extend(batch.episode_returns.tolist())
+            return batch
+
+        setattr(env, name, wrapped)
+    return returns
+
+
+def parameters(learner) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Smoke runs
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo,async_batch_size", [("a2c", 0), ("impala", 2)])
+def test_mujoco_smoke_finite_losses_bounded_actions_normalised_obs(learners, algo, async_batch_size):
+    # A wide initial policy (std e^1.5) samples far outside Hopper's [-1, 1] action box.
+    config = make_config(algo, "Hopper-v5", num_envs=4, async_batch_size=async_batch_size,
+                         unroll_length=8, log_std_init=1.5, normalize_returns=True)
+    learner = learners(config)
+    assert learner.obs_normalizer is not None  # 'auto' turns it on for MuJoCo
+    updates = record_updates(learner)
+    report = learner.train(2000)
+
+    assert report.env_steps >= 2000 and report.updates == len(updates) > 0
+    assert all(math.isfinite(v) for v in report.losses.values())
+    assert set(report.losses) == {"policy_loss", "value_loss", "entropy", "total_loss"}
+    assert learner.obs_normalizer.count >= 2000
+    assert np.abs(learner.obs_normalizer.mean).sum() > 0
+
+    stored = np.concatenate([u.actions.reshape(-1, 3) for u in updates])
+    assert np.abs(stored).max() > 1.0  # the learner scores the unclipped samples ...
+    obs = np.stack([learner.env.observation_space.sample() for _ in range(256)])
+    env_actions = learner.act(obs)
+    space = learner.env.action_space
+    assert env_actions.shape == (256, 3)
+    assert np.all(env_actions >= space.low) and np.all(env_actions <= space.high)  # ... the env gets clipped ones
+    assert np.any(env_actions == space.high) and np.any(env_actions == space.low)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("network", ["nature", "impala"])
+def test_atari_smoke_uint8_frames_and_batch_shapes(learners, algo, network):
+    config = make_config(algo, "Pong-v5", num_envs=2, unroll_length=3, network=network)
+    learner = learners(config)
+    updates = record_updates(learner)
+    report = learner.train(24)
+
+    assert report.updates == 4 and report.extra["batch_shape"] == [3, 2]
+    assert all(math.isfinite(v) for v in report.losses.values())
+    for unroll in updates:
+        assert unroll.obs.dtype == np.uint8 and unroll.obs.shape == (4, 2, 4, 84, 84)  # [T + 1, B, C, H, W]
+        assert unroll.actions.shape == (3, 2)
+        assert unroll.behaviour_log_probs.shape == unroll.rewards.shape == unroll.valid.shape == (3, 2)
+    assert updates[0].valid.all()  # env.reset() is not a step: the first unroll has no auto-reset step
+    assert learner.obs_normalizer is None
+
+
+def test_a2c_refuses_asynchronous_envs():
+    with pytest.raises(ConfigError, match="async_batch_size"):
+        make_learner(make_config("a2c", num_envs=4, async_batch_size=2), 0)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_auto_reset_steps_do_not_reach_the_loss(learners, algo):
+    """Env 0 terminates at step 1 and env 1 is truncated there; step 2 is their auto-reset step.
+
+    Whatever the auto-reset step holds (its ignored action, its behaviour log-prob, a reward)
+    must not change the update: same loss parts and same new weights.
+    """
+    config = make_config(algo, num_envs=2, unroll_length=4)
+    clean_learner, poisoned_learner = learners(config, seed=5), learners(config, seed=5)
+    rng = np.random.default_rng(0)
+    clean = Unroll.empty(4, 2, (4,), np.float32, (), np.int64)
+    clean.obs[:] = rng.normal(size=clean.obs.shape)
+    clean.actions[:] = rng.integers(0, 2, size=(4, 2))
+    clean.behaviour_log_probs[:] = np.log(0.5)
+    clean.rewards[:] = 1.0
+    clean.terminated[1, 0] = True
+    clean.truncated[1, 1] = True
+    clean.valid[:] = True
+    clean.valid[2, :] = False
+    clean.rewards[2, :] = 0.0
+    poisoned = Unroll(**{name: np.copy(getattr(clean, name)) for name in clean.__dataclass_fields__})
+    poisoned.rewards[2, :] = 1e6
+    poisoned.actions[2, :] = 1 - clean.actions[2, :]
+    poisoned.behaviour_log_probs[2, :] = -60.0
+
+    clean_stats = clean_learner._update(clean)
+    poisoned_stats = poisoned_learner._update(poisoned)
+    assert clean_stats == pytest.approx(poisoned_stats, rel=1e-6)
+    for name, value in parameters(clean_learner).items():
+        torch.testing.assert_close(parameters(poisoned_learner)[name], value, msg=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo,async_batch_size", [("a2c", 0), ("impala", 0), ("impala", 2)])
+def test_train_report_covers_only_its_own_call(learners, algo, async_batch_size):
+    learner = learners(make_config(algo, num_envs=4, async_batch_size=async_batch_size, unroll_length=5))
+    delivered = record_episodes(learner)
+
+    first = learner.train(3000)
+    assert first.env_steps == learner.env_steps >= 3000
+    assert first.episode_returns == delivered and len(first.episode_returns) > 10
+    assert len(first.episode_lengths) == len(first.episode_returns)
+    assert sum(first.episode_lengths) <= first.env_steps
+
+    delivered.clear()
+    second = learner.train(6000)
+    assert second.env_steps == learner.env_steps >= 6000
+    assert second.episode_returns == delivered  # only the episodes finished during this call
+    assert second.extra["env_steps_in_call"] == second.env_steps - first.env_steps
+    assert second.extra["updates_total"] == first.updates + second.updates == learner.updates
+    assert second.env_steps_per_second > 0
+
+    idle = learner.train(100)  # already past the target: no work
+    assert idle.updates == 0 and idle.env_steps == learner.env_steps and idle.episode_returns == []
+
+
+# ----------------------------------------------------------------------------------------
+# Hyperparameters
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_numeric_agent_field_is_a_hyperparameter_and_unknown_names_raise(learners, algo):
+    learner = learners(make_config(algo))
+    values = learner.hyperparameters()
+    assert set(values) == set(tunable_agent_fields())
+    assert values["lr"] == AgentConfig().lr and values["unroll_length"] == AgentConfig().unroll_length
+
+    with pytest.raises(KeyError, match="learning_rate"):
+        learner.set_hyperparameters({"lr": 1e-3, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="unroll_length"):
+        learner.set_hyperparameters({"unroll_length": 2.5})
+    with pytest.raises(ValueError, match="gamma"):
+        learner.set_hyperparameters({"gamma": 1.5})
+    assert learner.hyperparameters() == values  # nothing was applied
+    assert learner.optimizer.param_groups[0]["lr"] == AgentConfig().lr
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_changing_lr_and_unroll_length_mid_training(learners, algo):
+    learner = learners(make_config(algo, num_envs=4, unroll_length=5))
+    learner.train(400)
+    learner.set_hyperparameters({"lr": 3e-3, "unroll_length": 7, "entropy_cost": 0.05})
+    assert learner.optimizer.param_groups[0]["lr"] == 3e-3
+    assert learner.hyperparameters()["unroll_length"] == 7
+
+    updates = record_updates(learner)
+    report = learner.train(1000)
+    assert report.updates > 0 and report.extra["batch_shape"] == [7, 4]
+    assert {u.length for u in updates} == {7}
+    if algo == "a2c":
+        assert learner._unroll.rewards.shape == (7, 4)  # the rollout buffer was resized
+
+
+def test_optimizer_constants_change_in_place_without_losing_statistics(learners):
+    learner = learners(make_config("a2c", rmsprop_momentum=0.0))
+    learner.train(200)
+    square_avg = {id(p): s["square_avg"].clone() for p, s in learner.optimizer.state.items()}
+    learner.set_hyperparameters({"rmsprop_momentum": 0.9, "rmsprop_alpha": 0.95, "optimizer_eps": 1e-4})
+    group = learner.optimizer.param_groups[0]
+    assert (group["momentum"], group["alpha"], group["eps"]) == (0.9, 0.95, 1e-4)
+    assert all(torch.equal(s["square_avg"], square_avg[id(p)]) for p, s in learner.optimizer.state.items())
+    learner.train(400)  # momentum buffers exist although the run started without momentum
+
+    adam = learners(make_config("a2c", optimizer="adam"))
+    adam.set_hyperparameters({"adam_beta1": 0.5, "adam_beta2": 0.9})
+    assert adam.optimizer.param_groups[0]["betas"] == (0.5, 0.9)
+    adam.train(200)
+
+
+# ----------------------------------------------------------------------------------------
+# Divergence
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_nan_reward_raises_before_any_parameter_changes(learners, algo):
+    learner = learners(make_config(algo, num_envs=4))
+    learner.train(200)
+    before = parameters(learner)
+    optimizer_before = {id(p): s["square_avg"].clone() for p, s in learner.optimizer.state.items()}
+    updates_before = learner.updates
+
+    original_step = learner.env.step
+
+    def poisoned_step(actions):
+        batch = original_step(actions)
+        batch.reward = np.full_like(batch.reward, np.nan)
+        return batch
+
+    learner.env.step = poisoned_step
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        learner.train(2000)
+    assert_same_tensors(parameters(learner), before)
+    assert all(torch.equal(s["square_avg"], optimizer_before[id(p)]) for p, s in learner.optimizer.state.items())
+    assert learner.updates == updates_before
+
+
+def test_nan_weights_raise_training_diverged_and_stay_as_they_were(learners):
+    learner = learners(make_config("a2c", num_envs=4))
+    learner.train(100)
+    with torch.no_grad():
+        learner.model.value_head.bias.fill_(float("nan"))
+    before = parameters(learner)
+    with pytest.raises(TrainingDiverged):
+        learner.train(1000)
+    assert_same_tensors(parameters(learner), before)
+
+
+# ----------------------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------------------
+
+
+def round_trip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_save_load_gives_the_same_next_actions(learners, algo):
+    # Continuous actions (Pendulum) make "same actions" mean same weights, normaliser and RNG.
+    config = make_config(algo, "Pendulum-v1", num_envs=4, normalize_observations="on",
+                         normalize_returns=True, unroll_length=5)
+    saved = learners(config, seed=1)
+    saved.train(1000)
+    saved.set_hyperparameters({"lr": 2e-3, "unroll_length": 6})
+    state = round_trip(saved.state_dict())
+    obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    expected = saved.act(obs)
+
+    other = learners(config, seed=2)
+    other.train(1500)
+    other.load_state_dict(state)
+    assert np.array_equal(other.act(obs), expected)
+    assert other.env_steps == state["env_steps"] and other.updates == state["updates"]
+    assert other.hyperparameters() == saved.hyperparameters()
+    assert other.optimizer.param_groups[0]["lr"] == 2e-3
+    np.testing.assert_array_equal(other.obs_normalizer.mean, saved.obs_normalizer.mean)
+    np.testing.assert_array_equal(other.reward_scaler.statistics.var, saved.reward_scaler.statistics.var)
+    report = other.train(other.env_steps + 600)  # training continues from the loaded member
+    assert report.updates > 0 and report.extra["batch_shape"][0] == 6
+
+
+def test_a2c_resume_reproduces_the_uninterrupted_run(learners):
+    """Same seed and same env history: continuing after a load equals never having stopped."""
+    config = make_config("a2c", num_envs=4, unroll_length=5)
+    reference = learners(config, seed=3)
+    reference.train(1000)
+    state = round_trip(reference.state_dict())
+    reference.train(2000)
+
+    resumed = learners(config, seed=3)
+    resumed.train(1000)  # the same env history as the reference
+    with torch.no_grad():  # ... then scramble everything the state must restore
+        for p in resumed.model.parameters():
+            p.add_(1.0)
+    resumed.set_hyperparameters({"lr": 0.1, "entropy_cost": 0.5})
+    torch.manual_seed(12345)
+    resumed.load_state_dict(state)
+    resumed.train(2000)
+    assert_same_tensors(parameters(resumed), parameters(reference))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_exploit_load_keeps_own_counters(learners, algo):
+    donor = learners(make_config(algo), seed=1)
+    donor.train(1000)
+    member = learners(make_config(algo), seed=2)
+    member.train(300)
+    steps, updates = member.env_steps, member.updates
+    member.load_state_dict(donor.state_dict(), resume=False)
+    assert (member.env_steps, member.updates) == (steps, updates)
+    assert_same_tensors(parameters(member), parameters(donor))
+
+
+# ----------------------------------------------------------------------------------------
+# IMPALA actor thread
+# ----------------------------------------------------------------------------------------
+
+
+def test_impala_after_load_learns_only_from_the_loaded_policy(learners):
+    config = make_config("impala", num_envs=8, async_batch_size=4, unroll_length=5, learner_batch_unrolls=2,
+                         queue_size=4)
+    member = learners(config, seed=1)
+    member.train(4000)  # ~100 updates; partial trajectories and maybe queued unrolls remain
+    donor = learners(config, seed=2)
+    donor.train(600)  # ~15 updates
+    member.load_state_dict(donor.state_dict())
+    assert member.updates == donor.updates
+
+    updates = record_updates(member)
+    lags = []
+    original = member._update
+
+    def update(unroll):
+        lags.append(member.updates - unroll.policy_updates.max())
+        return original(unroll)
+
+    member._update = update
+    report = member.train(member.env_steps + 1200)
+    assert len(updates) == report.updates > 0
+    # Experience of the member's old policy would carry update counts ~100, far in the future
+    # of the loaded counter: every step must come from weights at or before the current update.
+    assert min(lags) >= 0
+    assert 0 <= report.extra["policy_lag"] <= 2 * config.agent.queue_size + 2
+
+
+def test_impala_first_update_after_drop_stale_experience_is_on_policy(learners):
+    learner = learners(make_config("impala", num_envs=8, async_batch_size=4, learner_batch_unrolls=2))
+    learner.train(2000)
+    learner.drop_stale_experience()
+    assert len(learner._queue) == 0
+    stamps = []
+    original = learner._update
+
+    def update(unroll):
+        stamps.append((learner.updates, unroll.policy_updates.min(), unroll.policy_updates.max()))
+        return original(unroll)
+
+    learner._update = update
+    learner.train(3000)
+    current, oldest, newest = stamps[0]
+    assert oldest == newest == current  # nothing acted on by weights older than the drop
+
+
+def test_impala_actor_exception_is_raised_by_train_and_close_joins(learners):
+    learner = learners(make_config("impala", num_envs=4))
+    learner.train(200)
+    calls = {"n": 0}
+    original_step = learner.env.step
+
+    def failing_step(actions):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError("env worker died")
+        return original_step(actions)
+
+    learner.env.step = failing_step
+    with pytest.raises(OSError, match="env worker died"):
+        learner.train(10_000)
+    with pytest.raises(OSError):  # the learner stays failed
+        learner.train(20_000)
+    learner.close()
+    assert not learner._thread.is_alive()
+
+
+def test_impala_close_stops_a_running_actor(learners):
+    learner = learners(make_config("impala", num_envs=4, queue_size=1))
+    learner.train(500)
+    assert learner._thread.is_alive()
+    learner.close()
+    assert not learner._thread.is_alive()
+    learner.close()  # twice is harmless

@@ -1,0 +1,44 @@
+"""The shipped configs load, and the quickstart does what the README promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from pbt_rl.config import load_config
+from pbt_rl.runtime import train
+from pbt_rl.runtime.store import read_jsonl
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_every_shipped_config_loads():
+    names = {p.relative_to(CONFIGS).as_posix() for p in ALL_CONFIGS}
+    for game in ("pong", "breakout", "space_invaders", "seaquest", "beam_rider"):
+        assert {f"atari/{game}_a2c.yaml", f"atari/{game}_impala.yaml"} <= names
+    for env in ("half_cheetah", "hopper", "walker2d", "ant"):
+        assert f"mujoco/{env}.yaml" in names
+    for path in ALL_CONFIGS:
+        config = load_config(path)
+        assert config.pbt.population_size >= 2 and config.pbt.search_space, path
+        assert config.pbt.ready_after_steps < config.run.total_env_steps, path
+        expected_algo = "impala" if path.stem.endswith("_impala") else "a2c"
+        assert config.agent.algo == expected_algo, path
+
+
+@pytest.mark.slow
+def test_quickstart_solves_cartpole_with_exploits_within_five_minutes(tmp_path):
+    config = load_config(CONFIGS / "quickstart.yaml")
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tmp_path / "run")),
+                                 logging=dataclasses.replace(config.logging, report=False))
+    start = time.monotonic()
+    summary = train(config, console=False)
+    seconds = time.monotonic() - start
+    assert seconds < 300
+    assert summary["finished"]
+    assert summary["best_score"] >= 475, summary
+    assert len(read_jsonl(tmp_path / "run" / "lineage.jsonl")) >= 1

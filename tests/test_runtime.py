@@ -1,0 +1,433 @@
+"""Population runtime: controller, member processes, exploit consistency, crashes, resume.
+
+Most tests run members with ``FakeLearner`` below (no envs, milliseconds per call) through the
+real process backend, so what is tested is the runtime: pipes, checkpoints, lineage, restarts.
+Member processes import this module by name (the ``learner_factory`` string), which works
+because pytest puts tests/ on sys.path and spawned children inherit it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pbt_rl.config import ConfigError, from_dict, tunable_agent_fields
+from pbt_rl.runtime import RunDirError, RunStore, resume, train, weights_sha256
+from pbt_rl.runtime.resources import member_device, threads_per_member
+from pbt_rl.runtime.store import read_jsonl
+
+FAKE = "test_runtime:make_fake_learner"
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class FakeReport:
+    env_steps: int
+    episode_returns: list = field(default_factory=list)
+    episode_lengths: list = field(default_factory=list)
+    losses: dict = field(default_factory=dict)
+    updates: int = 0
+    env_steps_per_second: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class FakeLearner:
+    """Scores well when lr is near 3e-3; weights change at every call so copies are detectable.
+
+    ``PBT_RL_TEST_CRASH=member:env_steps:marker[:diverge]`` makes that member raise once (the
+    marker file records that it did); ``PBT_RL_TEST_SLEEP`` slows each call (seconds).
+    """
+
+    STEPS_PER_CALL = 40  # like 8 envs x unroll 5
+
+    def __init__(self, config, seed, device=None, num_threads=0):
+        self.member_id = None
+        self.seed = seed
+        self.env_steps = 0
+        self.hp = {name: getattr(config.agent, name) for name in tunable_agent_fields()}
+        self.weights = torch.full((8,), float(seed % 997))
+        self.rng = np.random.default_rng(seed)
+
+    def train(self, until_env_steps):
+        returns, updates = [], 0
+        while self.env_steps < until_env_steps:
+            self.env_steps += self.STEPS_PER_CALL
+            updates += 1
+            self.weights += self.hp["lr"]
+            if self.env_steps % 200 == 0:
+                quality = 100.0 - 30.0 * abs(np.log10(self.hp["lr"]) - np.log10(3e-3))
+                returns.append(float(quality + self.rng.normal()))
+        self._maybe_crash()
+        time.sleep(float(os.environ.get("PBT_RL_TEST_SLEEP", "0")))
+        return FakeReport(self.env_steps, returns, [200] * len(returns), {"total_loss": 0.5}, updates, 1e5)
+
+    def _maybe_crash(self):
+        spec = os.environ.get("PBT_RL_TEST_CRASH")
+        if not spec:
+            return
+        member, steps, marker, *kind = spec.split(":")
+        if self.seed == int(member) and self.env_steps >= int(steps) and not Path(marker).exists():
+            Path(marker).write_text("crashed")
+            if kind == ["diverge"]:
+                from pbt_rl.agents.base import TrainingDiverged
+
+                raise TrainingDiverged("injected non-finite loss")
+            raise RuntimeError("injected env error")
+
+    def hyperparameters(self):
+        return dict(self.hp)
+
+    def set_hyperparameters(self, values):
+        unknown = set(values) - set(self.hp)
+        if unknown:
+            raise KeyError(sorted(unknown))
+        self.hp.update(values)
+
+    def state_dict(self):
+        return {"weights": self.weights.clone(), "env_steps": self.env_steps, "hyperparameters": dict(self.hp)}
+
+    def load_state_dict(self, state, resume=True):
+        self.weights = state["weights"].clone()
+        self.hp = dict(state["hyperparameters"])
+        if resume:
+            self.env_steps = state["env_steps"]
+
+    def drop_stale_experience(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_fake_learner(config, seed, device=None, num_threads=0):
+    return FakeLearner(config, seed, device, num_threads)
+
+
+def fake_seed_is_member_id(monkeypatch):
+    # Fake learners identify their member by seed (crash injection); make seeds = member ids.
+    monkeypatch.setattr("pbt_rl.runtime.controller.member_seed", lambda run_seed, member_id: member_id)
+
+
+def fake_config(run_dir: Path, **sections) -> "ExperimentConfig":  # noqa: F821
+    raw = {
+        "env": {"id": "CartPole-v1", "num_envs": 8},
+        "agent": {"device": "cpu"},
+        "pbt": {"population_size": 4, "ready_after_steps": 400, "min_episodes": 1, "fitness_window": 3,
+                "truncation_fraction": 0.25,
+                "search_space": {"lr": {"kind": "log_uniform", "low": 1e-5, "high": 1e-1}}},
+        "run": {"dir": str(run_dir), "total_env_steps": 4000, "checkpoint_keep": 2, "seed": 3},
+        "logging": {"report": False, "console_interval_seconds": 0.5},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values}
+    return from_dict(raw)
+
+
+def check_lineage_consistent(run_dir: Path, population: int) -> list[dict]:
+    """One row per exploit: per member, generations 1, 2, ... with no gap or duplicate."""
+    rows = read_jsonl(run_dir / "lineage.jsonl")
+    for member in range(population):
+        generations = [r["generation"] for r in rows if r["member"] == member]
+        assert generations == list(range(1, len(generations) + 1)), (member, generations)
+    state = json.loads((run_dir / "state.json").read_text())
+    for member, record in state["members"].items():
+        assert record["generation"] == sum(1 for r in rows if r["member"] == int(member))
+    return rows
+
+
+def check_metrics_grow(run_dir: Path, population: int) -> None:
+    for member in range(population):
+        steps = [r["env_steps"] for r in read_jsonl(run_dir / f"members/{member}/metrics.jsonl")]
+        assert steps and all(a < b for a, b in zip(steps, steps[1:])), (member, steps)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_resources_split_threads_and_place_members():
+    assert threads_per_member(4, total_threads=2) == 1
+    assert threads_per_member(2, total_threads=16) == 8
+    assert threads_per_member(3, total_threads=16, env_threads=5) == 5
+    assert threads_per_member(64, total_threads=0) >= 1
+    assert member_device("auto", 3, 0, 0) == "cpu"
+    assert member_device("auto", 3, 0, 2) == "cuda:0"
+    assert [member_device("auto", i, 2, 2) for i in range(6)] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:0", "cuda:0"]
+    assert member_device("cuda:1", 0, 0, 2) == "cuda:1"
+    with pytest.raises(ConfigError):
+        member_device("cuda", 0, 0, 0)
+
+
+def test_exploit_copies_donor_weights_then_sets_explored_hyperparameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("PBT_RL_TEST_SLEEP", "0.002")
+    config = fake_config(tmp_path / "run", run={"checkpoint_keep": 1000})
+    summary = train(config, console=False, learner_factory=FAKE)
+    run_dir = tmp_path / "run"
+    rows = check_lineage_consistent(run_dir, 4)
+    assert rows, "truncation with a 400-step ready interval must exploit at least once"
+    store = RunStore(run_dir)
+    for row in rows:
+        donor_state = store.load_checkpoint(row["donor_checkpoint"])["learner"]
+        assert row["weights_sha256"] == weights_sha256(donor_state)
+        assert row["applied_hyperparameters"] == row["new_hyperparameters"]
+        assert row["donor"] != row["member"] and row["donor_score"] > row["member_score"]
+        assert set(row["operations"]) == {"lr"} and row["wall_seconds"] > 0
+        # The member's next report uses the explored hyperparameters and its own step counter.
+        later = [m for m in read_jsonl(run_dir / f"members/{row['member']}/metrics.jsonl")
+                 if m["env_steps"] > row["env_steps"]]
+        if later:
+            assert later[0]["hyperparameters"]["lr"] == row["new_hyperparameters"]["lr"]
+            assert later[0]["env_steps"] <= row["env_steps"] + config.pbt.ready_after_steps + 40
+    check_metrics_grow(run_dir, 4)
+    assert summary["finished"] and summary["exploits"] == len(rows)
+    assert all(m["env_steps"] >= 4000 and m["status"] == "done" for m in summary["members"].values())
+    assert summary["best_score"] == max(m["score"] for m in summary["members"].values())
+    population = json.loads((run_dir / "population.json").read_text())
+    assert set(population["members"]) == {"0", "1", "2", "3"} and population["search_space"] == ["lr"]
+    assert json.loads((run_dir / "summary.json").read_text())["best_member"] == summary["best_member"]
+
+
+def test_sync_mode_decides_by_generation(tmp_path, monkeypatch):
+    config = fake_config(tmp_path / "run", pbt={"mode": "sync"}, run={"total_env_steps": 2000})
+    summary = train(config, console=False, learner_factory=FAKE)
+    rows = check_lineage_consistent(tmp_path / "run", 4)
+    assert summary["finished"] and rows
+    # Everyone waits at each boundary: exploits happen only at the generation's steps.
+    assert all(r["env_steps"] % 400 == 0 for r in rows)
+
+
+def test_checkpoints_pruned_keep_last(tmp_path):
+    config = fake_config(tmp_path / "run", pbt={"population_size": 2, "truncation_fraction": 0.5},
+                         run={"total_env_steps": 4000, "checkpoint_keep": 2})
+    train(config, console=False, learner_factory=FAKE)
+    store = RunStore(tmp_path / "run")
+    state = json.loads(store.state_path.read_text())
+    pinned = {m["restore"]["checkpoint"] for m in state["members"].values()} | \
+             {m["checkpoint_id"] for m in state["members"].values()}
+    for member in range(2):
+        ids = store.list_checkpoints(member)
+        assert 2 <= len(ids) <= 2 + len(pinned)
+        assert all(store.verify_checkpoint(c) for c in ids)
+        assert store.checkpoint_id(member, 4000) in ids
+
+
+def test_crashed_member_is_restarted_from_its_checkpoint(tmp_path, monkeypatch):
+    fake_seed_is_member_id(monkeypatch)
+    monkeypatch.setenv("PBT_RL_TEST_CRASH", f"1:1500:{tmp_path / 'crashed'}")
+    summary = train(fake_config(tmp_path / "run"), console=False, learner_factory=FAKE)
+    assert (tmp_path / "crashed").exists()
+    events = read_jsonl(tmp_path / "run/events.jsonl")
+    failed = [e for e in events if e["event"] == "member_failed"]
+    assert len(failed) == 1 and failed[0]["member"] == 1 and "injected env error" in failed[0]["error"]
+    restarted = [e for e in events if e["event"] == "member_restarted"]
+    assert restarted and restarted[0]["member"] == 1 and restarted[0]["env_steps"] % 400 == 0
+    assert summary["finished"]
+    check_lineage_consistent(tmp_path / "run", 4)
+
+
+def test_diverged_member_is_reseeded_from_a_donor(tmp_path, monkeypatch):
+    fake_seed_is_member_id(monkeypatch)
+    monkeypatch.setenv("PBT_RL_TEST_CRASH", f"2:1300:{tmp_path / 'crashed'}:diverge")
+    summary = train(fake_config(tmp_path / "run", pbt={"truncation_fraction": 0.25}), console=False,
+                    learner_factory=FAKE)
+    events = read_jsonl(tmp_path / "run/events.jsonl")
+    assert any(e["event"] == "member_failed" and e["diverged"] for e in events)
+    rows = check_lineage_consistent(tmp_path / "run", 4)
+    reseeds = [r for r in rows if r["exploit"] == "reseed"]
+    assert len(reseeds) == 1 and reseeds[0]["member"] == 2
+    store = RunStore(tmp_path / "run")
+    assert reseeds[0]["weights_sha256"] == weights_sha256(store.load_checkpoint(reseeds[0]["donor_checkpoint"])["learner"])
+    assert summary["finished"]
+
+
+def test_member_process_death_is_detected(tmp_path, monkeypatch):
+    # A member killed from outside (OOM killer, kill -9) is restarted; the run does not hang.
+    monkeypatch.setenv("PBT_RL_TEST_SLEEP", "0.02")
+    import pbt_rl.runtime.controller as controller_module
+
+    original = controller_module.Controller._record_progress
+    killed = []
+
+    def kill_member_1_once(self, record, payload):
+        original(self, record, payload)
+        if record.member_id == 1 and not killed and record.env_steps >= 800:
+            killed.append(True)
+            os.kill(self.handles[1].process.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(controller_module.Controller, "_record_progress", kill_member_1_once)
+    summary = train(fake_config(tmp_path / "run", run={"total_env_steps": 2400}), console=False,
+                    learner_factory=FAKE)
+    events = read_jsonl(tmp_path / "run/events.jsonl")
+    assert killed and any(e["event"] == "member_failed" and e["member"] == 1 and "exit" in e["error"] for e in events)
+    assert summary["finished"]
+
+
+CONTROLLER_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pbt_rl.config import load_config
+    from pbt_rl.runtime import train
+    if __name__ == "__main__":  # members are spawned: they re-import this file
+        train(load_config(sys.argv[1]), console=False, learner_factory="test_runtime:make_fake_learner")
+""")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill9_controller_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    config = fake_config(run_dir, run={"total_env_steps": 6000})
+    config_path = tmp_path / "exp.yaml"
+    from pbt_rl.config import dump_yaml
+
+    config_path.write_text(dump_yaml(config))
+    script = tmp_path / "controller.py"
+    script.write_text(CONTROLLER_SCRIPT.format(tests=str(TESTS_DIR)))
+    env = {**os.environ, "PBT_RL_TEST_SLEEP": "0.03"}
+    process = subprocess.Popen([sys.executable, str(script), str(config_path)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(read_jsonl(run_dir / "lineage.jsonl")) < 2:
+            time.sleep(0.05)
+        members = _children(process.pid)
+        assert len(read_jsonl(run_dir / "lineage.jsonl")) >= 2 and members
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in members):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in members), "member processes outlived the controller"
+
+    before = json.loads((run_dir / "state.json").read_text())
+    lineage_before = read_jsonl(run_dir / "lineage.jsonl")
+    summary = resume(run_dir, console=False, learner_factory=FAKE)
+    assert summary["finished"]
+    rows = check_lineage_consistent(run_dir, 4)
+    assert rows[: len(lineage_before)] == lineage_before
+    check_metrics_grow(run_dir, 4)
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert any(e["event"] == "resumed" for e in events)
+    after = json.loads((run_dir / "state.json").read_text())
+    for member, record in before["members"].items():
+        assert after["members"][member]["env_steps"] >= record["restore"]["env_steps"]
+        assert after["members"][member]["env_steps"] >= 6000
+
+
+def test_resume_falls_back_to_previous_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
+                      run={"total_env_steps": 2000, "checkpoint_keep": 5}), console=False, learner_factory=FAKE)
+    store = RunStore(run_dir)
+    state = json.loads(store.state_path.read_text())
+    # Pretend member 0 was stopped at 1600 (its 2000 checkpoint never reported) and that the
+    # 1600 checkpoint got damaged on disk.
+    record = state["members"]["0"]
+    good = store.list_checkpoints(0)
+    damaged = good[-2]
+    record.update(done=False, env_steps=1600, restore={"checkpoint": damaged, "env_steps": 1600,
+                                                         "updates": 40, "hyperparameters": None},
+                  checkpoint_id=damaged)
+    store.write_json(store.state_path, state)
+    path = store.path(damaged)
+    path.write_bytes(path.read_bytes()[:-5] + b"XXXXX")
+    with pytest.raises(Exception, match="corrupt"):
+        store.load_checkpoint(damaged)
+    summary = resume(run_dir, console=False, learner_factory=FAKE)
+    events = read_jsonl(run_dir / "events.jsonl")
+    fallback = [e for e in events if e["event"] == "checkpoint_fallback"]
+    assert any(e["event"] == "checkpoint_corrupt" and e["checkpoint"] == damaged for e in events)
+    assert fallback and fallback[0]["checkpoint"] is not None and fallback[0]["checkpoint"] != damaged
+    assert summary["finished"] and summary["members"]["0"]["env_steps"] >= 2000
+    check_metrics_grow(run_dir, 2)
+
+
+def test_train_refuses_a_non_empty_run_dir(tmp_path):
+    run_dir = tmp_path / "x"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"is not empty; use `pbt-rl resume .*x` to continue it"):
+        train(fake_config(run_dir), console=False, learner_factory=FAKE)
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_unusable_run_dir_is_a_one_line_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirError, match="cannot create run directory"):
+        train(fake_config(blocker / "run"), console=False, learner_factory=FAKE)
+    with pytest.raises(RunDirError, match="not a pbt-rl run directory"):
+        resume(tmp_path, console=False)
+
+    # A full disk at resume: the error is one line and the earlier files are untouched.
+    run_dir = tmp_path / "run"
+    train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
+                      run={"total_env_steps": 800}), console=False, learner_factory=FAKE)
+    snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    real_write = os.write
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    monkeypatch.setattr("pbt_rl.runtime.store.os.write", disk_full)
+    import builtins
+
+    real_open = builtins.open
+
+    def open_full(file, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    with pytest.raises(RunDirError, match="No space left on device"):
+        resume(run_dir, console=False, learner_factory=FAKE)
+    monkeypatch.undo()
+    assert os.write is real_write
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == snapshot
+
+
+def test_real_a2c_population_exploits_on_cartpole(tmp_path):
+    """The same checks with the real learners and envs (tiny budget)."""
+    config = fake_config(tmp_path / "run", pbt={"population_size": 3, "ready_after_steps": 2000, "truncation_fraction": 0.34},
+                         run={"total_env_steps": 8000, "checkpoint_keep": 100})
+    summary = train(config, console=False)
+    rows = check_lineage_consistent(tmp_path / "run", 3)
+    assert summary["finished"] and rows
+    store = RunStore(tmp_path / "run")
+    for row in rows:
+        assert row["weights_sha256"] == weights_sha256(store.load_checkpoint(row["donor_checkpoint"])["learner"])
+        assert {k: row["applied_hyperparameters"][k] for k in row["new_hyperparameters"]} == row["new_hyperparameters"]
+    check_metrics_grow(tmp_path / "run", 3)
