@@ -51,8 +51,9 @@ class RunningMeanStd:
         total = self.count + batch_count
         delta = batch_mean - self.mean
         sum_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.mean = self.mean + delta * batch_count / total
-        self.var = sum_squares / total
+        # np.asarray keeps 0-d statistics (shape ()) arrays rather than numpy scalars.
+        self.mean = np.asarray(self.mean + delta * batch_count / total, dtype=np.float64)
+        self.var = np.asarray(sum_squares / total, dtype=np.float64)
         self.count = total
 
     @property

@@ -342,6 +342,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         )
     if env.async_batch_size > env.num_envs:
         raise ConfigError(f"env.async_batch_size: {env.async_batch_size} must be <= env.num_envs ({env.num_envs})")
+    if agent.algo == "a2c" and env.async_batch_size:
+        raise ConfigError(
+            "env.async_batch_size: A2C steps all envs synchronously; set env.async_batch_size=0 or agent.algo=impala"
+        )
     if not agent.hidden_sizes or any(h < 1 for h in agent.hidden_sizes):
         raise ConfigError(f"agent.hidden_sizes: expected a non-empty list of positive integers, got {list(agent.hidden_sizes)}")
     if agent.device not in ("auto", "cpu", "cuda") and not agent.device.startswith("cuda:"):

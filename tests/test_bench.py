@@ -35,6 +35,7 @@ def test_population_rate_needs_a_window(tmp_path):
 def test_raw_envpool_counts_env_steps_at_the_population_size():
     config = from_dict({
         "env": {"id": "CartPole-v1", "num_envs": 4, "async_batch_size": 2},
+        "agent": {"algo": "impala"},
         "pbt": {"population_size": 2, "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}},
         "run": {"total_threads": 2},
     })

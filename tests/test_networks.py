@@ -180,3 +180,17 @@ def test_running_mean_std_state_dict_round_trip_through_torch_save():
     assert not np.array_equal(state["mean"].numpy(), stats.mean)
     with pytest.raises(ValueError, match="shape"):
         RunningMeanStd(shape=(3,)).load_state_dict(state)
+
+
+def test_scalar_running_mean_std_round_trips():
+    # Shape () is what return scaling uses; its statistics must stay arrays through updates.
+    from pbt_rl.agents.normalizer import RunningMeanStd
+
+    stats = RunningMeanStd(())
+    stats.update(np.arange(5.0))
+    stats.update(np.array([10.0, 20.0]))
+    restored = RunningMeanStd(())
+    restored.load_state_dict(stats.state_dict())
+    data = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 10.0, 20.0])
+    assert float(restored.mean) == pytest.approx(data.mean())
+    assert float(restored.var) == pytest.approx(data.var())
