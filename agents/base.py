@@ -343,6 +343,12 @@ class Learner:
             # The runtime gives each member a share of the cores; torch must not take them from
             # the env threads. On CUDA torch's CPU threads only launch kernels: one is enough.
             torch.set_num_threads(max(1, int(num_threads)) if self.device.type == "cpu" else 1)
+        if self.device.type == "cuda":
+            # Fixed input shapes: let cuDNN pick its fastest conv algorithms; TF32 matmuls and
+            # convs are ample precision for policy-gradient training and much faster on Ampere+.
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
 

@@ -15,7 +15,6 @@ Units: env steps per second summed over all envs (Atari: x4 for frames per secon
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +48,9 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     total_envs = config.pbt.population_size * config.env.num_envs
     is_async = config.env.async_batch_size > 0
     batch_size = total_envs * config.env.async_batch_size // config.env.num_envs if is_async else total_envs
-    threads = population_threads(config)
+    # The same cores the population has: run.total_threads or the core count (members may
+    # oversubscribe envpool threads; raw stepping is measured at one thread per core).
+    threads = min(population_threads(config), os.cpu_count() or 1)
     pool = envpool.make(
         config.env.id,
         env_type="gymnasium",
@@ -163,11 +164,13 @@ class _MachineSampler:
         }
 
 
-def population_rate_from_metrics(run_dir: Path, window_start: float) -> dict[str, Any]:
-    """Population env steps/s over [window_start, end], from every member's metrics.jsonl.
+def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[str, Any]:
+    """Population env steps/s from every member's metrics.jsonl, after a warm-up.
 
-    Each member's env-step count is interpolated linearly in wall time, so members that report
-    at different moments are compared over the same window.
+    The window starts ``warmup_seconds`` after the last member's first report (process start-up,
+    CUDA initialisation and the first updates stay out of it) and ends at the earliest last
+    report. Each member's env-step count is interpolated linearly in wall time, so members that
+    report at different moments are compared over the same window.
     """
     series = []
     for path in sorted((run_dir / "members").glob("*/metrics.jsonl")):
@@ -177,7 +180,7 @@ def population_rate_from_metrics(run_dir: Path, window_start: float) -> dict[str
             series.append(np.array(points, dtype=np.float64))
     if not series:
         raise RuntimeError(f"no member reported progress twice in {run_dir}; run the benchmark longer")
-    start = max(window_start, max(s[0, 0] for s in series))
+    start = max(s[0, 0] for s in series) + warmup_seconds
     end = min(s[-1, 0] for s in series)
     if end <= start:
         raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
@@ -191,14 +194,16 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
 
     warmup = warmup_seconds if warmup_seconds is not None else min(30.0, max(5.0, seconds / 3))
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
+    # Members need a while to start (processes, torch, CUDA); the window begins after that.
+    startup_allowance = 30.0
     with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
         raw_cfg = to_dict(config)
-        raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=warmup + seconds, total_env_steps=10**12)
+        raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds, total_env_steps=10**12)
         raw_cfg["logging"].update(report=False, wandb="disabled")
         bench_config = from_dict(raw_cfg)
         with _MachineSampler() as sampler:
             train(bench_config, console=False)
-        population = population_rate_from_metrics(bench_config.run_dir, window_start=warmup)
+        population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
         lineage = bench_config.run_dir / "lineage.jsonl"
         exploits = len(lineage.read_text().splitlines()) if lineage.exists() else 0
     return {
@@ -210,7 +215,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         "population": population,
         "ratio": population["env_steps_per_second"] / raw["env_steps_per_second"],
         "exploits": exploits,
-        "machine": {**sampler.summary(skip_first=int(warmup)), "cpu_count": os.cpu_count()},
+        "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()},
     }
 
 
@@ -234,4 +239,3 @@ def format_population_bench(result: dict[str, Any]) -> str:
 
 
 __all__ = ["bench_population", "bench_raw_envpool", "format_population_bench", "population_rate_from_metrics"]
-_ = dataclasses  # dataclasses kept for callers that replace configs

@@ -20,8 +20,9 @@ def test_population_rate_interpolates_members_over_one_window(tmp_path):
     # Member 0 runs at 100 steps/s, member 1 at 300 steps/s, reporting at different moments.
     write_metrics(tmp_path, 0, [(0.0, 0), (4.0, 400), (10.0, 1000)])
     write_metrics(tmp_path, 1, [(1.0, 300), (7.0, 2100), (9.0, 2700)])
-    rate = population_rate_from_metrics(tmp_path, window_start=2.0)
-    assert rate["window_seconds"] == pytest.approx(7.0)  # from 2 s to the earliest last report (9 s)
+    rate = population_rate_from_metrics(tmp_path, warmup_seconds=1.0)
+    # From 1 s after the last first report (1 s) to the earliest last report (9 s).
+    assert rate["window_seconds"] == pytest.approx(7.0)
     assert rate["env_steps_per_second"] == pytest.approx(400.0)
     assert rate["members"] == 2
 
@@ -29,7 +30,7 @@ def test_population_rate_interpolates_members_over_one_window(tmp_path):
 def test_population_rate_needs_a_window(tmp_path):
     write_metrics(tmp_path, 0, [(0.0, 0), (1.0, 100)])
     with pytest.raises(RuntimeError, match="window is empty"):
-        population_rate_from_metrics(tmp_path, window_start=5.0)
+        population_rate_from_metrics(tmp_path, warmup_seconds=5.0)
 
 
 def test_raw_envpool_counts_env_steps_at_the_population_size():

@@ -38,7 +38,11 @@ def test_quickstart_solves_cartpole_with_exploits_within_five_minutes(tmp_path):
     start = time.monotonic()
     summary = train(config, console=False)
     seconds = time.monotonic() - start
-    assert seconds < 300
-    assert summary["finished"]
-    assert summary["best_score"] >= 475, summary
-    assert len(read_jsonl(tmp_path / "run" / "lineage.jsonl")) >= 1
+    # The three promises, for the config as shipped (seed 0): within 5 minutes of wall
+    # time, a best member whose fitness (mean of its last pbt.fitness_window returns) is >= 475,
+    # and at least one exploit recorded in lineage.jsonl.
+    assert summary["finished"], summary
+    assert seconds <= 300, f"took {seconds:.0f} s"
+    assert summary["best_score"] is not None and summary["best_score"] >= 475, summary
+    lineage = read_jsonl(tmp_path / "run" / "lineage.jsonl")
+    assert len(lineage) >= 1 and summary["exploits"] == len(lineage), summary
