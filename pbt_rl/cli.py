@@ -110,6 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     target = args.target
+    if not args.seconds > 0:
+        raise ConfigError(f"--seconds: must be > 0, got {args.seconds}")
     if target == "agent":
         from pbt_rl.agents.bench import bench_agent, format_bench
 

@@ -109,3 +109,9 @@ def test_config_prints_resolved_yaml(tmp_path):
     result = run_cli("config", "exp.yaml", "agent.lr=0.001", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "lr: 0.001" in result.stdout
+
+
+def test_bench_rejects_a_non_positive_window(tmp_path):
+    (tmp_path / "exp.yaml").write_text("env: {id: CartPole-v1}\n")
+    result = run_cli("bench", "agent", "exp.yaml", "--seconds", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--seconds: must be > 0")
