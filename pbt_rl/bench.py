@@ -28,11 +28,7 @@ from typing import Any
 import numpy as np
 
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
-
-
-def population_threads(config: ExperimentConfig) -> int:
-    """Env threads the whole population uses (the runtime splits them among members)."""
-    return config.run.total_threads or os.cpu_count() or 1
+from pbt_rl.runtime.resources import machine_threads
 
 
 def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: float = 3.0) -> dict[str, Any]:
@@ -50,7 +46,7 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     batch_size = total_envs * config.env.async_batch_size // config.env.num_envs if is_async else total_envs
     # The same cores the population has: run.total_threads or the core count (members may
     # oversubscribe envpool threads; raw stepping is measured at one thread per core).
-    threads = min(population_threads(config), os.cpu_count() or 1)
+    threads = min(machine_threads(config.run.total_threads), os.cpu_count() or 1)
     pool = envpool.make(
         config.env.id,
         env_type="gymnasium",

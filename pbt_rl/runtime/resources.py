@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 
+def machine_threads(total_threads: int = 0) -> int:
+    """Env threads the whole population may use: ``run.total_threads``, or the core count."""
+    return total_threads if total_threads > 0 else (os.cpu_count() or 1)
+
+
 def threads_per_member(population_size: int, total_threads: int = 0, env_threads: int = 0) -> int:
     """Env worker threads for one member: ``env.num_threads`` when set, else the machine's
     threads (``run.total_threads`` or the core count) divided among members, at least 1.
@@ -14,8 +19,7 @@ def threads_per_member(population_size: int, total_threads: int = 0, env_threads
     """
     if env_threads > 0:
         return env_threads
-    total = total_threads if total_threads > 0 else (os.cpu_count() or 1)
-    return max(1, total // max(1, population_size))
+    return max(1, machine_threads(total_threads) // max(1, population_size))
 
 
 def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_device_count: int) -> str:
