@@ -5,6 +5,13 @@ policy, then take one gradient step on the ``[T, num_envs]`` batch with λ-retur
 (``td_lambda = 1`` gives the n-step returns of the paper). Terminations stop the return,
 truncations bootstrap from the value of the cut episode's last observation, and auto-reset
 steps are left out of the loss (see :mod:`pbt_rl.agents.returns`).
+
+Double buffering (``env.async_batch_size`` = ``num_envs / G``): the envs form ``G`` fixed groups,
+stepped in turn; the policy acts on group ``g`` while the groups sent before it step on the env
+threads, so env threads do not wait for inference and inference does not wait for them (Sample
+Factory's double-buffered sampling). Every env still takes its ``T`` steps with the same weights
+and the update sees the same ``[T, num_envs]`` batch: the algorithm is unchanged, only the
+order of the work is.
 """
 
 from __future__ import annotations
@@ -16,30 +23,27 @@ from torch import Tensor
 
 from pbt_rl.agents.base import CallStats, Learner, TrainReport, Unroll
 from pbt_rl.agents.returns import lambda_returns
-from pbt_rl.config import ConfigError, ExperimentConfig
+from pbt_rl.config import ExperimentConfig
+from pbt_rl.envs.factory import StepBatch
 
 
 class A2CLearner(Learner):
-    """Synchronous advantage actor-critic on one batched env (``env.async_batch_size`` must be 0)."""
+    """Synchronous advantage actor-critic; with ``env.async_batch_size`` its envs step in fixed groups."""
 
     algo = "a2c"
 
     def __init__(self, config: ExperimentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
-        if config.env.async_batch_size:
-            raise ConfigError(
-                f"env.async_batch_size: {config.env.async_batch_size} needs agent.algo=impala; "
-                f"a2c steps all envs together (set env.async_batch_size=0)"
-            )
-        super().__init__(config, seed, device, num_threads)
-        self._obs: np.ndarray | None = None  # [num_envs, ...] prepared observation to act on next
+        super().__init__(config, seed, device, num_threads, fixed_env_groups=True)
+        self._obs: np.ndarray | None = None  # [num_envs, ...] prepared observations to act on next
         self._unroll: Unroll | None = None  # reused rollout buffer, reallocated when T changes
+        self._in_flight: list[object] = []  # sync env: the step results not yet "received"
 
     def train(self, until_env_steps: int) -> TrainReport:
         """Collect unrolls and update until ``env_steps >= until_env_steps``."""
         stats = CallStats(self.env_steps)
         if self._obs is None:
-            self._obs = self._prepare_obs(self.env.reset().obs, update_statistics=True)
+            self._obs = self._reset_all(stats)
         while self.env_steps < until_env_steps:
             started = time.perf_counter()
             unroll = self._collect(stats)
@@ -48,6 +52,39 @@ class A2CLearner(Learner):
             stats.act_seconds += acted - started
             stats.update_seconds += time.perf_counter() - acted
         return stats.report(self.env_steps, self.updates, unroll_length=self.agent_cfg.unroll_length)
+
+    # -- stepping groups of envs -------------------------------------------------------------
+
+    def _send(self, group: int, env_actions: np.ndarray, stats: CallStats) -> None:
+        """Start stepping ``group`` (a synchronous env has one group, stepped right here)."""
+        env = self.env
+        started = time.perf_counter()
+        if env.is_async:
+            size = env.batch_size
+            env.send(env_actions, np.arange(group * size, (group + 1) * size, dtype=np.int32))
+        else:
+            self._in_flight.append(env.step(env_actions))
+        stats.env_seconds += time.perf_counter() - started
+
+    def _recv(self, group: int, stats: CallStats) -> StepBatch:
+        """The step results of ``group``, which must be the oldest group in flight."""
+        started = time.perf_counter()
+        batch = self.env.recv() if self.env.is_async else self._in_flight.pop(0)
+        stats.env_seconds += time.perf_counter() - started
+        first = group * self.env.batch_size
+        if int(batch.env_ids[0]) != first:  # the grouped env returns groups in the order sent
+            raise RuntimeError(f"expected env group {group}, received envs from {int(batch.env_ids[0])}")
+        return batch
+
+    def _reset_all(self, stats: CallStats) -> np.ndarray:
+        """Reset every env; the prepared first observations ``[num_envs, ...]``."""
+        env = self.env
+        batches = [env.reset()]
+        while sum(b.batch_size for b in batches) < env.num_envs:
+            batches.append(self._recv(len(batches), stats))
+        return self._prepare_obs(np.concatenate([b.obs for b in batches]), update_statistics=True)
+
+    # -- collecting --------------------------------------------------------------------------
 
     def _buffer(self, actions: np.ndarray) -> Unroll:
         """The rollout buffer for the current ``unroll_length`` (allocated on first use / resize)."""
@@ -60,25 +97,40 @@ class A2CLearner(Learner):
         return unroll
 
     def _collect(self, stats: CallStats) -> Unroll:
-        """Step every env ``unroll_length`` times with the current policy: one ``[T, num_envs]`` unroll."""
-        unroll = None
+        """Step every env ``unroll_length`` times with the current policy: one ``[T, num_envs]`` unroll.
+
+        Group ``g``'s step ``t`` is received (and its next action chosen) only after every other
+        group's step ``t`` was sent, so up to ``G - 1`` groups step while the policy acts.
+        """
+        env = self.env
+        size = env.batch_size
+        groups = env.num_envs // size
         length = self.agent_cfg.unroll_length
-        for t in range(length):
-            actions, env_actions, log_probs = self._policy_step(self.model, self._obs)
-            if unroll is None:
-                unroll = self._buffer(actions)
-            unroll.obs[t] = self._obs
-            batch = self.env.step(env_actions)
-            unroll.actions[t] = actions
-            unroll.behaviour_log_probs[t] = log_probs
-            unroll.rewards[t] = self._scale_rewards(batch)
-            unroll.terminated[t] = batch.terminated
-            unroll.truncated[t] = batch.truncated
-            unroll.valid[t] = ~batch.is_first
-            unroll.policy_updates[t] = self.updates
-            self._obs = self._prepare_obs(batch.obs, update_statistics=True)
-            self.env_steps += batch.batch_size
-            stats.add_episodes(batch.episode_returns, batch.episode_lengths)
+        unroll = None
+        for t in range(length + 1):
+            for group in range(groups):
+                cols = slice(group * size, (group + 1) * size)
+                if t > 0:
+                    batch = self._recv(group, stats)
+                    unroll.rewards[t - 1, cols] = self._scale_rewards(batch)
+                    unroll.terminated[t - 1, cols] = batch.terminated
+                    unroll.truncated[t - 1, cols] = batch.truncated
+                    unroll.valid[t - 1, cols] = ~batch.is_first
+                    self._obs[cols] = self._prepare_obs(batch.obs, update_statistics=True)
+                    self.env_steps += batch.batch_size
+                    stats.add_episodes(batch.episode_returns, batch.episode_lengths)
+                if t == length:
+                    continue
+                started = time.perf_counter()
+                actions, env_actions, log_probs = self._policy_step(self.model, self._obs[cols])
+                stats.inference_seconds += time.perf_counter() - started
+                if unroll is None:
+                    unroll = self._buffer(actions)
+                unroll.obs[t, cols] = self._obs[cols]
+                unroll.actions[t, cols] = actions
+                unroll.behaviour_log_probs[t, cols] = log_probs
+                unroll.policy_updates[t, cols] = self.updates
+                self._send(group, env_actions, stats)
         unroll.obs[length] = self._obs
         return unroll
 

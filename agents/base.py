@@ -42,7 +42,7 @@ class TrainReport:
     during it, the mean losses of its updates, its number of updates and its throughput (env steps
     taken in this call / wall seconds of this call). ``extra`` holds learner-specific numbers
     (``env_steps_in_call``, ``updates_total``, ``grad_norm``, ``act_seconds``,
-    ``update_seconds``, ``batch_shape`` ``[T, B]`` of the last update, ``wall_seconds``; IMPALA adds ``policy_lag`` and ``policy_lag_max``).
+    ``update_seconds``, ``env_seconds`` (acting blocked on the env), ``inference_seconds``, ``batch_shape`` ``[T, B]`` of the last update, ``wall_seconds``; IMPALA adds ``policy_lag`` and ``policy_lag_max``).
     """
 
     env_steps: int
@@ -329,7 +329,7 @@ class Learner:
     algo = "base"
 
     def __init__(self, config: ExperimentConfig, seed: int, device: str | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, fixed_env_groups: bool = False) -> None:
         from pbt_rl.agents.networks import build_actor_critic
         from pbt_rl.agents.normalizer import RunningMeanStd
         from pbt_rl.envs import make_env
@@ -339,7 +339,9 @@ class Learner:
         self.seed = int(seed)
         self.device = resolve_device(device if device is not None else config.agent.device)
         env_threads = config.env.num_threads or (num_threads or 0)
-        if num_threads:
+        if config.run.torch_threads:
+            torch.set_num_threads(config.run.torch_threads)
+        elif num_threads:
             # The runtime gives each member a share of the cores; torch must not take them from
             # the env threads. On CUDA torch's CPU threads only launch kernels: one is enough.
             torch.set_num_threads(max(1, int(num_threads)) if self.device.type == "cpu" else 1)
@@ -352,7 +354,8 @@ class Learner:
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
 
-        self.env = make_env(config.env, config.env.num_envs, self.seed, num_threads=env_threads)
+        self.env = make_env(config.env, config.env.num_envs, self.seed, num_threads=env_threads,
+                            fixed_groups=fixed_env_groups)
         self.model = build_actor_critic(self.env.observation_space, self.env.action_space, self.agent_cfg).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), self.agent_cfg)
         self.obs_normalizer = (
@@ -583,6 +586,8 @@ class CallStats:
         self.batch_shape: list[int] = []
         self.act_seconds = 0.0
         self.update_seconds = 0.0
+        self.env_seconds = 0.0  # acting blocked on the env (step / recv)
+        self.inference_seconds = 0.0  # acting in the policy (observations in, actions out)
 
     def add_episodes(self, returns: np.ndarray, lengths: np.ndarray) -> None:
         self.episode_returns.extend(float(r) for r in returns)
@@ -612,6 +617,8 @@ class CallStats:
                 "grad_norm": grad_norm,
                 "act_seconds": self.act_seconds,
                 "update_seconds": self.update_seconds,
+                "env_seconds": self.env_seconds,
+                "inference_seconds": self.inference_seconds,
                 "batch_shape": self.batch_shape,
                 "wall_seconds": seconds,
                 **extra,

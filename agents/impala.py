@@ -149,6 +149,8 @@ class ImpalaLearner(Learner):
         self._episode_returns: list[float] = []
         self._episode_lengths: list[int] = []
         self._actor_seconds = 0.0
+        self._actor_env_seconds = 0.0  # actor blocked on env step / recv
+        self._actor_inference_seconds = 0.0
         # Weights for the actor: a state dict of clones plus the update count that produced it.
         self._publish_lock = threading.Lock()
         self._published: tuple[dict[str, Tensor], int] | None = None
@@ -187,8 +189,9 @@ class ImpalaLearner(Learner):
             self._pause_actor()
             with self._cond:
                 self._take_episodes(stats)
-                stats.act_seconds = self._actor_seconds
-                self._actor_seconds = 0.0
+                stats.act_seconds, stats.env_seconds = self._actor_seconds, self._actor_env_seconds
+                stats.inference_seconds = self._actor_inference_seconds
+                self._actor_seconds = self._actor_env_seconds = self._actor_inference_seconds = 0.0
         self._raise_actor_error()
         return stats.report(
             self.env_steps,
@@ -323,8 +326,11 @@ class ImpalaLearner(Learner):
             if batch is None:
                 batch = env.reset()
                 obs = self._receive(trajectories, batch)
+            acting = time.perf_counter()
             actions, env_actions, log_probs = self._policy_step(self._actor_model, obs)
+            inferred = time.perf_counter()
             trajectories.sent(batch.env_ids, actions, log_probs, policy_updates)
+            stepping = time.perf_counter()
             if env.is_async:
                 env.send(env_actions, batch.env_ids)
                 self._env_steps += batch.batch_size
@@ -332,6 +338,7 @@ class ImpalaLearner(Learner):
             else:
                 self._env_steps += batch.batch_size
                 batch = env.step(env_actions)
+            stepped = time.perf_counter()
             obs = self._receive(trajectories, batch)
             unrolls = []
             while True:
@@ -343,6 +350,8 @@ class ImpalaLearner(Learner):
                 self._episode_returns.extend(batch.episode_returns.tolist())
                 self._episode_lengths.extend(batch.episode_lengths.tolist())
                 self._actor_seconds += time.perf_counter() - started
+                self._actor_env_seconds += stepped - stepping
+                self._actor_inference_seconds += inferred - acting
                 for unroll in unrolls:
                     while (len(self._queue) >= self._queue_bound() and self._actor_may_run
                            and not self._stop and version == self._policy_version):

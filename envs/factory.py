@@ -330,7 +330,7 @@ class EnvpoolBatchedEnv(BatchedEnv):
     """envpool backend (families ``atari``, ``mujoco``, ``classic``)."""
 
     def __init__(self, env_cfg: EnvConfig, family: str, num_envs: int, batch_size: int, is_async: bool,
-                 seed: int, num_threads: int) -> None:
+                 seed: int, num_threads: int, env_seeds: np.ndarray | None = None) -> None:
         import envpool
 
         self.envpool_options = envpool_options(env_cfg, family)
@@ -344,7 +344,7 @@ class EnvpoolBatchedEnv(BatchedEnv):
                 num_envs=num_envs,
                 batch_size=batch_size,
                 num_threads=num_threads,
-                seed=per_env_seeds(seed, num_envs).tolist(),
+                seed=(per_env_seeds(seed, num_envs) if env_seeds is None else np.asarray(env_seeds)).tolist(),
                 **self.envpool_options,
             )
             observation_space = self._pool.observation_space  # built lazily, hence inside the filter
@@ -401,6 +401,82 @@ class EnvpoolBatchedEnv(BatchedEnv):
 
     def _backend_close(self) -> None:
         self._pool.close()
+
+
+class EnvpoolGroupedEnv(BatchedEnv):
+    """envpool in fixed groups: ``num_envs / batch_size`` synchronous pools stepped in turn.
+
+    The asynchronous interface with a guarantee that envpool's own asynchronous mode does not
+    give: every ``recv`` returns one whole group (envs ``g * batch_size ... (g + 1) * batch_size -
+    1``), in the order the groups were sent. While the caller acts on one group the others step on
+    their pools' threads (double buffering with two groups), and a learner that needs every env
+    in lockstep (A2C) still gets ``T`` steps of every env from the same policy.
+    ``reset`` returns group 0; the other groups' first observations arrive through ``recv``.
+    """
+
+    def __init__(self, env_cfg: EnvConfig, family: str, num_envs: int, batch_size: int, seed: int,
+                 num_threads: int) -> None:
+        seeds = per_env_seeds(seed, num_envs)
+        num_groups = num_envs // batch_size
+        self._pools: list[EnvpoolBatchedEnv] = []
+        try:
+            for group in range(num_groups):
+                self._pools.append(EnvpoolBatchedEnv(
+                    env_cfg, family, batch_size, batch_size, False, seed, min(num_threads, batch_size) if num_threads else 0,
+                    env_seeds=seeds[group * batch_size:(group + 1) * batch_size],
+                ))
+        except BaseException:
+            self._close_pools()
+            raise
+        self.envpool_options = self._pools[0].envpool_options
+        self._sent: collections.deque[int] = collections.deque()  # groups in flight, oldest first
+        first = self._pools[0]
+        super().__init__(env_cfg.id, family, "envpool", num_envs, batch_size, True,
+                         first.observation_space, first.action_space)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "groups": len(self._pools), "envpool_options": dict(self.envpool_options)}
+
+    def _backend_reset(self) -> _BackendBatch:
+        for group in self._sent:  # collect whatever is still in flight before resetting
+            self._pools[group]._pool.recv()
+        self._sent.clear()
+        for group, pool in enumerate(self._pools):
+            pool._pool.async_reset()
+            self._sent.append(group)
+        return self._backend_recv()
+
+    def _backend_step(self, actions: np.ndarray) -> _BackendBatch:
+        raise RuntimeError("a grouped env is stepped with send() and recv()")
+
+    def _backend_send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
+        group = int(env_ids[0]) // self.batch_size
+        first = group * self.batch_size
+        if not np.array_equal(env_ids, np.arange(first, first + self.batch_size)):
+            raise ValueError(
+                f"env_ids {env_ids.tolist()} must be exactly those of one received batch "
+                f"(this env steps fixed groups of {self.batch_size})"
+            )
+        if group in self._sent:
+            raise RuntimeError(f"envs {env_ids.tolist()} were sent again before their result was received")
+        pool = self._pools[group]
+        pool._pool.send(actions, env_ids - first)
+        self._sent.append(group)
+
+    def _backend_recv(self) -> _BackendBatch:
+        if not self._sent:
+            raise RuntimeError("recv() with no envs in flight: send() actions for a received batch first")
+        group = self._sent.popleft()
+        batch = self._pools[group]._backend_recv()
+        batch.env_ids = batch.env_ids + group * self.batch_size
+        return batch
+
+    def _close_pools(self) -> None:
+        for pool in self._pools:
+            pool.close()
+
+    def _backend_close(self) -> None:
+        self._close_pools()
 
 
 class GymnasiumBatchedEnv(BatchedEnv):
@@ -523,7 +599,8 @@ class GymnasiumBatchedEnv(BatchedEnv):
         self._close_groups()
 
 
-def make_env(env_cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 0) -> BatchedEnv:
+def make_env(env_cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 0,
+             fixed_groups: bool = False) -> BatchedEnv:
     """Build ``num_envs`` copies of ``env_cfg.id``.
 
     Args:
@@ -534,6 +611,10 @@ def make_env(env_cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 0)
         seed: the member's env seed (>= 0); each env gets an independent seed derived from it,
             so the same seed and the same actions give the same observations.
         num_threads: envpool worker threads; 0 lets envpool choose. Ignored by Gymnasium envs.
+            With ``fixed_groups`` every group's pool gets this many (at most its group size).
+        fixed_groups: asynchronous envs return whole fixed groups of ``async_batch_size`` envs in
+            the order they were sent (:class:`EnvpoolGroupedEnv`), instead of whichever envs are
+            ready first. Gymnasium envs always behave this way.
 
     Returns:
         A :class:`BatchedEnv`; asynchronous when ``env_cfg.async_batch_size`` > 0.
@@ -552,6 +633,8 @@ def make_env(env_cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 0)
         raise ConfigError(f"env.async_batch_size: {batch_size} must divide env.num_envs ({num_envs})")
     if family == GYMNASIUM:
         return GymnasiumBatchedEnv(env_cfg, num_envs, batch_size, is_async, seed)
+    if is_async and fixed_groups:
+        return EnvpoolGroupedEnv(env_cfg, family, num_envs, batch_size, seed, num_threads)
     return EnvpoolBatchedEnv(env_cfg, family, num_envs, batch_size, is_async, seed, num_threads)
 
 
@@ -559,6 +642,7 @@ __all__ = [
     "ATARI_TRUNCATION_FRAMES",
     "BatchedEnv",
     "EnvpoolBatchedEnv",
+    "EnvpoolGroupedEnv",
     "GymnasiumBatchedEnv",
     "StepBatch",
     "atari_max_episode_steps",

@@ -169,8 +169,10 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
     report at different moments are compared over the same window.
     """
     series = []
+    all_rows = []
     for path in sorted((run_dir / "members").glob("*/metrics.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        all_rows.extend(rows)
         points = sorted((row["wall_seconds"], row["env_steps"]) for row in rows)
         if len(points) >= 2:
             series.append(np.array(points, dtype=np.float64))
@@ -181,7 +183,21 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
     if end <= start:
         raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
     steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
-    return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series)}
+    return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series),
+            "time_fractions": time_fractions(row for row in all_rows if start < row["wall_seconds"] <= end)}
+
+
+def time_fractions(rows: Any) -> dict[str, float] | None:
+    """Where the members' training time went, summed over metrics rows: each ``timing_seconds``
+    part as a fraction of their ``wall`` seconds (None when the rows carry no timing)."""
+    totals: dict[str, float] = {}
+    for row in rows:
+        for key, value in (row.get("timing_seconds") or {}).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    wall = totals.pop("wall", 0.0)
+    if wall <= 0:
+        return None
+    return {key: value / wall for key, value in totals.items()}
 
 
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None) -> dict[str, Any]:
@@ -229,9 +245,21 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s",
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
+        *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         "json: " + json.dumps(result, default=float),
     ])
+
+
+def _format_fractions(algo: str, fractions: dict[str, float]) -> str:
+    """One line: where a member's time goes, as percentages of its wall time in training."""
+    pct = {key: 100 * value for key, value in fractions.items()}
+    acting = (f"acting {pct.get('act', 0):.0f}% (env wait {pct.get('env', 0):.0f}%, "
+              f"inference {pct.get('inference', 0):.0f}%)")
+    if algo == "impala":  # actor and learner are parallel threads: fractions of the same wall time
+        return f"member time: actor thread {acting}; learner thread updating {pct.get('update', 0):.0f}%"
+    other = max(0.0, 100 - pct.get("act", 0) - pct.get("update", 0))
+    return f"member time: {acting}, updating {pct.get('update', 0):.0f}%, other {other:.0f}%"
 
 
 __all__ = ["bench_population", "bench_raw_envpool", "format_population_bench", "population_rate_from_metrics"]

@@ -46,7 +46,7 @@ class EnvConfig:
     id: str = _f("CartPole-v1", "Env id: an envpool id (Pong-v5, HalfCheetah-v5, CartPole-v1, ...) or any Gymnasium id.")
     num_envs: int = _f(8, "Envs stepped together by one member.", min=1)
     num_threads: int = _f(0, "envpool worker threads per member; 0 = share the machine's cores among members.", min=0)
-    async_batch_size: int = _f(0, "0 = synchronous stepping; >0 = envpool send/recv returning this many envs per recv (must divide num_envs).", min=0)
+    async_batch_size: int = _f(0, "0 = synchronous stepping; >0 = send/recv batches of this many envs (must divide num_envs): IMPALA takes whichever envs are ready, A2C steps fixed groups in turn.", min=0)
     episodic_life: bool = _f(False, "Atari: a life loss ends the learning episode (the reported game score still spans all lives).")
     reward_clip: bool = _f(True, "Atari: learn from sign(reward); the reported episodic return is always the raw score.")
     repeat_action_probability: float = _f(0.25, "Atari: sticky-action probability (Machado et al. 2018 protocol: 0.25).", min=0.0, max=1.0)
@@ -140,6 +140,7 @@ class RunConfig:
     backend: str = _f("local", "Where members run: 'local' (processes on this machine).", choices=("local",))
     members_per_gpu: int = _f(0, "Members sharing one GPU; 0 = all members on one GPU.", min=0)
     total_threads: int = _f(0, "CPU threads for env stepping across the population; 0 = all cores.", min=0)
+    torch_threads: int = _f(0, "torch intra-op threads per member; 0 = 1 on GPU, the member's share of env threads on CPU.", min=0)
 
 
 @dataclass(frozen=True)
@@ -342,10 +343,6 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         )
     if env.async_batch_size > env.num_envs:
         raise ConfigError(f"env.async_batch_size: {env.async_batch_size} must be <= env.num_envs ({env.num_envs})")
-    if agent.algo == "a2c" and env.async_batch_size:
-        raise ConfigError(
-            "env.async_batch_size: A2C steps all envs synchronously; set env.async_batch_size=0 or agent.algo=impala"
-        )
     if not agent.hidden_sizes or any(h < 1 for h in agent.hidden_sizes):
         raise ConfigError(f"agent.hidden_sizes: expected a non-empty list of positive integers, got {list(agent.hidden_sizes)}")
     if agent.device not in ("auto", "cpu", "cuda") and not agent.device.startswith("cuda:"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pbt_rl.bench import bench_raw_envpool, population_rate_from_metrics
+from pbt_rl.bench import _format_fractions, bench_raw_envpool, population_rate_from_metrics, time_fractions
 from pbt_rl.config import from_dict
 
 
@@ -25,6 +25,27 @@ def test_population_rate_interpolates_members_over_one_window(tmp_path):
     assert rate["window_seconds"] == pytest.approx(7.0)
     assert rate["env_steps_per_second"] == pytest.approx(400.0)
     assert rate["members"] == 2
+
+
+def test_time_fractions_sum_timing_over_rows_in_the_window(tmp_path):
+    rows = [
+        {"wall_seconds": 2.0, "env_steps": 100, "timing_seconds": {"wall": 2.0, "act": 1.0, "env": 0.6, "inference": 0.3, "update": 1.0}},
+        {"wall_seconds": 4.0, "env_steps": 200, "timing_seconds": {"wall": 2.0, "act": 1.4, "env": 1.0, "inference": 0.3, "update": 0.4}},
+        {"wall_seconds": 6.0, "env_steps": 300, "timing_seconds": {"wall": 100.0, "act": 0.0, "env": 0.0, "inference": 0.0, "update": 0.0}},
+    ]
+    path = tmp_path / "members" / "0" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_metrics(tmp_path, 1, [(0.0, 0), (4.0, 400)])
+    # Window: 1 s after the last first report (2 s) to the earliest last report (4 s): only the
+    # second row of member 0 lies inside it.
+    fractions = population_rate_from_metrics(tmp_path, warmup_seconds=1.0)["time_fractions"]
+    assert fractions == pytest.approx({"act": 0.7, "env": 0.5, "inference": 0.15, "update": 0.2})
+    assert time_fractions(rows[:2]) == pytest.approx({"act": 0.6, "env": 0.4, "inference": 0.15, "update": 0.35})
+    assert time_fractions([{"wall_seconds": 1.0}]) is None
+    line = _format_fractions("a2c", time_fractions(rows[:2]))
+    assert line == "member time: acting 60% (env wait 40%, inference 15%), updating 35%, other 5%"
+    assert _format_fractions("impala", time_fractions(rows[:2])).endswith("learner thread updating 35%")
 
 
 def test_population_rate_needs_a_window(tmp_path):

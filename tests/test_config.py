@@ -87,7 +87,6 @@ def test_overrides_do_not_mutate_the_input():
         ({"env": {"episodic_life": "yes please"}}, "env.episodic_life: expected true or false"),
         ({"env": {"num_envs": 0}}, "env.num_envs: 0 is out of range; must be >= 1"),
         ({"env": {"num_envs": 8, "async_batch_size": 3}}, "env.async_batch_size: 3 must divide env.num_envs (8)"),
-        ({"env": {"num_envs": 8, "async_batch_size": 4}}, "env.async_batch_size: A2C steps all envs synchronously"),
         ({"agent": {"gamma": 1.5}}, "agent.gamma: 1.5 is out of range; must be <= 1.0"),
         ({"agent": {"device": "tpu"}}, "agent.device: 'tpu' is not allowed"),
         ({"agent": "fast"}, "agent: expected a mapping"),

@@ -159,6 +159,39 @@ def test_async_send_recv_returns_batch_size_envs(env_id):
             env.step(random_actions(env, rng, num_envs))
 
 
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Hopper-v5"])
+def test_fixed_groups_step_like_one_synchronous_env(env_id):
+    """Grouped envpool: whole groups come back in the order sent, and env e sees exactly what
+    env e of one synchronous env with the same seed sees under the same actions."""
+    num_envs, batch_size = 6, 2
+    sync_cfg = EnvConfig(id=env_id, num_envs=num_envs)
+    grouped_cfg = EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=batch_size)
+    rng = np.random.default_rng(3)
+    with make_env(sync_cfg, num_envs, seed=5) as sync, make_env(grouped_cfg, num_envs, seed=5, fixed_groups=True) as grouped:
+        assert grouped.is_async and grouped.batch_size == batch_size and grouped.describe()["groups"] == 3
+        reference = sync.reset()
+        batches = [grouped.reset()] + [grouped.recv() for _ in range(2)]
+        for step in range(60):  # CartPole episodes end within 60 random steps: resets included
+            for group, batch in enumerate(batches):
+                assert batch.env_ids.tolist() == list(range(group * batch_size, (group + 1) * batch_size))
+                rows = slice(group * batch_size, (group + 1) * batch_size)
+                np.testing.assert_array_equal(batch.obs, reference.obs[rows])
+                if step:
+                    for name in ("reward", "terminated", "truncated", "is_first"):
+                        np.testing.assert_array_equal(getattr(batch, name), getattr(reference, name)[rows], err_msg=name)
+            actions = random_actions(sync, rng, num_envs)
+            for group in range(3):  # send all, then receive all: the groups step concurrently
+                rows = slice(group * batch_size, (group + 1) * batch_size)
+                grouped.send(actions[rows], batches[group].env_ids)
+            batches = [grouped.recv() for _ in range(3)]
+            reference = sync.step(actions)
+        with pytest.raises(ValueError, match="one received batch"):
+            grouped.send(actions[:2], np.array([1, 2]))
+        grouped.send(actions[:2], np.array([0, 1]))
+        with pytest.raises(RuntimeError, match="sent again"):
+            grouped.send(actions[:2], np.array([0, 1]))
+
+
 @pytest.mark.parametrize("env_id", ["CartPole-v1", GYMNASIUM_ONLY_ID])
 def test_truncation_then_reset_step_and_episode_statistics(env_id):
     """max_episode_steps=5: step 5 truncates, step 6 is the reset step, the episode is 5 steps long."""

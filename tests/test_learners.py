@@ -128,9 +128,33 @@ def test_atari_smoke_uint8_frames_and_batch_shapes(learners, algo, network):
     assert learner.obs_normalizer is None
 
 
-def test_a2c_refuses_asynchronous_envs():
-    with pytest.raises(ConfigError, match="async_batch_size"):
-        make_learner(make_config("a2c", num_envs=4, async_batch_size=2), 0)
+def greedy_policy(learner) -> None:
+    """Replace sampling by a fixed function of the observation (same for any batching)."""
+    def policy_step(model, obs, deterministic=False):
+        actions = (np.asarray(obs)[:, 2] > 0).astype(np.int64)  # push towards the pole's lean
+        return actions, actions, np.full(len(actions), -0.5, dtype=np.float32)
+
+    learner._policy_step = policy_step
+
+
+def test_a2c_double_buffering_collects_the_same_unrolls_as_synchronous_stepping(learners):
+    """Fixed env groups change only the order of the work: the [T, B] batches are identical."""
+    sync = learners(make_config("a2c", num_envs=6, unroll_length=7))
+    grouped = learners(make_config("a2c", num_envs=6, async_batch_size=2, unroll_length=7))
+    assert grouped.env.is_async and grouped.env.batch_size == 2
+    unrolls = []
+    for learner in (sync, grouped):
+        greedy_policy(learner)
+        seen = record_updates(learner)
+        report = learner.train(6 * 7 * 5)
+        assert report.extra["env_seconds"] > 0 and report.extra["inference_seconds"] > 0
+        unrolls.append(seen)
+    assert len(unrolls[0]) == len(unrolls[1]) == 5
+    assert any((~u.valid).any() for u in unrolls[0])  # episodes ended and auto-reset inside the unrolls
+    for a, b in zip(*unrolls):
+        for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert sync.env_steps == grouped.env_steps == 6 * 7 * 5
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -170,7 +170,10 @@ def test_resources_split_threads_and_place_members():
 
 def test_exploit_copies_donor_weights_then_sets_explored_hyperparameters(tmp_path, monkeypatch):
     monkeypatch.setenv("PBT_RL_TEST_SLEEP", "0.002")
-    config = fake_config(tmp_path / "run", run={"checkpoint_keep": 1000})
+    # Synchronous generations: every ready point compares all members, so exploits happen however
+    # unevenly the member processes start on a loaded machine (async could finish one member
+    # before another has been scored).
+    config = fake_config(tmp_path / "run", run={"checkpoint_keep": 1000}, pbt={"mode": "sync"})
     summary = train(config, console=False, learner_factory=FAKE)
     run_dir = tmp_path / "run"
     rows = check_lineage_consistent(run_dir, 4)

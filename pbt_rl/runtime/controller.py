@@ -405,6 +405,8 @@ class Controller:
                "episode_returns": list(payload["episode_returns"]), "episode_lengths": list(payload["episode_lengths"]),
                "losses": payload.get("losses", {}), "env_steps_per_second": record.env_steps_per_second,
                "hyperparameters": record.hyperparameters, "generation": record.generation}
+        if "timing_seconds" in payload:
+            row["timing_seconds"] = payload["timing_seconds"]
         self.store.append(self.store.metrics_path(record.member_id), row)
         for logger in self.loggers:
             self._call_logger(logger, "log_progress", row)

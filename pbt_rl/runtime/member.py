@@ -134,6 +134,12 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+TIMING_KEYS = ("wall", "act", "env", "inference", "update")
+"""Where a member's training time went (seconds): wall time in ``train`` calls; acting (the
+actor thread's busy time for IMPALA), of it blocked on the env and in policy inference; and
+gradient updates. IMPALA acts and updates in parallel threads, A2C in turn."""
+
+
 class _Accumulator:
     """Episode returns and losses gathered since the last message to the controller."""
 
@@ -143,6 +149,7 @@ class _Accumulator:
         self.losses: dict[str, float] = {}
         self.steps = 0
         self.seconds = 0.0
+        self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
 
     def add(self, report: Any, steps: int, seconds: float) -> None:
         self.returns.extend(float(r) for r in report.episode_returns)
@@ -150,10 +157,14 @@ class _Accumulator:
         self.losses = {k: float(v) for k, v in report.losses.items()} or self.losses
         self.steps += steps
         self.seconds += seconds
+        self.timing["wall"] += seconds
+        for key in TIMING_KEYS[1:]:
+            self.timing[key] += float(report.extra.get(f"{key}_seconds", 0.0))
 
     def take(self) -> dict:
         out = {"episode_returns": self.returns, "episode_lengths": self.lengths, "losses": self.losses,
-               "env_steps_per_second": self.steps / self.seconds if self.seconds > 0 else 0.0}
+               "env_steps_per_second": self.steps / self.seconds if self.seconds > 0 else 0.0,
+               "timing_seconds": self.timing}
         self.__init__()
         return out
 
