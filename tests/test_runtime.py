@@ -53,6 +53,7 @@ class FakeLearner:
 
     def __init__(self, config, seed, device=None, num_threads=0):
         self.member_id = None
+        self.run_dir = config.run_dir
         self.seed = seed
         self.env_steps = 0
         self.hp = {name: getattr(config.agent, name) for name in tunable_agent_fields()}
@@ -78,12 +79,19 @@ class FakeLearner:
             return
         member, steps, marker, *kind = spec.split(":")
         if self.seed == int(member) and self.env_steps >= int(steps) and not Path(marker).exists():
+            if kind == ["diverge"] and not self._a_peer_has_a_checkpoint():
+                return  # a reseed needs a donor: diverge once one exists (processes start unevenly)
             Path(marker).write_text("crashed")
             if kind == ["diverge"]:
                 from pbt_rl.agents.base import TrainingDiverged
 
                 raise TrainingDiverged("injected non-finite loss")
             raise RuntimeError("injected env error")
+
+    def _a_peer_has_a_checkpoint(self):
+        # Two peer checkpoint files: the first one's "ready" message has surely been sent by then.
+        return sum(path.parts[-3] != str(self.seed)
+                   for path in Path(self.run_dir).glob("members/*/checkpoints/*.pt")) >= 2
 
     def hyperparameters(self):
         return dict(self.hp)

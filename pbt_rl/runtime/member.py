@@ -39,6 +39,10 @@ from pbt_rl.runtime.store import RunStore
 
 DEFAULT_LEARNER_FACTORY = "pbt_rl.agents:make_learner"
 PROGRESS_SECONDS = 1.0
+CHUNK_SECONDS = 2.0
+"""Wall time one ``learner.train`` call aims at, so that progress rows arrive every few seconds
+whatever the env speed (``ready_after_steps / 8`` env steps can take half a minute on Atari)."""
+FIRST_CHUNK_STEPS = 4096
 PARENT_POLL_SECONDS = 0.5
 
 
@@ -180,7 +184,8 @@ class MemberWorker:
         config = spec.config
         self.total = config.run.total_env_steps
         self.ready_after = config.pbt.ready_after_steps
-        self.chunk = spec.progress_steps or max(1, self.ready_after // 8)
+        self.max_chunk = max(1, self.ready_after // 8)
+        self.chunk = spec.progress_steps or min(self.max_chunk, FIRST_CHUNK_STEPS)
         factory = load_factory(spec.learner_factory)
         self.learner = factory(config, seed=spec.seed, device=spec.device, num_threads=spec.num_threads)
         self.offset = 0  # learner.env_steps - this member's env steps (non-zero after an exploit)
@@ -240,7 +245,11 @@ class MemberWorker:
                 start_steps, start = self.env_steps, time.perf_counter()
                 report = self.learner.train(min(target, self.env_steps + self.chunk) + self.offset)
                 self.updates += int(report.updates)
-                pending.add(report, self.env_steps - start_steps, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                pending.add(report, self.env_steps - start_steps, seconds)
+                if not self.spec.progress_steps and seconds > 0:
+                    rate = (self.env_steps - start_steps) / seconds
+                    self.chunk = int(min(self.max_chunk, max(1.0, rate * CHUNK_SECONDS)))
                 if self.env_steps < target and time.monotonic() - last_sent >= PROGRESS_SECONDS:
                     self.send(("progress", self._progress(pending.take())))
                     last_sent = time.monotonic()
