@@ -1,7 +1,8 @@
 """A2C: synchronous n-step advantage actor-critic (Mnih et al. 2016, the synchronous variant).
 
 One update per unroll: step all ``num_envs`` envs ``T = unroll_length`` times with the current
-policy, then take one gradient step on the ``[T, num_envs]`` batch with λ-return targets
+policy, then learn from the ``[T, num_envs]`` batch (one gradient step, or PPO-style epochs of
+minibatch steps: :meth:`~pbt_rl.agents.base.Learner._update`) with λ-return targets
 (``td_lambda = 1`` gives the n-step returns of the paper). Terminations stop the return,
 truncations bootstrap from the value of the cut episode's last observation, and auto-reset
 steps are left out of the loss (see :mod:`pbt_rl.agents.returns`).
@@ -48,7 +49,9 @@ class A2CLearner(Learner):
             started = time.perf_counter()
             unroll = self._collect(stats)
             acted = time.perf_counter()
-            stats.add_update(self._update(unroll), unroll)
+            updates_before = self.updates
+            losses = self._update(unroll)
+            stats.add_update(losses, unroll, self.updates - updates_before)
             stats.act_seconds += acted - started
             stats.update_seconds += time.perf_counter() - acted
         return stats.report(self.env_steps, self.updates, unroll_length=self.agent_cfg.unroll_length)

@@ -30,7 +30,10 @@ STATE_FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss or gradient norm was not finite; raised before the optimiser changed anything."""
+    """A loss or gradient norm was not finite; raised before the optimiser took that step.
+
+    With several minibatch steps per update, the steps before the failing one have been applied.
+    """
 
 
 @dataclass
@@ -42,7 +45,9 @@ class TrainReport:
     during it, the mean losses of its updates, its number of updates and its throughput (env steps
     taken in this call / wall seconds of this call). ``extra`` holds learner-specific numbers
     (``env_steps_in_call``, ``updates_total``, ``grad_norm``, ``act_seconds``,
-    ``update_seconds``, ``env_seconds`` (acting blocked on the env), ``inference_seconds``, ``batch_shape`` ``[T, B]`` of the last update, ``wall_seconds``; IMPALA adds ``policy_lag`` and ``policy_lag_max``).
+    ``update_seconds``, ``env_seconds`` (acting blocked on the env), ``inference_seconds``, ``batch_shape`` ``[T, B]`` of the last update, ``wall_seconds``,
+    ``clip_fraction`` and ``approx_kl`` (averaged like the losses, see
+    :func:`policy_ratio_stats`); IMPALA adds ``policy_lag`` and ``policy_lag_max``).
     """
 
     env_steps: int
@@ -285,6 +290,39 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask > 0, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1.0)
 
 
+def normalized_advantages(advantages: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(A - mean) / (std + eps)`` ``[T, B]``, mean and (population) std over the valid steps only."""
+    centred = advantages - masked_mean(advantages, mask)
+    return centred / (masked_mean(centred**2, mask).sqrt() + eps)
+
+
+def policy_log_ratio(log_probs: Tensor, behaviour_log_probs: Tensor, mask: Tensor) -> Tensor:
+    """``log pi(a|x) - log mu(a|x)`` ``[T, B]``; 0 (ratio 1) at masked-out steps.
+
+    An auto-reset step's action was ignored by the env, so its behaviour log-prob means nothing;
+    ``torch.where`` keeps it (even -inf) out of the result and out of the gradient.
+    """
+    return torch.where(mask > 0, log_probs - behaviour_log_probs, torch.zeros_like(log_probs))
+
+
+@torch.no_grad()
+def policy_ratio_stats(log_probs: Tensor, behaviour_log_probs: Tensor, mask: Tensor,
+                       ppo_clip: float) -> dict[str, Tensor]:
+    """How far the policy moved from the one that acted, over the valid steps (0-d tensors).
+
+    ``clip_fraction``: fraction of steps with ``|pi/mu - 1| > ppo_clip`` (0 when ``ppo_clip`` is
+    0: nothing is clipped). ``approx_kl``: mean of ``(pi/mu - 1) - log(pi/mu)``, a non-negative,
+    unbiased estimate of ``KL(mu || pi)`` from the actions ``mu`` took.
+    """
+    log_ratio = policy_log_ratio(log_probs, behaviour_log_probs, mask)
+    ratio = torch.exp(log_ratio)
+    if ppo_clip > 0:
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > ppo_clip).float(), mask)
+    else:
+        clip_fraction = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    return {"clip_fraction": clip_fraction, "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask)}
+
+
 def actor_critic_loss(
     log_probs: Tensor,
     entropy: Tensor,
@@ -293,15 +331,30 @@ def actor_critic_loss(
     value_targets: Tensor,
     mask: Tensor,
     agent: AgentConfig,
+    *,
+    behaviour_log_probs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``policy_loss + value_cost * value_loss - entropy_cost * entropy``, all ``[T, B]`` inputs.
 
-    ``policy_loss = -mean(A * log pi(a|x))``, ``value_loss = mean((target - V(x))^2)`` and
-    ``entropy = mean(H(pi(.|x)))``; means are over the valid (``mask`` = 1) steps only.
-    ``advantages`` and ``value_targets`` are used as constants. Returns the loss and its parts
-    (detached) for reporting.
+    ``policy_loss = -mean(A * log pi(a|x))``, or with ``agent.ppo_clip = eps > 0`` PPO's clipped
+    surrogate ``-mean(min(r A, clip(r, 1 - eps, 1 + eps) A))`` with ``r = pi(a|x) / mu(a|x)``
+    against ``behaviour_log_probs`` ``log mu(a|x)`` (required then; ``r = 1`` at masked-out steps).
+    ``value_loss = mean((target - V(x))^2)`` and ``entropy = mean(H(pi(.|x)))``; means are over the
+    valid (``mask`` = 1) steps only. ``advantages`` and ``value_targets`` are used as constants;
+    with ``agent.normalize_advantages`` the advantages are first normalised over the valid steps
+    (:func:`normalized_advantages`). Returns the loss and its parts (detached) for reporting.
     """
-    policy_loss = -masked_mean(advantages.detach() * log_probs, mask)
+    advantages = advantages.detach()
+    if agent.normalize_advantages:
+        advantages = normalized_advantages(advantages, mask)
+    if agent.ppo_clip > 0:
+        if behaviour_log_probs is None:
+            raise ValueError("actor_critic_loss: ppo_clip > 0 needs behaviour_log_probs (log mu of the acting policy)")
+        ratio = torch.exp(policy_log_ratio(log_probs, behaviour_log_probs.detach(), mask))
+        clipped_ratio = torch.clamp(ratio, 1.0 - agent.ppo_clip, 1.0 + agent.ppo_clip)
+        policy_loss = -masked_mean(torch.min(ratio * advantages, clipped_ratio * advantages), mask)
+    else:
+        policy_loss = -masked_mean(advantages * log_probs, mask)
     value_loss = masked_mean((value_targets.detach() - values) ** 2, mask)
     mean_entropy = masked_mean(entropy, mask)
     total = policy_loss + agent.value_cost * value_loss - agent.entropy_cost * mean_entropy
@@ -456,15 +509,55 @@ class Learner:
         raise NotImplementedError
 
     def _update(self, unroll: Unroll) -> dict[str, float]:
-        """One gradient step on ``unroll`` ``[T, B]``; returns the loss parts and the gradient norm.
+        """Learn from ``unroll`` ``[T, B]``: ``num_epochs`` passes of ``num_minibatches`` gradient steps.
+
+        Each pass splits a random permutation of the ``B`` env columns (global torch RNG, on the
+        CPU) into ``min(num_minibatches, B)`` minibatches of whole unrolls; with one minibatch
+        there is no permutation (and no RNG draw). Every minibatch takes one gradient step with
+        its targets recomputed from the current weights (:meth:`_minibatch_step`), so
+        ``num_epochs = num_minibatches = 1`` is the classic single A2C / IMPALA update.
+
+        Returns the mean over the gradient steps of the loss parts, ``grad_norm``,
+        ``clip_fraction`` and ``approx_kl`` (see :func:`policy_ratio_stats`).
 
         Raises:
-            TrainingDiverged: non-finite loss or gradient norm; no parameter or optimiser state
-                has been changed.
+            TrainingDiverged: non-finite loss or gradient norm. The failing step has changed no
+                parameter or optimiser state; the steps of earlier minibatches of this call have
+                been applied (and counted in ``updates``).
         """
+        agent = self.agent_cfg
         batch = self._batch_tensors(unroll)
-        length, num_envs = unroll.length, unroll.num_envs
-        obs = batch["obs"]  # [T + 1, B, ...]
+        num_envs = unroll.num_envs
+        num_minibatches = min(agent.num_minibatches, num_envs)
+        names: list[str] = []
+        totals: Tensor | None = None  # summed on the device: one host copy at the end, not per step
+        grad_norm_total = 0.0
+        steps = 0
+        for _epoch in range(agent.num_epochs):
+            if num_minibatches == 1:
+                minibatches = [batch]
+            else:
+                order = torch.randperm(num_envs).to(self.device)
+                minibatches = [{name: tensor.index_select(1, columns) for name, tensor in batch.items()}
+                               for columns in torch.tensor_split(order, num_minibatches)]
+            for minibatch in minibatches:
+                parts, grad_norm = self._minibatch_step(minibatch)
+                names = list(parts)
+                stacked = torch.stack([parts[name].float() for name in names])
+                totals = stacked if totals is None else totals + stacked
+                grad_norm_total += grad_norm
+                steps += 1
+        stats = dict(zip(names, (totals / steps).tolist()))
+        stats["grad_norm"] = grad_norm_total / steps
+        return stats
+
+    def _minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``.
+
+        Returns the loss parts and :func:`policy_ratio_stats` (0-d tensors) and the gradient norm.
+        """
+        obs = batch["obs"]  # [T + 1, b, ...]
+        length, num_envs = batch["rewards"].shape
         # One forward pass over the T + 1 observations: the last row gives the bootstrap value
         # (its action is a placeholder: the value does not depend on it).
         actions = torch.cat([batch["actions"], batch["actions"][-1:]], dim=0)
@@ -476,12 +569,13 @@ class Learner:
         values = values[:length]
         advantages, value_targets = self._targets(batch, log_probs, values, bootstrap_value)
         mask = batch["valid"].float()
-        loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, mask, self.agent_cfg)
+        behaviour_log_probs = batch["behaviour_log_probs"]
+        loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, mask, self.agent_cfg,
+                                        behaviour_log_probs=behaviour_log_probs)
+        parts.update(policy_ratio_stats(log_probs, behaviour_log_probs, mask, self.agent_cfg.ppo_clip))
         grad_norm = self._gradient_step(loss)
         self.updates += 1
-        stats = {name: float(value) for name, value in parts.items()}
-        stats["grad_norm"] = grad_norm
-        return stats
+        return parts, grad_norm
 
     def _gradient_step(self, loss: Tensor) -> float:
         """Backward, check, clip and step; returns the gradient norm before clipping."""
@@ -582,7 +676,8 @@ class CallStats:
         self.episode_returns: list[float] = []
         self.episode_lengths: list[int] = []
         self.loss_sums: dict[str, float] = {}
-        self.updates = 0
+        self.batches = 0  # _update calls (one per batch of unrolls)
+        self.updates = 0  # gradient steps
         self.batch_shape: list[int] = []
         self.act_seconds = 0.0
         self.update_seconds = 0.0
@@ -593,16 +688,20 @@ class CallStats:
         self.episode_returns.extend(float(r) for r in returns)
         self.episode_lengths.extend(int(n) for n in lengths)
 
-    def add_update(self, stats: dict[str, float], unroll: Unroll) -> None:
+    def add_update(self, stats: dict[str, float], unroll: Unroll, gradient_steps: int = 1) -> None:
+        """Account one batch's update (``gradient_steps`` steps with epochs and minibatches)."""
         for name, value in stats.items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
-        self.updates += 1
+        self.batches += 1
+        self.updates += gradient_steps
         self.batch_shape = [unroll.length, unroll.num_envs]
 
     def report(self, env_steps: int, updates_total: int, **extra: Any) -> TrainReport:
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        means = {name: total / self.updates for name, total in self.loss_sums.items()} if self.updates else {}
+        means = {name: total / self.batches for name, total in self.loss_sums.items()} if self.batches else {}
         grad_norm = means.pop("grad_norm", float("nan"))
+        # Diagnostics of the policy ratio, not loss terms: reported beside grad_norm.
+        ratio_stats = {name: means.pop(name, float("nan")) for name in ("clip_fraction", "approx_kl")}
         steps = env_steps - self.env_steps_at_start
         return TrainReport(
             env_steps=env_steps,
@@ -615,6 +714,7 @@ class CallStats:
                 "env_steps_in_call": steps,
                 "updates_total": updates_total,
                 "grad_norm": grad_norm,
+                **ratio_stats,
                 "act_seconds": self.act_seconds,
                 "update_seconds": self.update_seconds,
                 "env_seconds": self.env_seconds,

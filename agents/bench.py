@@ -7,8 +7,8 @@ time have passed. Reported rates:
 - ``env_steps_per_second``: env steps / wall seconds, the rate a PBT member trains at;
 - ``acting_env_steps_per_second``: env steps / seconds spent acting (policy inference and env
   stepping; for IMPALA the actor thread's busy time);
-- ``learner_samples_per_second``: updates x samples per update (``T x B``) / seconds spent in
-  updates (forward, backward, optimiser step; for IMPALA also publishing the weights);
+- ``learner_samples_per_second``: gradient steps x samples per step (``T x B`` / minibatches) /
+  seconds spent in updates (forward, backward, optimiser step; for IMPALA also publishing the weights);
 - ``learner_samples_per_second_wall``: the same samples / wall seconds.
 
 For A2C acting and learning alternate, so wall time ~ acting + updating; for IMPALA they overlap.
@@ -59,7 +59,8 @@ def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = N
             if report.updates and "policy_lag" in report.extra:
                 lags.append(report.extra["policy_lag"])
         wall = time.perf_counter() - started
-        samples = updates * steps_per_update
+        # Samples the learner processed: each gradient step takes one minibatch of the batch.
+        samples = updates * steps_per_update / min(agent.num_minibatches, batch_envs * unrolls_per_update)
         return {
             "algo": agent.algo,
             "env_id": env.id,

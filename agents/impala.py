@@ -10,7 +10,8 @@ Two threads per learner:
 - the **learner** thread (the caller of :meth:`ImpalaLearner.train`) pops
   ``learner_batch_unrolls`` unrolls, concatenates them along ``B``, recomputes the target
   log-probabilities and values with the current weights, computes V-trace targets and takes one
-  gradient step, then publishes the new weights to the actor.
+  gradient step (or, with ``num_epochs`` / ``num_minibatches``, several PPO-clipped ones, the
+  targets recomputed for each), then publishes the new weights to the actor.
 
 How unrolls are cut (synchronous and asynchronous envs alike). Every env id keeps its own
 trajectory: the observations it was acted on, and its completed steps (action, behaviour
@@ -182,7 +183,9 @@ class ImpalaLearner(Learner):
                 unroll = Unroll.concatenate(unrolls)
                 lags.append(float(self.updates - unroll.policy_updates.mean()))
                 started = time.perf_counter()
-                stats.add_update(self._update(unroll), unroll)
+                updates_before = self.updates
+                losses = self._update(unroll)
+                stats.add_update(losses, unroll, self.updates - updates_before)
                 self._publish()
                 stats.update_seconds += time.perf_counter() - started
         finally:
@@ -247,7 +250,12 @@ class ImpalaLearner(Learner):
 
     def _targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
                  bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
-        """V-trace: ``(pg_advantages, vs)``."""
+        """V-trace: ``(advantages, vs)``.
+
+        The advantages are V-trace's ``pg_advantages`` (weighted by ``min(ρ̄_pg, π/μ)``), or the
+        unweighted ones when ``ppo_clip > 0``: the clipped ratio ``π/μ`` of the loss already
+        corrects for the behaviour policy (APPO).
+        """
         agent = self.agent_cfg
         valid = batch["valid"]
         # An auto-reset step's action was ignored: give it importance weight 1 (log rho = 0) so its
@@ -259,7 +267,8 @@ class ImpalaLearner(Learner):
             trace_cut=batch["truncated"], rho_clip=agent.vtrace_rho_clip, c_clip=agent.vtrace_c_clip,
             pg_rho_clip=agent.vtrace_pg_rho_clip, td_lambda=agent.td_lambda,
         )
-        return targets.pg_advantages, targets.vs
+        advantages = targets.advantages if agent.ppo_clip > 0 else targets.pg_advantages
+        return advantages, targets.vs
 
     def _publish(self) -> None:
         """Hand the current weights to the actor (it loads them before its next env step)."""

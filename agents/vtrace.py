@@ -18,7 +18,8 @@ into the auto-reset step and the next episode.
 
 The policy-gradient advantage is ``min(ρ̄_pg, π/μ) (r_s + d_s q_{s+1} - V(x_s))`` where
 ``q_{s+1} = v_{s+1}`` inside an episode, ``V(x_{s+1})`` after a truncation, and the bootstrap
-value after the last step of the unroll.
+value after the last step of the unroll. The same advantage without the ``min(ρ̄_pg, π/μ)``
+weight is returned too: a PPO-clipped loss (APPO) already weights it by its own ratio ``π/μ``.
 
 All tensors are time-major ``[T, B]``; ``bootstrap_value`` is ``[B]``. Everything returned is a
 target and carries no gradient. On-policy (``π = μ``) with ``ρ̄, c̄ >= 1`` the targets equal
@@ -46,6 +47,9 @@ class VTraceReturns(NamedTuple):
     """``log π(a_t|x_t) - log μ(a_t|x_t)``."""
     clipped_rhos: Tensor
     """``ρ_t = min(ρ̄, π/μ)`` used in the TD errors."""
+    advantages: Tensor
+    """``r_s + d_s q_{s+1} - V(x_s)``: ``pg_advantages`` without the ``min(ρ̄_pg, π/μ)`` weight,
+    for a loss that corrects for the behaviour policy itself (PPO's clipped ratio, APPO)."""
 
 
 def _clip_ratio(ratios: Tensor, clip: float | None) -> Tensor:
@@ -121,8 +125,10 @@ def from_importance_weights(
     if trace_cut is not None:
         next_targets = torch.where(trace_cut.bool(), next_values, next_targets)
     pg_rhos = _clip_ratio(ratios, pg_rho_clip)
-    pg_advantages = pg_rhos * (rewards + discounts * next_targets - values)
-    return VTraceReturns(vs=vs, pg_advantages=pg_advantages, log_rhos=log_rhos, clipped_rhos=clipped_rhos)
+    advantages = rewards + discounts * next_targets - values
+    pg_advantages = pg_rhos * advantages
+    return VTraceReturns(vs=vs, pg_advantages=pg_advantages, log_rhos=log_rhos, clipped_rhos=clipped_rhos,
+                         advantages=advantages)
 
 
 def vtrace(
