@@ -475,17 +475,24 @@ class Learner:
         """Sample actions for prepared observations ``[B, ...]`` with ``model`` (or take the mode).
 
         Returns host arrays ``(actions as sampled, env actions (clipped to the bounds), log_probs)``.
+        One device-to-host copy per call (:meth:`ActorCritic.act_packed`): with several members
+        time-slicing one GPU every extra sync can wait for another process's kernels.
+
+        Raises:
+            TrainingDiverged: non-finite actions or log-probabilities from non-finite weights.
         """
         with torch.no_grad():
-            try:
-                actions, log_probs, _values = model.act(to_device(obs, self.device), deterministic=deterministic)
-            except ValueError as exc:
-                # torch.distributions rejects non-finite logits / scales: the weights diverged.
-                if not all(torch.isfinite(p).all() for p in model.parameters()):
-                    raise TrainingDiverged(f"non-finite policy weights while acting: {exc}") from exc
-                raise
-            env_actions = model.env_actions(actions)
-        return actions.cpu().numpy(), np.asarray(env_actions), log_probs.float().cpu().numpy()
+            packed = model.act_packed(to_device(obs, self.device), deterministic=deterministic).cpu().numpy()
+        log_probs = packed[:, -1].astype(np.float32)
+        if not np.isfinite(packed).all():
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise TrainingDiverged("non-finite policy weights while acting")
+            raise ValueError("non-finite actions or log-probabilities from finite weights: check the observations")
+        if model.is_continuous:
+            actions = packed[:, :-1].astype(np.float32)
+        else:
+            actions = packed[:, 0].astype(np.int64)
+        return actions, model.env_actions(actions), log_probs
 
     def act(self, raw_obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Env actions ``[B, ...]`` of the current policy for raw observations ``[B, ...]``.

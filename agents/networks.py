@@ -234,6 +234,36 @@ class ActorCritic(nn.Module):
             action = distribution.sample()
         return action, self._log_prob(distribution, action), value
 
+    def act_packed(self, obs: Tensor, deterministic: bool = False) -> Tensor:
+        """:meth:`act` for rollouts, built to need one device-to-host copy and no other sync.
+
+        Returns float64 ``[N, k + 1]`` rows ``(action..., log_prob)``: ``k = 1`` (the action index)
+        for Discrete, ``k = D`` (unclipped) for Box; float64 holds both exactly. The sampled
+        distributions are :meth:`act`'s (categorical by the Gumbel-max trick, Gaussian by
+        reparameterisation), but nothing is validated on the device: a check of the parameters
+        would cost a sync per call, and a categorical sampler that asserts on NaN
+        probabilities would kill the CUDA context. Non-finite parameters give non-finite
+        entries in the rows instead (the log-probability or the Gaussian action), for the caller
+        to check on the host.
+        """
+        dist_params, _value = self(obs)
+        if self.is_continuous:
+            log_std = self.log_std.expand_as(dist_params)
+            noise = torch.zeros_like(dist_params) if deterministic else torch.randn_like(dist_params)
+            action = dist_params + torch.exp(log_std) * noise
+            log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+            columns = action
+        else:
+            log_probs = torch.log_softmax(dist_params.float(), dim=-1)
+            if deterministic:
+                action = log_probs.argmax(-1)
+            else:
+                uniform = torch.rand_like(log_probs).clamp_(min=torch.finfo(log_probs.dtype).tiny)
+                action = (log_probs - torch.log(-torch.log(uniform))).argmax(-1)
+            log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+            columns = action.unsqueeze(-1)
+        return torch.cat([columns.double(), log_prob.double().unsqueeze(-1)], dim=-1)
+
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Score given actions: ``(log_prob [N], entropy [N], value [N])`` (Gaussian: summed over D).
 
@@ -245,10 +275,10 @@ class ActorCritic(nn.Module):
             actions = actions.long()
         return self._log_prob(distribution, actions), self._entropy(distribution), value
 
-    def env_actions(self, actions: Tensor) -> np.ndarray:
-        """Actions as the env takes them (numpy): ``int64 [N]``, or ``[N, *shape]`` clipped to the
-        Box bounds in the space's dtype."""
-        actions_np = actions.detach().cpu().numpy()
+    def env_actions(self, actions: Tensor | np.ndarray) -> np.ndarray:
+        """Actions (a tensor or a host array) as the env takes them (numpy): ``int64 [N]``, or
+        ``[N, *shape]`` clipped to the Box bounds in the space's dtype."""
+        actions_np = actions.detach().cpu().numpy() if isinstance(actions, Tensor) else np.asarray(actions)
         if not self.is_continuous:
             return actions_np.astype(np.int64)
         clipped = np.clip(actions_np.reshape(len(actions_np), -1), self._action_low, self._action_high)

@@ -114,6 +114,50 @@ def test_deterministic_act_takes_the_mode():
     torch.testing.assert_close(action, model(obs)[0])
 
 
+def test_packed_discrete_sampling_follows_the_softmax_and_reports_its_log_probs():
+    model = ActorCritic(MLPTorso(5, (16,)), gym.spaces.Discrete(4))
+    with torch.no_grad():
+        model.policy_head.weight.zero_()
+        model.policy_head.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))  # the same policy in every state
+    obs = torch.randn(40_000, 5)
+    with torch.no_grad():
+        packed = model.act_packed(obs)
+    assert packed.shape == (40_000, 2) and packed.dtype == torch.float64
+    actions = packed[:, 0].long()
+    probs = torch.softmax(torch.tensor([0.0, 1.0, -1.0, 2.0]), -1).double()
+    frequencies = torch.bincount(actions, minlength=4).double() / len(actions)
+    # 40k draws: each frequency is within 4 standard errors (<= 0.01) of its probability
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(packed[:, 1], probs.log()[actions], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        greedy = model.act_packed(obs[:3], deterministic=True)
+    assert greedy[:, 0].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_packed_gaussian_sampling_matches_normal_log_probs():
+    model = ActorCritic(MLPTorso(5, (16,)), BOX_ACTIONS, log_std_init=-0.5)
+    obs = torch.randn(20_000, 5)
+    with torch.no_grad():
+        packed = model.act_packed(obs)
+        mean, _ = model(obs)
+    actions, log_prob = packed[:, :3].float(), packed[:, 3]
+    manual = torch.distributions.Normal(mean, math.exp(-0.5)).log_prob(actions).sum(-1).double()
+    torch.testing.assert_close(log_prob, manual, atol=1e-4, rtol=0)
+    noise = (actions - mean) / math.exp(-0.5)
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1.0) < 0.02
+    with torch.no_grad():
+        torch.testing.assert_close(model.act_packed(obs[:4], deterministic=True)[:, :3].float(), mean[:4])
+
+
+def test_packed_sampling_turns_nan_weights_into_nan_rows_without_raising():
+    for space in (gym.spaces.Discrete(3), BOX_ACTIONS):
+        model = ActorCritic(MLPTorso(5, (16,)), space)
+        with torch.no_grad():
+            model.policy_head.bias.fill_(float("nan"))
+            packed = model.act_packed(torch.randn(8, 5))
+        assert torch.isnan(packed).any(dim=1).all()
+
+
 def test_orthogonal_init_gains():
     model = ActorCritic(MLPTorso(64, (64, 64)), gym.spaces.Discrete(4))
     first = model.torso.layers[1]
