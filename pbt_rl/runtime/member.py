@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import sys
 import threading
@@ -144,6 +145,9 @@ actor thread's busy time for IMPALA), of it blocked on the env and in policy inf
 gradient updates. IMPALA acts and updates in parallel threads, A2C in turn."""
 
 
+DIAGNOSTICS = ("grad_norm", "clip_fraction", "approx_kl")
+
+
 class _Accumulator:
     """Episode returns and losses gathered since the last message to the controller."""
 
@@ -158,7 +162,10 @@ class _Accumulator:
     def add(self, report: Any, steps: int, seconds: float) -> None:
         self.returns.extend(float(r) for r in report.episode_returns)
         self.lengths.extend(int(n) for n in report.episode_lengths)
-        self.losses = {k: float(v) for k, v in report.losses.items()} or self.losses
+        # The loss parts plus the update diagnostics (gradient norm, PPO clip fraction, approximate
+        # KL) when this call made updates; they reach metrics.jsonl and W&B as losses/<name>.
+        diagnostics = {k: report.extra[k] for k in DIAGNOSTICS if math.isfinite(float(report.extra.get(k, math.nan)))}
+        self.losses = {**{k: float(v) for k, v in report.losses.items()}, **diagnostics} if report.losses else self.losses
         self.steps += steps
         self.seconds += seconds
         self.timing["wall"] += seconds
