@@ -36,8 +36,12 @@ class ConsoleProgress:
     """Prints the population table every ``interval`` seconds (no curses: logs stay readable)."""
 
     def __init__(self, interval: float, total_env_steps: int, names: tuple[str, ...],
-                 enabled: bool = True, printer: Callable[[str], None] = print):
+                 enabled: bool = True, printer: Callable[[str], None] = print, max_wall_seconds: float = 0.0):
         self.interval = interval
+        # run.max_wall_seconds, counted from this process's start (as the controller does): the
+        # time left shown is at most what it still allows.
+        self.max_wall_seconds = max_wall_seconds
+        self._created = time.monotonic()
         self.total = total_env_steps
         self.names = names
         self.enabled = enabled
@@ -69,6 +73,8 @@ class ConsoleProgress:
         budget = self.total * max(1, len(rows))
         remaining = sum(max(0, self.total - r["env_steps"]) for r in rows if r["status"] not in ("done", "abandoned"))
         left = remaining / self._rate if self._rate > 0 else math.inf
+        if self.max_wall_seconds > 0:
+            left = min(left, max(0.0, self.max_wall_seconds - (time.monotonic() - self._created)))
         self.printer(
             f"[{format_duration(wall_seconds):>6}] population {self._rate:,.0f} env steps/s | "
             f"{100 * steps / budget:5.1f}% of {budget:,} env steps | ~{format_duration(left)} left"

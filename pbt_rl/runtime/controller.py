@@ -133,7 +133,7 @@ class Controller:
         self.resumes = 0
         self.loggers_started = False
         self.console = ConsoleProgress(config.logging.console_interval_seconds, config.run.total_env_steps,
-                                       self.names, enabled=console)
+                                       self.names, enabled=console, max_wall_seconds=config.run.max_wall_seconds)
         self.cuda_count = cuda_device_count() if config.agent.device != "cpu" else 0
         self.threads = threads_per_member(config.pbt.population_size, config.run.total_threads, config.env.num_threads)
         if state is None:
