@@ -79,8 +79,11 @@ class FakeLearner:
             return
         member, steps, marker, *kind = spec.split(":")
         if self.seed == int(member) and self.env_steps >= int(steps) and not Path(marker).exists():
-            if kind == ["diverge"] and not self._a_peer_has_a_checkpoint():
-                return  # a reseed needs a donor: diverge once one exists (processes start unevenly)
+            if kind == ["diverge"]:
+                # A reseed needs a donor: wait until one exists (member processes start unevenly).
+                deadline = time.monotonic() + 60.0
+                while not self._a_peer_has_a_checkpoint() and time.monotonic() < deadline:
+                    time.sleep(0.05)
             Path(marker).write_text("crashed")
             if kind == ["diverge"]:
                 from pbt_rl.agents.base import TrainingDiverged
