@@ -295,6 +295,21 @@ class BatchedEnv(abc.ABC):
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
 
+    def _whole_group(self, env_ids: np.ndarray, in_flight: Any) -> int:
+        """For backends that step fixed groups of ``batch_size`` consecutive envs: the group that
+        ``env_ids`` names, checked to be exactly one group and not already in flight
+        (``in_flight(group) -> bool``)."""
+        group = int(env_ids[0]) // self.batch_size
+        first = group * self.batch_size
+        if not np.array_equal(env_ids, np.arange(first, first + self.batch_size)):
+            raise ValueError(
+                f"env_ids {env_ids.tolist()} must be exactly those of one received batch "
+                f"(the {self.backend} backend steps envs in fixed groups of {self.batch_size})"
+            )
+        if in_flight(group):
+            raise RuntimeError(f"envs {env_ids.tolist()} were sent again before their result was received")
+        return group
+
     def _prepare_actions(self, actions: np.ndarray, batch: int) -> np.ndarray:
         """Check the shape of ``actions`` ``[batch, ...]``; cast and clip them for the backend."""
         space = self.action_space
@@ -450,17 +465,8 @@ class EnvpoolGroupedEnv(BatchedEnv):
         raise RuntimeError("a grouped env is stepped with send() and recv()")
 
     def _backend_send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
-        group = int(env_ids[0]) // self.batch_size
-        first = group * self.batch_size
-        if not np.array_equal(env_ids, np.arange(first, first + self.batch_size)):
-            raise ValueError(
-                f"env_ids {env_ids.tolist()} must be exactly those of one received batch "
-                f"(this env steps fixed groups of {self.batch_size})"
-            )
-        if group in self._sent:
-            raise RuntimeError(f"envs {env_ids.tolist()} were sent again before their result was received")
-        pool = self._pools[group]
-        pool._pool.send(actions, env_ids - first)
+        group = self._whole_group(env_ids, self._sent.__contains__)
+        self._pools[group]._pool.send(actions, env_ids - group * self.batch_size)
         self._sent.append(group)
 
     def _backend_recv(self) -> _BackendBatch:
@@ -573,14 +579,7 @@ class GymnasiumBatchedEnv(BatchedEnv):
         return self._step_group(0, actions)
 
     def _backend_send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
-        group = int(env_ids[0]) // self.batch_size
-        if not np.array_equal(env_ids, self._group_ids[group]):
-            raise ValueError(
-                f"env_ids {env_ids.tolist()} must be exactly those of one received batch "
-                f"(the Gymnasium backend steps envs in fixed groups of {self.batch_size})"
-            )
-        if self._in_flight[group]:
-            raise RuntimeError(f"envs {env_ids.tolist()} were sent again before their result was received")
+        group = self._whole_group(env_ids, lambda g: bool(self._in_flight[g]))
         self._in_flight[group] = True
         self._ready.append(self._step_group(group, actions))
 
