@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pbt_rl.agents import TrainingDiverged, make_learner
+from pbt_rl.agents import TrainingDiverged
 from pbt_rl.agents.base import Unroll
-from pbt_rl.config import AgentConfig, ConfigError, EnvConfig, ExperimentConfig, tunable_agent_fields
+from pbt_rl.config import AgentConfig, EnvConfig, ExperimentConfig, tunable_agent_fields
 
 ALGOS = ["a2c", "impala"]
 
@@ -23,21 +23,6 @@ def make_config(algo: str, env_id: str = "CartPole-v1", num_envs: int = 4, async
         env=EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=async_batch_size),
         agent=AgentConfig(algo=algo, device="cpu", **agent),
     )
-
-
-@pytest.fixture
-def learners():
-    """Learners built through this fixture are closed after the test, whatever happens."""
-    built = []
-
-    def build(config: ExperimentConfig, seed: int = 0):
-        learner = make_learner(config, seed, num_threads=1)
-        built.append(learner)
-        return learner
-
-    yield build
-    for learner in built:
-        learner.close()
 
 
 def record_updates(learner) -> list[Unroll]:
