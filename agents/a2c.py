@@ -49,9 +49,7 @@ class A2CLearner(Learner):
             started = time.perf_counter()
             unroll = self._collect(stats)
             acted = time.perf_counter()
-            updates_before = self.updates
-            losses = self._update(unroll)
-            stats.add_update(losses, unroll, self.updates - updates_before)
+            self._learn(unroll, stats)
             stats.act_seconds += acted - started
             stats.update_seconds += time.perf_counter() - acted
         return stats.report(self.env_steps, self.updates, unroll_length=self.agent_cfg.unroll_length)

@@ -558,6 +558,12 @@ class Learner:
         stats["grad_norm"] = grad_norm_total / steps
         return stats
 
+    def _learn(self, unroll: Unroll, stats: "CallStats") -> None:
+        """:meth:`_update` on ``unroll``, accounted in ``stats`` with its number of gradient steps."""
+        updates_before = self.updates
+        losses = self._update(unroll)
+        stats.add_update(losses, unroll, self.updates - updates_before)
+
     def _minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
         """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``.
 

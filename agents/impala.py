@@ -183,9 +183,7 @@ class ImpalaLearner(Learner):
                 unroll = Unroll.concatenate(unrolls)
                 lags.append(float(self.updates - unroll.policy_updates.mean()))
                 started = time.perf_counter()
-                updates_before = self.updates
-                losses = self._update(unroll)
-                stats.add_update(losses, unroll, self.updates - updates_before)
+                self._learn(unroll, stats)
                 self._publish()
                 stats.update_seconds += time.perf_counter() - started
         finally:
