@@ -74,6 +74,38 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
+_CU_CTX_SCHED = {"spin": 0x01, "block": 0x04}
+"""CUDA driver context flags CU_CTX_SCHED_SPIN and CU_CTX_SCHED_BLOCKING_SYNC."""
+
+
+def set_gpu_wait(device: torch.device, mode: str, loader: Any = None) -> bool:
+    """How this process's threads wait for ``device``: ``'block'`` or ``'spin'``; True if set.
+
+    CUDA's default (``cudaDeviceScheduleAuto``) spins while a process has fewer contexts than
+    the machine has cores, so every synchronising copy of a member busy-waits on a core that
+    its env threads could use, for as long as the GPU is busy with the other members' work.
+    ``'block'`` sets the primary context's CU_CTX_SCHED_BLOCKING_SYNC flag through the driver
+    API (``cuDevicePrimaryCtxSetFlags_v2``, which also applies to an already active context):
+    a waiting thread sleeps until the GPU signals. Returns False, changing nothing, on a CPU
+    device or where the driver library or call is unavailable. ``loader`` (tests) stands in
+    for ``ctypes.CDLL``.
+    """
+    if device.type != "cuda":
+        return False
+    import ctypes
+
+    try:
+        driver = (loader or ctypes.CDLL)("libcuda.so.1")
+        set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2")
+    except (OSError, AttributeError):
+        return False
+    handle = ctypes.c_int()
+    ordinal = device.index if device.index is not None else 0
+    if driver.cuInit(0) != 0 or driver.cuDeviceGet(ctypes.byref(handle), ordinal) != 0:
+        return False
+    return set_flags(handle, ctypes.c_uint(_CU_CTX_SCHED[mode])) == 0
+
+
 def to_device(array: np.ndarray, device: torch.device) -> Tensor:
     """A host array as a tensor on ``device``, keeping its dtype (uint8 frames stay uint8).
 
@@ -399,6 +431,7 @@ class Learner:
             # the env threads. On CUDA torch's CPU threads only launch kernels: one is enough.
             torch.set_num_threads(max(1, int(num_threads)) if self.device.type == "cpu" else 1)
         if self.device.type == "cuda":
+            set_gpu_wait(self.device, config.run.gpu_wait)
             # Fixed input shapes: let cuDNN pick its fastest conv algorithms; TF32 matmuls and
             # convs are ample precision for policy-gradient training and much faster on Ampere+.
             torch.backends.cudnn.benchmark = True

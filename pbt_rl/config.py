@@ -145,6 +145,7 @@ class RunConfig:
     members_per_gpu: int = _f(0, "Members sharing one GPU; 0 = all members on one GPU.", min=0)
     total_threads: int = _f(0, "CPU threads for env stepping across the population; 0 = all cores.", min=0)
     torch_threads: int = _f(0, "torch intra-op threads per member; 0 = 1 on GPU, the member's share of env threads on CPU.", min=0)
+    gpu_wait: str = _f("block", "How a member's threads wait for its GPU: 'block' (sleep until the GPU is done, leaving the core to env threads) or 'spin' (CUDA's default with fewer processes than cores: busy-wait).", choices=("block", "spin"))
 
 
 @dataclass(frozen=True)

@@ -442,3 +442,51 @@ def test_impala_close_stops_a_running_actor(learners):
     learner.close()
     assert not learner._thread.is_alive()
     learner.close()  # twice is harmless
+
+
+class _FakeDriver:
+    """Stands in for libcuda: records the driver calls of :func:`set_gpu_wait`."""
+
+    def __init__(self, init_status: int = 0, with_v2: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.init_status = init_status
+        if with_v2:
+            self.cuDevicePrimaryCtxSetFlags_v2 = self._set_flags
+
+    def cuInit(self, flags):
+        self.calls.append(("init", flags))
+        return self.init_status
+
+    def cuDeviceGet(self, handle, ordinal):
+        self.calls.append(("device", ordinal))
+        return 0
+
+    def _set_flags(self, handle, flags):
+        self.calls.append(("flags", flags.value))
+        return 0
+
+
+@pytest.mark.parametrize("mode, flags", [("block", 0x04), ("spin", 0x01)])
+def test_set_gpu_wait_sets_the_primary_context_scheduling_flag(mode, flags):
+    from pbt_rl.agents.base import set_gpu_wait
+
+    driver = _FakeDriver()
+    assert set_gpu_wait(torch.device("cuda:1"), mode, loader=lambda name: driver)
+    assert driver.calls == [("init", 0), ("device", 1), ("flags", flags)]
+
+
+def test_set_gpu_wait_changes_nothing_without_a_usable_driver():
+    from pbt_rl.agents.base import set_gpu_wait
+
+    def missing(name):
+        raise OSError(name)
+
+    loaded = []
+    assert not set_gpu_wait(torch.device("cpu"), "block", loader=loaded.append)
+    assert loaded == []  # a CPU learner never touches the driver
+    assert not set_gpu_wait(torch.device("cuda"), "block", loader=missing)
+    old_driver = _FakeDriver(with_v2=False)
+    assert not set_gpu_wait(torch.device("cuda"), "block", loader=lambda name: old_driver)
+    failing = _FakeDriver(init_status=100)  # CUDA_ERROR_NO_DEVICE
+    assert not set_gpu_wait(torch.device("cuda"), "block", loader=lambda name: failing)
+    assert ("flags", 0x04) not in failing.calls
