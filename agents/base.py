@@ -74,23 +74,27 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
-_CU_CTX_SCHED = {"spin": 0x01, "block": 0x04}
-"""CUDA driver context flags CU_CTX_SCHED_SPIN and CU_CTX_SCHED_BLOCKING_SYNC."""
+_CU_CTX_SCHED = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}
+"""CUDA driver context flags CU_CTX_SCHED_AUTO, _SPIN, _YIELD and _BLOCKING_SYNC."""
 
 
 def set_gpu_wait(device: torch.device, mode: str, loader: Any = None) -> bool:
-    """How this process's threads wait for ``device``: ``'block'`` or ``'spin'``; True if set.
+    """How this process's threads wait for ``device`` (``run.gpu_wait``); True if it was set.
 
-    CUDA's default (``cudaDeviceScheduleAuto``) spins while a process has fewer contexts than
-    the machine has cores, so every synchronising copy of a member busy-waits on a core that
-    its env threads could use, for as long as the GPU is busy with the other members' work.
-    ``'block'`` sets the primary context's CU_CTX_SCHED_BLOCKING_SYNC flag through the driver
-    API (``cuDevicePrimaryCtxSetFlags_v2``, which also applies to an already active context):
-    a waiting thread sleeps until the GPU signals. Returns False, changing nothing, on a CPU
-    device or where the driver library or call is unavailable. ``loader`` (tests) stands in
-    for ``ctypes.CDLL``.
+    CUDA's default (``'auto'``) spins while a process has fewer contexts than the machine has
+    cores, so every synchronising copy of a member busy-waits, on a core that env threads could
+    use, for as long as the GPU is busy with the other members' work. ``'block'`` makes a
+    waiting thread sleep until the GPU signals, ``'yield'`` spin but yield the core to other
+    runnable threads. The flag is the primary context's CU_CTX_SCHED_* flag, set through the
+    driver API (``cuDevicePrimaryCtxSetFlags_v2``, which also applies to an already active
+    context). ``'auto'`` and CPU devices change nothing and return False, as does a missing
+    driver library or call. ``loader`` (tests) stands in for ``ctypes.CDLL``.
+
+    Measured on the H100 machine (README, Performance): for Pong A2C, 'block' lowered the
+    population's rate (0.76 of raw envpool, against 0.82 spinning in the same lease): the
+    wake-up latency on busy cores cost more than the freed core time.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or mode == "auto":
         return False
     import ctypes
 
@@ -185,7 +189,12 @@ def build_optimizer(params: Any, agent: AgentConfig) -> torch.optim.Optimizer:
             params, lr=agent.lr, alpha=agent.rmsprop_alpha, eps=agent.optimizer_eps, momentum=agent.rmsprop_momentum
         )
     if agent.optimizer == "adam":
-        return torch.optim.Adam(params, lr=agent.lr, betas=(agent.adam_beta1, agent.adam_beta2), eps=agent.optimizer_eps)
+        params = list(params)
+        # On CUDA the fused kernel: one launch per step instead of a dozen, for learners that
+        # share one GPU with the whole population.
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.Adam(params, lr=agent.lr, betas=(agent.adam_beta1, agent.adam_beta2), eps=agent.optimizer_eps,
+                                fused=fused or None)
     raise ConfigError(f"agent.optimizer: {agent.optimizer!r} is not allowed; choose 'rmsprop' or 'adam'")
 
 
@@ -571,7 +580,6 @@ class Learner:
         num_minibatches = min(agent.num_minibatches, num_envs)
         names: list[str] = []
         totals: Tensor | None = None  # summed on the device: one host copy at the end, not per step
-        grad_norm_total = 0.0
         steps = 0
         for _epoch in range(agent.num_epochs):
             if num_minibatches == 1:
@@ -582,14 +590,12 @@ class Learner:
                                for columns in torch.tensor_split(order, num_minibatches)]
             for minibatch in minibatches:
                 parts, grad_norm = self._minibatch_step(minibatch)
+                parts = {**parts, "grad_norm": grad_norm}
                 names = list(parts)
                 stacked = torch.stack([parts[name].float() for name in names])
                 totals = stacked if totals is None else totals + stacked
-                grad_norm_total += grad_norm
                 steps += 1
-        stats = dict(zip(names, (totals / steps).tolist()))
-        stats["grad_norm"] = grad_norm_total / steps
-        return stats
+        return dict(zip(names, (totals / steps).tolist()))
 
     def _learn(self, unroll: Unroll, stats: "CallStats") -> None:
         """:meth:`_update` on ``unroll``, accounted in ``stats`` with its number of gradient steps."""
@@ -597,10 +603,10 @@ class Learner:
         losses = self._update(unroll)
         stats.add_update(losses, unroll, self.updates - updates_before)
 
-    def _minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def _minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``.
 
-        Returns the loss parts and :func:`policy_ratio_stats` (0-d tensors) and the gradient norm.
+        Returns the loss parts and :func:`policy_ratio_stats` and the gradient norm (0-d tensors).
         """
         obs = batch["obs"]  # [T + 1, b, ...]
         length, num_envs = batch["rewards"].shape
@@ -623,18 +629,23 @@ class Learner:
         self.updates += 1
         return parts, grad_norm
 
-    def _gradient_step(self, loss: Tensor) -> float:
-        """Backward, check, clip and step; returns the gradient norm before clipping."""
+    def _gradient_step(self, loss: Tensor) -> Tensor:
+        """Backward, clip, check and step; returns the gradient norm before clipping (0-d tensor).
+
+        The loss and the gradient norm are checked together, in the step's one wait for the
+        device, before the optimiser moves: a non-finite one raises :class:`TrainingDiverged`
+        with parameters and optimiser state untouched.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss).item():
-            raise TrainingDiverged(f"non-finite loss ({loss.item()}) at update {self.updates}")
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.agent_cfg.max_grad_norm if self.agent_cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all().item():
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"non-finite gradient norm ({grad_norm}) at update {self.updates}")
+            what = "loss" if not math.isfinite(loss.item()) else "gradient norm"
+            raise TrainingDiverged(f"non-finite {what} (loss {loss.item()}, gradient norm {grad_norm.item()}) "
+                                   f"at update {self.updates}")
         self.optimizer.step()
         return grad_norm
 

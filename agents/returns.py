@@ -48,6 +48,50 @@ def check_unroll_shapes(rewards: Tensor, values: Tensor, bootstrap_value: Tensor
         raise ValueError(f"bootstrap_value must be [B] = {tuple(rewards.shape[1:])}, got {tuple(bootstrap_value.shape)}")
 
 
+SCAN_BLOCK = 32
+"""Steps per block of :func:`reverse_linear_scan` (its memory is ``block**2 * B`` per block)."""
+
+
+def reverse_linear_scan(x: Tensor, coefficients: Tensor, final: Tensor, block: int = SCAN_BLOCK) -> Tensor:
+    """``y_t = x_t + a_t * y_{t+1}`` for ``t = T-1 .. 0`` with ``y_T = final``. ``[T, B]``
+
+    Every return and trace recursion of the learners has this form. A step with ``a_t == 0``
+    carries nothing from ``t + 1`` on, not even a non-finite value (the next episode's after a
+    cut). Rather than ``T`` sequential steps of several small device kernels each, every block
+    of up to ``block`` steps is solved in closed form, ``y_s = sum_t (prod_{i=s}^{t-1} a_i) x_t``
+    plus the carried-in ``y`` of the following block: about ten kernels per block whatever
+    its length.
+
+    Args:
+        x: ``[T, B]`` per-step terms.
+        coefficients: ``[T, B]`` ``a_t``.
+        final: ``[B]`` ``y_T``, the value carried in after the last step.
+        block: steps solved at once.
+    """
+    out = torch.empty_like(x)
+    following = final
+    for end in range(x.shape[0], 0, -block):
+        start = max(0, end - block)
+        out[start:end] = _closed_form_block(x[start:end], coefficients[start:end], following)
+        following = out[start]
+    return out
+
+
+def _closed_form_block(x: Tensor, coefficients: Tensor, final: Tensor) -> Tensor:
+    """:func:`reverse_linear_scan` of one block, all at once (``[n, B]``)."""
+    n = x.shape[0]
+    steps = torch.arange(n + 1, device=x.device)
+    extra = (1,) * (x.dim() - 1)
+    # products[s, i] = prod_{j=s}^{i} a_j for i >= s (1 for i < s)
+    later = (steps[None, :n] >= steps[:n, None]).view(n, n, *extra)
+    products = torch.cumprod(torch.where(later, coefficients.unsqueeze(0), torch.ones_like(coefficients)), dim=1)
+    # weights[s, t] = prod_{i=s}^{t-1} a_i for t >= s, over the n steps and then the carried-in value
+    weights = torch.cat([torch.ones_like(products[:, :1]), products], dim=1)
+    reaches = (steps[None, :] >= steps[:n, None]).view(n, n + 1, *extra) & (weights != 0)
+    terms = torch.cat([x, final.unsqueeze(0)], dim=0).unsqueeze(0)
+    return torch.where(reaches, weights * terms, torch.zeros_like(weights)).sum(dim=1)
+
+
 def _per_step_lambda(td_lambda: float | Tensor, trace_cut: Tensor | None, like: Tensor) -> Tensor:
     """λ_t as a [T, B] tensor: ``td_lambda`` everywhere except 0 where the trace is cut."""
     lambdas = torch.as_tensor(td_lambda, dtype=like.dtype, device=like.device).expand_as(like)
@@ -87,19 +131,10 @@ def lambda_returns(
     )
     next_values = next_step_values(values, bootstrap_value)
     lambdas = _per_step_lambda(td_lambda, trace_cut, rewards)
-    returns = torch.empty_like(rewards)
-    following_return = bootstrap_value  # G_{t+1}; G_T is the bootstrap value
-    for t in reversed(range(rewards.shape[0])):
-        # torch.where (not a multiplication by λ_t = 0) so that a non-finite G_{t+1} from the
-        # next episode cannot turn the cut step's target into NaN.
-        continuation = torch.where(
-            lambdas[t] == 0,
-            next_values[t],
-            (1.0 - lambdas[t]) * next_values[t] + lambdas[t] * following_return,
-        )
-        returns[t] = rewards[t] + discounts[t] * continuation
-        following_return = returns[t]
-    return returns
+    # G_t = (r_t + d_t (1 - λ_t) V(x_{t+1})) + d_t λ_t G_{t+1}; the scan carries nothing across a
+    # cut (λ_t = 0), so a non-finite G_{t+1} from the next episode cannot reach the cut step.
+    one_step = rewards + discounts * (1.0 - lambdas) * next_values
+    return reverse_linear_scan(one_step, discounts * lambdas, bootstrap_value)
 
 
 def n_step_returns(
@@ -139,12 +174,4 @@ def gae(
     )
     td_errors = rewards + discounts * next_step_values(values, bootstrap_value) - values
     lambdas = _per_step_lambda(td_lambda, trace_cut, rewards)
-    advantages = torch.empty_like(rewards)
-    following_advantage = torch.zeros_like(bootstrap_value)
-    for t in reversed(range(rewards.shape[0])):
-        carried = torch.where(
-            lambdas[t] == 0, torch.zeros_like(following_advantage), discounts[t] * lambdas[t] * following_advantage
-        )
-        advantages[t] = td_errors[t] + carried
-        following_advantage = advantages[t]
-    return advantages
+    return reverse_linear_scan(td_errors, discounts * lambdas, torch.zeros_like(bootstrap_value))

@@ -8,7 +8,7 @@ The n-step V-trace target of ``V(x_s)`` is the paper's eq. (1),
 with ``ρ_t = min(ρ̄, π(a_t|x_t) / μ(a_t|x_t))`` and ``c_i = λ min(c̄, π(a_i|x_i) / μ(a_i|x_i))``;
 ``μ`` is the behaviour policy that acted, ``π`` the learner's current (target) policy. The
 per-step discount ``d_t = gamma * (1 - terminated_t)`` replaces the paper's ``γ``. It is computed
-with the paper's recursive form
+from the paper's recursive form (solved in blocks by :func:`~pbt_rl.agents.returns.reverse_linear_scan`)
 
     v_s - V(x_s) = δ_s + d_s c_s (v_{s+1} - V(x_{s+1})),     v_T - V(x_T) = 0.
 
@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pbt_rl.agents.returns import check_unroll_shapes, next_step_values
+from pbt_rl.agents.returns import check_unroll_shapes, next_step_values, reverse_linear_scan
 
 
 class VTraceReturns(NamedTuple):
@@ -105,19 +105,10 @@ def from_importance_weights(
     next_values = next_step_values(values, bootstrap_value)
     td_errors = clipped_rhos * (rewards + discounts * next_values - values)
 
-    # Backward recursion on the correction v_s - V(x_s); it is 0 after the last step.
-    corrections = torch.empty_like(values)
-    following_correction = torch.zeros_like(bootstrap_value)
-    for t in reversed(range(values.shape[0])):
-        # torch.where, not a product with c_t = 0, so a non-finite correction from the next
-        # episode cannot leak into a cut step.
-        carried = torch.where(
-            trace_coefficients[t] == 0,
-            torch.zeros_like(following_correction),
-            discounts[t] * trace_coefficients[t] * following_correction,
-        )
-        corrections[t] = td_errors[t] + carried
-        following_correction = corrections[t]
+    # The recursion on the correction v_s - V(x_s), which is 0 after the last step. The scan
+    # carries nothing across c_t = 0, so a non-finite correction from the next episode cannot
+    # leak into a cut step.
+    corrections = reverse_linear_scan(td_errors, discounts * trace_coefficients, torch.zeros_like(bootstrap_value))
     vs = values + corrections
 
     # q_{t+1}: v_{t+1} within the unroll, the bootstrap value after it, V(x_{t+1}) after a cut.

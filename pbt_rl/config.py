@@ -145,7 +145,7 @@ class RunConfig:
     members_per_gpu: int = _f(0, "Members sharing one GPU; 0 = all members on one GPU.", min=0)
     total_threads: int = _f(0, "CPU threads for env stepping across the population; 0 = all cores.", min=0)
     torch_threads: int = _f(0, "torch intra-op threads per member; 0 = 1 on GPU, the member's share of env threads on CPU.", min=0)
-    gpu_wait: str = _f("block", "How a member's threads wait for its GPU: 'block' (sleep until the GPU is done, leaving the core to env threads) or 'spin' (CUDA's default with fewer processes than cores: busy-wait).", choices=("block", "spin"))
+    gpu_wait: str = _f("auto", "How a member's threads wait for their GPU: 'auto' (CUDA's choice: spin while a process has fewer contexts than there are cores), 'spin' (busy-wait: lowest latency), 'yield' (spin, yielding the core to runnable threads) or 'block' (sleep until the GPU signals: frees the core, adds wake-up latency).", choices=("auto", "spin", "yield", "block"))
 
 
 @dataclass(frozen=True)

@@ -466,7 +466,7 @@ class _FakeDriver:
         return 0
 
 
-@pytest.mark.parametrize("mode, flags", [("block", 0x04), ("spin", 0x01)])
+@pytest.mark.parametrize("mode, flags", [("block", 0x04), ("yield", 0x02), ("spin", 0x01)])
 def test_set_gpu_wait_sets_the_primary_context_scheduling_flag(mode, flags):
     from pbt_rl.agents.base import set_gpu_wait
 
@@ -483,7 +483,8 @@ def test_set_gpu_wait_changes_nothing_without_a_usable_driver():
 
     loaded = []
     assert not set_gpu_wait(torch.device("cpu"), "block", loader=loaded.append)
-    assert loaded == []  # a CPU learner never touches the driver
+    assert not set_gpu_wait(torch.device("cuda"), "auto", loader=loaded.append)
+    assert loaded == []  # a CPU learner, or CUDA's own choice, never touches the driver
     assert not set_gpu_wait(torch.device("cuda"), "block", loader=missing)
     old_driver = _FakeDriver(with_v2=False)
     assert not set_gpu_wait(torch.device("cuda"), "block", loader=lambda name: old_driver)

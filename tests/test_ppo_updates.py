@@ -164,7 +164,7 @@ def classic_update(learner, unroll: Unroll) -> dict[str, float]:
     grad_norm = learner._gradient_step(total)
     learner.updates += 1
     parts = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy, "total_loss": total}
-    return {**{name: value.item() for name, value in parts.items()}, "grad_norm": grad_norm}
+    return {**{name: value.item() for name, value in parts.items()}, "grad_norm": grad_norm.item()}
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbt_rl.agents.returns import gae, lambda_returns, n_step_returns
+from pbt_rl.agents.returns import gae, lambda_returns, n_step_returns, reverse_linear_scan
 
 
 def random_unroll(T: int, B: int, seed: int, gamma: float = 0.9, p_end: float = 0.2):
@@ -151,3 +151,36 @@ def test_zero_discounts_give_the_rewards(T, B, lam, seed):
     rewards, values, bootstrap, _, cut = random_unroll(T, B, seed)
     returns = lambda_returns(rewards, values, bootstrap, torch.zeros(T, B, dtype=torch.float64), cut, lam)
     assert torch.equal(returns, rewards)
+
+
+def looped_scan(x, coefficients, final):
+    """``y_t = x_t + a_t y_{t+1}`` one step at a time, carrying nothing where ``a_t == 0``."""
+    out = torch.empty_like(x)
+    following = final
+    for t in reversed(range(x.shape[0])):
+        carried = torch.where(coefficients[t] == 0, torch.zeros_like(following), coefficients[t] * following)
+        out[t] = x[t] + carried
+        following = out[t]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 80), B=st.integers(1, 4), block=st.sampled_from([1, 3, 7, 32]),
+       p_zero=st.sampled_from([0.0, 0.2, 0.6]), seed=st.integers(0, 2**16))
+def test_reverse_linear_scan_matches_the_step_by_step_recursion(T, B, block, p_zero, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, generator=gen, dtype=torch.float64)
+    coefficients = torch.rand(T, B, generator=gen, dtype=torch.float64) * 1.2  # some above 1
+    coefficients[torch.rand(T, B, generator=gen) < p_zero] = 0.0
+    final = torch.randn(B, generator=gen, dtype=torch.float64)
+    out = reverse_linear_scan(x, coefficients, final, block=block)
+    torch.testing.assert_close(out, looped_scan(x, coefficients, final), rtol=1e-12, atol=1e-12)
+
+
+def test_reverse_linear_scan_carries_nothing_across_a_zero_coefficient():
+    # Steps 3.. hold infinities (a diverged next episode); a_2 = 0 cuts them off steps 0..2.
+    x = torch.tensor([[1.0], [2.0], [3.0], [float("inf")], [float("nan")]])
+    coefficients = torch.tensor([[0.5], [0.5], [0.0], [0.5], [0.5]])
+    out = reverse_linear_scan(x, coefficients, torch.tensor([float("inf")]), block=4)
+    assert out[:3, 0].tolist() == [1.0 + 0.5 * (2.0 + 0.5 * 3.0), 2.0 + 0.5 * 3.0, 3.0]
+    assert not torch.isfinite(out[3:]).any()
