@@ -21,6 +21,7 @@ a donor checkpoint at ``t`` holds the weights from *before* any exploit of the d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,113 @@ def ancestry_length(segments: list[Segment]) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# Best fitness over wall time (time-to-score)
+# ----------------------------------------------------------------------------------------
+
+
+def _timed_rows(run: RunFiles) -> dict[int, list[dict]]:
+    """Each member's metrics rows that have ``wall_seconds``, oldest first (file order on ties)."""
+    timed = {}
+    for member, rows in run.metrics.items():
+        with_time = [row for row in rows if row.get("wall_seconds") is not None]
+        timed[member] = sorted(with_time, key=lambda row: float(row["wall_seconds"]))  # stable sort
+    return timed
+
+
+def best_fitness_over_time(run: str | Path | RunFiles, every_seconds: float = 60.0) -> list[dict]:
+    """The population's best fitness at regular wall times, for "score X after N minutes".
+
+    Checkpoint times are ``every_seconds``, ``2 * every_seconds``, ... (wall seconds since the run
+    started) up to and including the last metrics row's ``wall_seconds``, plus one final entry at
+    that last time when it is not a multiple of ``every_seconds``. At time ``t`` a member's fitness
+    is the one in its latest metrics row with ``wall_seconds <= t`` (not a later row, not its best
+    ever); a member whose latest row has a null fitness (too few episodes, e.g. just after an
+    exploit) or that has no row yet does not count. Ties go to the lowest member id.
+
+    Returns one dict per checkpoint time, in time order: ``{"wall_seconds": t, "best_fitness":
+    float | None, "member": int | None, "env_steps": int | None}``, ``env_steps`` being that
+    member's own env steps in that row. Empty when there are no metrics rows.
+    """
+    if not every_seconds > 0:
+        raise ValueError(f"every_seconds must be positive, got {every_seconds!r}")
+    run = _as_run(run)
+    timed = _timed_rows(run)
+    times = [float(row["wall_seconds"]) for rows in timed.values() for row in rows]
+    if not times:
+        return []
+    last = max(times)
+    checkpoints_at = [k * every_seconds for k in range(1, int(last // every_seconds) + 1)]
+    if not checkpoints_at or checkpoints_at[-1] < last:
+        checkpoints_at.append(last)
+
+    entries = []
+    position = {member: -1 for member in timed}  # index of each member's latest row at or before t
+    for t in checkpoints_at:
+        best: tuple[float, int, int] | None = None  # (fitness, member, env_steps)
+        for member in sorted(timed):
+            rows = timed[member]
+            i = position[member]
+            while i + 1 < len(rows) and float(rows[i + 1]["wall_seconds"]) <= t:
+                i += 1
+            position[member] = i
+            if i < 0 or rows[i].get("fitness") is None:
+                continue
+            fitness = float(rows[i]["fitness"])
+            if best is None or fitness > best[0]:
+                best = (fitness, member, int(rows[i]["env_steps"]))
+        entries.append({
+            "wall_seconds": t,
+            "best_fitness": best[0] if best else None,
+            "member": best[1] if best else None,
+            "env_steps": best[2] if best else None,
+        })
+    return entries
+
+
+def first_time_reaching(run: str | Path | RunFiles, score: float) -> dict | None:
+    """The first metrics row, over all members, whose fitness is at least ``score``.
+
+    "First" is the smallest ``wall_seconds`` (wall seconds since the run started); ties go to the
+    lowest member id, then the member's earlier row. Returns ``{"wall_seconds", "member",
+    "env_steps", "fitness"}`` (``env_steps`` on that member's own counter), or None if no member
+    ever reported a fitness of ``score`` or more.
+    """
+    run = _as_run(run)
+    found: tuple[float, int, int, float] | None = None
+    for member, rows in sorted(_timed_rows(run).items()):
+        for row in rows:
+            if row.get("fitness") is None or float(row["fitness"]) < score:
+                continue
+            candidate = (float(row["wall_seconds"]), member, int(row["env_steps"]), float(row["fitness"]))
+            if found is None or candidate[:2] < found[:2]:
+                found = candidate
+            break  # rows are in time order: later rows of this member are no earlier
+    if found is None:
+        return None
+    return {"wall_seconds": found[0], "member": found[1], "env_steps": found[2], "fitness": found[3]}
+
+
+# Intervals (wall seconds) the report's time table steps through to stay at most MAX_TIME_TABLE_ROWS long.
+TIME_TABLE_INTERVALS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0)
+MAX_TIME_TABLE_ROWS = 30
+
+
+def time_table_interval(last_wall_seconds: float, max_rows: int = MAX_TIME_TABLE_ROWS) -> float:
+    """The smallest interval (wall seconds) of TIME_TABLE_INTERVALS giving at most ``max_rows``
+    entries up to ``last_wall_seconds``; beyond a day, a whole number of days."""
+    for interval in TIME_TABLE_INTERVALS:
+        if math.ceil(last_wall_seconds / interval) <= max_rows:
+            return interval
+    return math.ceil(last_wall_seconds / max_rows / 86400.0) * 86400.0
+
+
+def _format_wall_time(seconds: float) -> str:
+    """Wall seconds as minutes:seconds, e.g. 60 -> "1:00", 125.4 -> "2:05", 5400 -> "90:00"."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+# ----------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------
 
@@ -443,6 +551,26 @@ def _plot_returns(run: RunFiles, best: int | None, path: Path) -> None:
     plt.close(fig)
 
 
+def _time_table_markdown(run: RunFiles) -> list[str]:
+    """The "Best fitness over wall time" section; no lines when there are no metrics rows."""
+    times = [float(row["wall_seconds"]) for rows in _timed_rows(run).values() for row in rows]
+    if not times:
+        return []
+    every = time_table_interval(max(times))
+    lines = ["## Best fitness over wall time", "",
+             f"Best current fitness over members every {_format_wall_time(every)} (min:s) of wall time since "
+             "the run started; each member counts with its latest progress row at that time.", "",
+             "| wall time (min:s) | best fitness | member | env steps of that member |", "|---|---|---|---|"]
+    for entry in best_fitness_over_time(run, every):
+        if entry["member"] is None:
+            lines.append(f"| {_format_wall_time(entry['wall_seconds'])} | - | - | - |")
+        else:
+            lines.append(f"| {_format_wall_time(entry['wall_seconds'])} | {_format_value(entry['best_fitness'])} | "
+                         f"{entry['member']} | {entry['env_steps']} |")
+    lines.append("")
+    return lines
+
+
 def _summary_markdown(run: RunFiles, best: int | None, segments: list[Segment], schedule) -> str:
     lines = [f"# {run.config.run.name}: PBT report", ""]
     status = "finished" if run.summary is not None else "in progress (no summary.json yet)"
@@ -474,6 +602,7 @@ def _summary_markdown(run: RunFiles, best: int | None, segments: list[Segment], 
             lines.append(f"| {segment.timeline_start} | {segment.timeline_start + segment.length} | "
                          f"{segment.member} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _time_table_markdown(run)
     lines += ["## Members", "", "| member | env steps | fitness | exploits |", "|---|---|---|---|"]
     for m in run.members:
         exploits = sum(1 for row in run.lineage if int(row["member"]) == m)

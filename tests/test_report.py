@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from pbt_rl.config import ConfigError, dump_yaml, from_dict
-from pbt_rl.report import ancestry, best_member, load_run, resolve_member, schedule_of, write_report
+from pbt_rl.report import (
+    ancestry,
+    best_fitness_over_time,
+    best_member,
+    first_time_reaching,
+    load_run,
+    resolve_member,
+    schedule_of,
+    time_table_interval,
+    write_report,
+)
 
 SEARCH_SPACE = {
     "lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-1},
@@ -178,3 +188,117 @@ def test_report_on_a_run_in_progress_without_exploits(tmp_path):
     for name in ("lineage.png", "hp_lr.png", "returns.png"):
         _assert_png(out / name)
     assert "in progress" in (out / "summary.md").read_text()
+
+
+# Progress rows (wall_seconds, env_steps, fitness) per member, for the wall-time table. Member 0 peaks
+# at 130 s and falls back; member 1 has no fitness until 100 s; member 2's fitness goes null after an
+# exploit at 110 s (its fitness restarts), so from then on it does not count.
+TIMED_ROWS = {
+    0: [(10.0, 100, None), (50.0, 500, 5.0), (130.0, 1300, 30.0), (200.0, 2000, 8.0)],
+    1: [(30.0, 300, None), (100.0, 1000, 12.0), (190.0, 1900, 20.0)],
+    2: [(40.0, 400, 50.0), (110.0, 1100, None)],
+}
+
+
+def write_timed_metrics(run_dir: Path, timed_rows: dict = TIMED_ROWS) -> Path:
+    """Replace the synthetic run's metrics.jsonl files with rows at the given wall times."""
+    for member, rows in timed_rows.items():
+        with open(run_dir / "members" / str(member) / "metrics.jsonl", "w") as metrics:
+            for wall, steps, fitness in rows:
+                metrics.write(json.dumps({
+                    "time": 1.0e9 + wall, "wall_seconds": wall, "member": member, "env_steps": steps,
+                    "updates": steps // 10, "fitness": fitness, "episode_returns": [1.0], "episode_lengths": [20],
+                    "losses": {}, "env_steps_per_second": 1000.0, "hyperparameters": INITIAL[member],
+                }) + "\n")
+    return run_dir
+
+
+def test_best_fitness_over_time_takes_each_members_latest_row(tmp_path):
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"))
+    table = best_fitness_over_time(run_dir, every_seconds=60.0)
+    assert table == [
+        # 60 s: member 2's 50 (40 s) beats member 0's 5 (50 s); member 1 has no fitness yet.
+        {"wall_seconds": 60.0, "best_fitness": 50.0, "member": 2, "env_steps": 400},
+        # 120 s: member 2's latest row is null, member 0's 30 (130 s) is still in the future.
+        {"wall_seconds": 120.0, "best_fitness": 12.0, "member": 1, "env_steps": 1000},
+        {"wall_seconds": 180.0, "best_fitness": 30.0, "member": 0, "env_steps": 1300},
+        # The final partial entry at the last row's time: member 0 fell back to 8, not its best ever 30.
+        {"wall_seconds": 200.0, "best_fitness": 20.0, "member": 1, "env_steps": 1900},
+    ]
+    # Before any member has a fitness the entry is empty; an exact multiple gets no extra entry.
+    table = best_fitness_over_time(run_dir, every_seconds=20.0)
+    assert table[0] == {"wall_seconds": 20.0, "best_fitness": None, "member": None, "env_steps": None}
+    assert [entry["wall_seconds"] for entry in table] == [20.0 * k for k in range(1, 11)]
+    assert table[2] == {"wall_seconds": 60.0, "best_fitness": 50.0, "member": 2, "env_steps": 400}
+    with pytest.raises(ValueError, match="every_seconds"):
+        best_fitness_over_time(run_dir, every_seconds=0.0)
+
+
+def test_best_fitness_over_time_ties_and_empty_runs(tmp_path):
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"), {
+        0: [(30.0, 300, 7.0)], 1: [(20.0, 200, 7.0)], 2: [],
+    })
+    assert best_fitness_over_time(run_dir, every_seconds=60.0) == [
+        {"wall_seconds": 30.0, "best_fitness": 7.0, "member": 0, "env_steps": 300},  # tie: lowest member id
+    ]
+    empty = write_timed_metrics(write_synthetic_run(tmp_path / "empty"), {0: [], 1: [], 2: []})
+    assert best_fitness_over_time(empty) == []
+    assert first_time_reaching(empty, 0.0) is None
+
+
+def test_first_time_reaching_is_the_earliest_crossing_over_members(tmp_path):
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"))
+    # Member 2's 50 at 40 s comes before member 0's 5 at 50 s and member 1's 12 at 100 s.
+    assert first_time_reaching(run_dir, 10.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run_dir, 5.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run_dir, 20.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run_dir, 51.0) is None
+    # Without member 2: member 1's 12 at 100 s is earlier than member 0's 30 at 130 s.
+    rows = {m: r for m, r in TIMED_ROWS.items() if m != 2} | {2: []}
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run2"), rows)
+    assert first_time_reaching(run_dir, 10.0) == {"wall_seconds": 100.0, "member": 1, "env_steps": 1000, "fitness": 12.0}
+    assert first_time_reaching(run_dir, 25.0) == {"wall_seconds": 130.0, "member": 0, "env_steps": 1300, "fitness": 30.0}
+    assert first_time_reaching(run_dir, 5.0) == {"wall_seconds": 50.0, "member": 0, "env_steps": 500, "fitness": 5.0}
+
+
+def test_time_table_interval_keeps_the_table_short():
+    assert time_table_interval(200.0) == 60.0
+    assert time_table_interval(1800.0) == 60.0  # exactly 30 rows
+    assert time_table_interval(1801.0) == 300.0
+    assert time_table_interval(4 * 3600.0) == 600.0
+    assert time_table_interval(10 * 3600.0) == 1800.0
+    assert time_table_interval(40 * 3600.0) == 7200.0
+    assert time_table_interval(100 * 86400.0) == 4 * 86400.0
+
+
+def test_report_summary_has_best_fitness_over_wall_time(tmp_path):
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"))
+    summary = (write_report(run_dir) / "summary.md").read_text()
+    section = "## Best fitness over wall time"
+    assert section in summary
+    assert summary.index("## Ancestry") < summary.index(section) < summary.index("## Members")
+    assert "| wall time (min:s) | best fitness | member | env steps of that member |" in summary
+    assert "| 1:00 | 50 | 2 | 400 |" in summary
+    assert "| 2:00 | 12 | 1 | 1000 |" in summary
+    assert "| 3:00 | 30 | 0 | 1300 |" in summary
+    assert "| 3:20 | 20 | 1 | 1900 |" in summary
+    # The standard synthetic run: rows every 50 s, nobody has a fitness at 50 s, last row at 300 s.
+    summary = (write_report(write_synthetic_run(tmp_path / "plain")) / "summary.md").read_text()
+    assert "| 1:00 | - | - | - |" in summary  # every member's latest row (50 s) has a null fitness
+    assert "| 2:00 | 13.33 | 1 | 100 |" in summary
+    assert "| 5:00 | 40 | 1 | 300 |" in summary
+    assert "| 5:50" not in summary and summary.count("| 5:00 |") == 1  # 300 s is a multiple: no extra entry
+
+
+def test_report_summary_wall_time_table_stays_short_and_is_skipped_without_rows(tmp_path):
+    long_rows = {m: [(600.0 * k, 1000 * k, float(k + m)) for k in range(1, 61)] for m in INITIAL}  # 10 hours
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "long"), long_rows)
+    summary = (write_report(run_dir) / "summary.md").read_text()
+    table = summary.split("## Best fitness over wall time")[1].split("## Members")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| wall")]
+    assert len(rows) == 20  # every 30 minutes over 10 hours
+    assert rows[0] == "| 30:00 | 5 | 2 | 3000 |"
+    assert rows[-1] == "| 600:00 | 62 | 2 | 60000 |"
+    empty = write_timed_metrics(write_synthetic_run(tmp_path / "empty", finished=False), {0: [], 1: [], 2: []})
+    summary = (write_report(empty) / "summary.md").read_text()
+    assert "## Best fitness over wall time" not in summary and "## Members" in summary
