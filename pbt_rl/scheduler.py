@@ -16,7 +16,13 @@ report) and, for each member:
    :meth:`Scheduler.decide_generation` (``pbt.mode: sync``), and applies the decision:
    on :class:`Exploit` the member loads ``donor_checkpoint``, *then* sets ``new_hyperparameters``
    and resets its ``episode_returns`` to empty. Its env-step counter continues from its own
-   ``env_steps``.
+   ``env_steps``. Until it saves its own next checkpoint, its ``checkpoint_id`` is the donor
+   checkpoint it loaded and its ``checkpoint_env_steps`` that checkpoint's ``donor_env_steps``;
+4. when a member fails repeatedly or diverges, asks :meth:`Scheduler.reseed` for a donor to
+   restart from (see *Reseeding*).
+
+The runtime sets ``checkpoint_env_steps`` together with ``checkpoint_id``: the env steps at which
+the weights in that checkpoint were saved (by whichever member saved them).
 
 Units: ``env_steps`` are a member's env steps summed over its envs (see docs/design.md).
 
@@ -25,8 +31,26 @@ Fitness
 The mean of the last ``pbt.fitness_window`` finished-episode returns since the member's last
 exploit; NaN while it has fewer than ``pbt.min_episodes``. A member with too few episodes always
 gets :class:`Continue` (with the reason). A non-finite fitness with enough episodes (a diverged
-member reporting NaN returns) ranks worst: such a member exploits when anyone is better, and is
-never a donor. Members without a ``checkpoint_id`` are never donors.
+member reporting NaN returns) ranks worst: such a member exploits when anyone is better.
+
+Donors
+------
+A member is *eligible as a donor* only if, at the moment of the decision,
+
+- it is currently scored: at least ``pbt.min_episodes`` returns in its current
+  ``episode_returns`` (a member that just exploited has none, whatever its ``score_history``);
+- its current fitness (:meth:`Scheduler.fitness`) is finite (a member whose latest returns are
+  NaN has diverged: the weights it would hand over are the ones that produced them);
+- it has a ``checkpoint_id`` *and* a ``checkpoint_env_steps`` (a checkpoint whose env steps are
+  unknown counts as no checkpoint).
+
+This holds for every strategy, in :meth:`Scheduler.decide`, :meth:`Scheduler.decide_generation`
+and :meth:`Scheduler.reseed`. It restricts who may be *copied*, not who is *ranked*: an ineligible
+member still takes its place in a ranking or a draw (so the async fair comparison below is
+unchanged), and a decision that lands on it continues, saying why.
+:meth:`Scheduler.donor_problem` returns that reason (None for an eligible donor).
+``Exploit.donor_env_steps`` is the donor's ``checkpoint_env_steps``: the env steps of the weights
+actually copied, which after an exploit may be another member's checkpoint.
 
 Fair comparison (async mode)
 ----------------------------
@@ -38,7 +62,9 @@ ready point (it stops at the end of an unroll), so that members reaching the sam
 steps apart still see each other: it is compared with others as they were when
 they had trained no longer than m has. Members without such an entry are not compared with at
 all (neither ranked nor donors). The donor checkpoint is still the donor's latest one
-(``checkpoint_id``, ``donor_env_steps = donor.env_steps``): m copies the donor as it is now.
+(``checkpoint_id``, ``donor_env_steps = donor.checkpoint_env_steps``): m copies the donor as it
+is now, which is why the donor must be eligible *now* (see *Donors*), not only at its recorded
+score.
 
 In sync mode all members sit at the same generation boundary, so every member decides against
 one snapshot: everyone's current fitness (env steps of a generation differ only by the last
@@ -46,13 +72,14 @@ unroll's overshoot, which must not exclude anyone).
 
 Exploit strategies (``pbt.exploit``)
 ------------------------------------
-Every strategy copies only a donor that is *strictly* better than the member by the margin
+Every strategy copies only an eligible donor (see *Donors*) that is *strictly* better than the
+member by the margin
 ``max(pbt.margin_absolute, pbt.margin_relative * |member score|)`` (0 by default, so equal scores
 never copy each other). A member never copies itself.
 
 - ``truncation``: rank the compared members (the member itself plus the scored others) by score.
-  The bottom ``k`` copy a member of the top ``k``, chosen uniformly among the top members that beat
-  the member by the margin, with ``k = truncation_count(n, pbt.truncation_fraction)
+  The bottom ``k`` copy a member of the top ``k``, chosen uniformly among the top members that are
+  eligible donors and beat the member by the margin, with ``k = truncation_count(n, pbt.truncation_fraction)
   = max(1, floor(n * fraction))``. So n=10 at 0.2 gives k=2, and n=2, 3, 4 still give one
   exploiter and one donor; since the fraction is at most 0.5, the bottom and top never overlap.
 - ``tournament``: binary tournament. Pick one other compared member uniformly; copy it if it is
@@ -61,16 +88,36 @@ never copy each other). A member never copies itself.
   best); copy it only if Welch's t-test (``scipy.stats.ttest_ind(equal_var=False,
   alternative="greater")``) on the last ``pbt.fitness_window`` returns of each says the donor's
   mean is higher with p < ``pbt.ttest_alpha``, and the donor's mean beats the member's by the
-  margin. Both need at least two returns. Two constant samples count as significant exactly when
-  the donor's mean is higher. The samples are the members' current returns (a
-  :class:`MemberState` carries no older ones), so only the *choice* of opponent is restricted to
-  members scored at ``<= s`` env steps. ``donor_score`` is the mean of the donor's sample.
+  margin. Both members need at least ``max(2, pbt.min_episodes)`` current returns and both samples
+  at least two (so ``fitness_window: 1`` never copies); a diverged member (a non-finite return in
+  its sample) copies an eligible opponent without a test. Two constant samples count as
+  significant exactly when the donor's mean is higher. The samples are the members' current
+  returns (a :class:`MemberState` carries no older ones), so only the *choice* of opponent is
+  restricted to members scored at ``<= s`` env steps.
+
+``Exploit.member_score`` / ``donor_score`` are the scores the decision compared: the member's
+current fitness, and for the donor (truncation, tournament) its fair score (async: its recorded
+score at ``<= s + slack``, which may differ from its current fitness; sync: its current fitness),
+or (t-test) the mean of its sample, i.e. its current fitness.
+
+Reseeding (:meth:`Scheduler.reseed`)
+------------------------------------
+A member that failed repeatedly or diverged restarts from someone else's weights: the best other
+member by *current* fitness among those eligible as donors (see *Donors*) and not in
+``excluded`` (the runtime passes abandoned members), ties broken by the generator as in a
+ranking. No margin and no fair comparison apply (the member's own weights are what failed): the
+donor need not be better than the member. The new hyperparameters
+come from the same explore step as an exploit (``pbt.explore``, ``pbt.resample_probability``, the
+scheduler's generator). The returned :class:`Exploit` has ``member_score`` = the member's current
+fitness (NaN when unscored), ``env_steps`` = the member's ``env_steps`` and ``donor_score`` = the
+donor's current fitness; ``None`` when no member is eligible (then nothing is drawn).
 
 Ties
 ----
 Ranking breaks ties (and orders non-finite scores among themselves) by a random permutation
 drawn from the scheduler's generator: reproducible for a seed, and no member id is favoured.
-Since copying needs a strictly better donor, ties only decide who sits at a truncation boundary.
+Since copying needs a strictly better donor, ties only decide who sits at a truncation boundary
+(and, in :meth:`Scheduler.reseed`, which of equally fit donors is copied).
 
 Sync mode (``decide_generation``)
 ---------------------------------
@@ -85,7 +132,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import scipy.stats
@@ -105,6 +152,9 @@ class MemberState:
     score_history: (env_steps, fitness) at each of this member's ready points, in order.
     hyperparameters: the member's current values (at least every search-space name).
     checkpoint_id: the member's latest checkpoint (what a copier loads); None before the first.
+        After an exploit, the donor checkpoint it loaded until it saves its own next one.
+    checkpoint_env_steps: the env steps at which the weights in ``checkpoint_id`` were saved (the
+        donor's, after an exploit); None when unknown, and then the member is never a donor.
     """
 
     member_id: int
@@ -114,6 +164,7 @@ class MemberState:
     score_history: tuple[tuple[int, float], ...]
     hyperparameters: Mapping[str, Value]
     checkpoint_id: str | None
+    checkpoint_env_steps: int | None = None
 
 
 def _json_value(value: Any) -> Any:
@@ -145,7 +196,9 @@ class Exploit:
 
     new_hyperparameters: the donor's hyperparameters after exploration (search-space names
         explored, every other key copied from the donor). operations: name -> what explore did.
-    member_score / donor_score: the scores the decision compared (NaN member score = diverged).
+    donor_env_steps: the env steps of the copied weights (the donor's ``checkpoint_env_steps``).
+    member_score / donor_score: the scores the decision compared (NaN member score = diverged or,
+        for a reseed, unscored); see the module docstring.
     """
 
     member_id: int
@@ -225,6 +278,19 @@ class Scheduler:
                 best = (steps, float(score))
         return None if best is None else best[1]
 
+    def donor_problem(self, member: MemberState) -> str | None:
+        """Why the member may not be copied now, or None if it is an eligible donor (module docstring)."""
+        if member.checkpoint_id is None:
+            return "has no checkpoint"
+        if member.checkpoint_env_steps is None:
+            return "has a checkpoint without checkpoint_env_steps"
+        episodes = len(member.episode_returns)
+        if episodes < self.config.min_episodes:
+            return f"is not scored now: {episodes} finished episodes < pbt.min_episodes={self.config.min_episodes}"
+        if not math.isfinite(self.fitness(member)):
+            return "has a non-finite current fitness (diverged)"
+        return None
+
     # ------------------------------------------------------------------ decisions
 
     def decide(self, member_id: int, population: Mapping[int, MemberState]) -> Decision:
@@ -300,6 +366,26 @@ class Scheduler:
             decisions[member_id] = decision
         return dict(sorted(decisions.items()))
 
+    def reseed(
+        self,
+        member_id: int,
+        population: Mapping[int, MemberState],
+        excluded: Collection[int] = (),
+    ) -> Exploit | None:
+        """A donor for a member that failed or diverged: the best other eligible member by current
+        fitness, not in ``excluded``, explored; None if there is none (module docstring, *Reseeding*)."""
+        member = population[member_id]
+        excluded = set(excluded)
+        candidates = {
+            other_id: self.fitness(population[other_id])
+            for other_id in sorted(population)
+            if other_id != member_id and other_id not in excluded and self.donor_problem(population[other_id]) is None
+        }
+        if not candidates:
+            return None
+        donor_id = self._worst_first(candidates)[-1]
+        return self._exploit(member, self.fitness(member), population[donor_id], candidates[donor_id])
+
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
@@ -355,32 +441,39 @@ class Scheduler:
     ) -> Decision:
         eligible = [
             d for d in sorted(top)
-            if d != member.member_id and population[d].checkpoint_id is not None and self._beats(scores[d], own)
+            if d != member.member_id and self.donor_problem(population[d]) is None and self._beats(scores[d], own)
         ]
         if not eligible:
-            return Continue(member.member_id, member.env_steps, f"bottom member, but no top member {sorted(top)} is better by the margin")
+            return Continue(
+                member.member_id,
+                member.env_steps,
+                f"bottom member, but no top member {sorted(top)} is an eligible donor better by the margin",
+            )
         donor_id = eligible[int(self._rng.integers(len(eligible)))]
         return self._exploit(member, own, population[donor_id], scores[donor_id])
 
     def _duel(self, member: MemberState, own: float, opponent: MemberState, opponent_score: float) -> Decision:
         """Tournament or t-test between the member and one opponent."""
-        if opponent.checkpoint_id is None:
-            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} has no checkpoint")
+        problem = self.donor_problem(opponent)
+        if problem is not None:
+            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} {problem}")
         if self.config.exploit == "tournament":
             if self._beats(opponent_score, own):
                 return self._exploit(member, own, opponent, opponent_score)
             return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} is not better by the margin")
 
         window = self.config.fitness_window
+        needed = max(2, self.config.min_episodes)
         mine = np.asarray(member.episode_returns[-window:], dtype=np.float64)
         theirs = np.asarray(opponent.episode_returns[-window:], dtype=np.float64)
-        if len(theirs) < 2 or not np.all(np.isfinite(theirs)):
-            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} has fewer than 2 finite returns for the t-test")
+        # Eligible, so the opponent's sample (the window of its finite fitness) is finite.
+        if len(opponent.episode_returns) < needed or len(theirs) < 2:
+            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} has fewer than {needed} returns for the t-test")
         donor_mean = float(theirs.mean())
         if not np.all(np.isfinite(mine)):  # diverged: anything finite is better
             return self._exploit(member, own, opponent, donor_mean)
-        if len(mine) < 2:
-            return Continue(member.member_id, member.env_steps, "fewer than 2 returns for the t-test")
+        if len(member.episode_returns) < needed or len(mine) < 2:
+            return Continue(member.member_id, member.env_steps, f"fewer than {needed} returns for the t-test")
         p_value = welch_p_value_greater(theirs, mine)
         if p_value < self.config.ttest_alpha and self._beats(donor_mean, float(mine.mean())):
             return self._exploit(member, own, opponent, donor_mean)
@@ -391,7 +484,8 @@ class Scheduler:
         )
 
     def _exploit(self, member: MemberState, own: float, donor: MemberState, donor_score: float) -> Exploit:
-        assert donor.member_id != member.member_id and donor.checkpoint_id is not None
+        assert donor.member_id != member.member_id and self.donor_problem(donor) is None
+        assert donor.checkpoint_id is not None and donor.checkpoint_env_steps is not None
         new, operations = self.search_space.explore(
             donor.hyperparameters, self._rng, self.config.explore, self.config.resample_probability
         )
@@ -400,7 +494,7 @@ class Scheduler:
             env_steps=member.env_steps,
             donor_id=donor.member_id,
             donor_checkpoint=donor.checkpoint_id,
-            donor_env_steps=donor.env_steps,
+            donor_env_steps=int(donor.checkpoint_env_steps),
             old_hyperparameters=dict(member.hyperparameters),
             new_hyperparameters=new,
             operations=operations,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -31,15 +32,19 @@ def hyperparameters(member_id):
     return {"lr": 1e-3, "unroll_length": 5 + member_id % 10, "gamma": 0.99, "algo": "a2c"}
 
 
-def member(member_id, score, env_steps=STEPS, returns=None, history=None, checkpoint="auto"):
-    """A member whose current window and single ready-point record both have ``score``."""
+def member(member_id, score, env_steps=STEPS, returns=None, history=None, checkpoint="auto", checkpoint_steps="auto"):
+    """A member whose current window and single ready-point record both have ``score``; its
+    checkpoint (if any) is its own, saved at its current env steps unless told otherwise."""
     if returns is None:
         returns = (score,) * 3
     if history is None:
         history = ((env_steps, score),)
     if checkpoint == "auto":
         checkpoint = f"members/{member_id}/checkpoints/{env_steps:012d}.pt"
-    return MemberState(member_id, env_steps, env_steps, tuple(returns), tuple(history), hyperparameters(member_id), checkpoint)
+    if checkpoint_steps == "auto":
+        checkpoint_steps = None if checkpoint is None else env_steps
+    return MemberState(member_id, env_steps, env_steps, tuple(returns), tuple(history), hyperparameters(member_id),
+                       checkpoint, checkpoint_env_steps=checkpoint_steps)
 
 
 def population(scores, **kwargs):
@@ -122,7 +127,9 @@ def test_small_populations_get_one_exploiter_copying_the_best(n, sync):
 
 def test_exploit_carries_the_donor_checkpoint_and_explored_hyperparameters():
     pop = population([1.0, 5.0])
-    pop[1] = MemberState(1, 61_234, 50_000, (5.0,), ((50_000, 5.0),), hyperparameters(1), "members/1/checkpoints/000000061234.pt")
+    # The donor has trained on (70k env steps) since its latest checkpoint (61,234).
+    pop[1] = MemberState(1, 70_000, 50_000, (5.0,), ((50_000, 5.0),), hyperparameters(1),
+                         "members/1/checkpoints/000000061234.pt", 61_234)
     decision = Scheduler(config(explore="perturb"), seed=0).decide(0, pop)
     assert isinstance(decision, Exploit)
     assert (decision.member_id, decision.env_steps, decision.donor_id) == (0, STEPS, 1)
@@ -395,6 +402,113 @@ def test_relative_margin_scales_with_the_member_score(strategy):
     assert isinstance(scheduler.decide(0, pop(-10.0, -4.0)), Exploit)
 
 
+# ---------------------------------------------------------------------------- who may be a donor
+
+STRATEGIES = ["truncation", "tournament", "ttest"]
+
+
+def spread(score, n=3):
+    """``n`` returns around ``score`` (some variance for the t-test)."""
+    return tuple(score + 0.1 * ((k % 3) - 1) for k in range(n))
+
+
+def diverged_donor_population():
+    """The reported bug: member 1 scored 9 at 50k, then its returns went NaN; its checkpoint is at 100k."""
+    nan = math.nan
+    return {
+        0: member(0, 1.0, returns=spread(1.0)),
+        1: MemberState(1, 100_000, 100_000, (9.0, 9.0, nan), ((50_000, 9.0), (100_000, nan)),
+                       hyperparameters(1), "m1@100k", checkpoint_env_steps=100_000),
+    }
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_member_diverged_since_its_recorded_score_is_not_a_donor_async(strategy):
+    pop = diverged_donor_population()
+    for seed in range(10):
+        scheduler = Scheduler(config(population_size=2, exploit=strategy), seed=seed)
+        decision = scheduler.decide(0, pop)  # ranked on member 1's 9.0 at 50k, but 1 is NaN now
+        assert isinstance(decision, Continue)
+        # The diverged member itself still copies member 0.
+        copied = scheduler.decide(1, pop)
+        assert isinstance(copied, Exploit) and copied.donor_id == 0 and math.isnan(copied.member_score)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_member_diverged_since_its_recorded_score_is_not_a_donor_sync(strategy):
+    pop = diverged_donor_population()
+    for seed in range(10):
+        decisions = Scheduler(config(population_size=2, exploit=strategy, mode="sync"), seed=seed).decide_generation(pop)
+        assert exploiters(decisions) == {1: 0}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_member_not_scored_now_is_not_a_donor_whatever_its_history(strategy, sync):
+    # Member 1 was the best at its 50k ready point and has since exploited (returns emptied): two
+    # new returns, fewer than min_episodes=3. Its 50k score still ranks it above member 0.
+    pop = {
+        0: member(0, 1.0, returns=spread(1.0)),
+        1: member(1, 9.0, env_steps=60_000, returns=(9.0, 9.5), history=((50_000, 9.0),)),
+    }
+    for seed in range(10):
+        scheduler = Scheduler(config(population_size=2, exploit=strategy, min_episodes=3), seed=seed)
+        decisions = scheduler.decide_generation(pop) if sync else decide_all(scheduler, pop)
+        assert exploiters(decisions) == {}
+    if not sync:
+        scheduler = Scheduler(config(population_size=2, exploit="tournament", min_episodes=3), seed=0)
+        assert "opponent 1 is not scored now" in scheduler.decide(0, pop).reason
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_checkpoint_without_env_steps_is_not_a_donor(strategy, sync):
+    pop = {0: member(0, 1.0, returns=spread(1.0)), 1: member(1, 9.0, returns=spread(9.0), checkpoint_steps=None)}
+    for seed in range(10):
+        scheduler = Scheduler(config(population_size=2, exploit=strategy), seed=seed)
+        decisions = scheduler.decide_generation(pop) if sync else decide_all(scheduler, pop)
+        assert exploiters(decisions) == {}
+    pop[1] = member(1, 9.0, returns=spread(9.0))  # the same member with its env steps known
+    scheduler = Scheduler(config(population_size=2, exploit=strategy), seed=0)
+    decisions = scheduler.decide_generation(pop) if sync else decide_all(scheduler, pop)
+    assert exploiters(decisions) == {0: 1}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("sync", [False, True])
+def test_donor_env_steps_are_those_of_the_copied_checkpoint(strategy, sync):
+    # Member 1 (at 120k) exploited member 2's 80k checkpoint and has not saved its own since: a
+    # copier of member 1 loads weights saved at 80k, by member 2.
+    pop = {
+        0: member(0, 1.0, env_steps=120_000, returns=spread(1.0)),
+        1: member(1, 9.0, env_steps=120_000, returns=spread(9.0),
+                  checkpoint="members/2/checkpoints/000000080000.pt", checkpoint_steps=80_000),
+        2: member(2, 0.0, env_steps=120_000, returns=spread(0.0), checkpoint=None),
+    }
+    scheduler = Scheduler(config(population_size=3, exploit=strategy, margin_absolute=2.0), seed=0)
+    decisions = scheduler.decide_generation(pop) if sync else decide_all(scheduler, pop)
+    copies_of_1 = [d for d in decisions.values() if isinstance(d, Exploit) and d.donor_id == 1]
+    assert copies_of_1
+    for decision in copies_of_1:
+        assert decision.donor_checkpoint == "members/2/checkpoints/000000080000.pt"
+        assert decision.donor_env_steps == 80_000
+        assert decision.to_dict()["donor_env_steps"] == 80_000
+
+
+def test_ttest_needs_min_episodes_returns_on_both_sides():
+    def pop(donor_returns):
+        return {0: member(0, 0.0, returns=spread(0.0, 4)), 1: member(1, 9.0, returns=spread(9.0, donor_returns))}
+
+    scheduler = Scheduler(config(population_size=2, exploit="ttest", min_episodes=4), seed=0)
+    assert isinstance(scheduler.decide(0, pop(4)), Exploit)
+    assert isinstance(scheduler.decide(0, pop(3)), Continue)
+    # With min_episodes 1 the t-test still needs two returns on each side.
+    scheduler = Scheduler(config(population_size=2, exploit="ttest", min_episodes=1), seed=0)
+    assert isinstance(scheduler.decide(0, pop(2)), Exploit)
+    one = scheduler.decide(0, pop(1))
+    assert isinstance(one, Continue) and "fewer than 2 returns" in one.reason
+
+
 # ---------------------------------------------------------------------------- invariants
 
 
@@ -408,7 +522,8 @@ def random_population(draw):
         history = tuple(sorted(draw(st.lists(st.tuples(st.integers(0, 4).map(lambda k: k * 10_000),
                                                        st.one_of(st.floats(-10, 10), st.just(math.nan))), max_size=3))))
         checkpoint = draw(st.sampled_from([None, f"members/{i}/checkpoints/x.pt"]))
-        pop[i] = MemberState(i, env_steps, 0, returns, history, hyperparameters(i), checkpoint)
+        checkpoint_steps = None if checkpoint is None else draw(st.integers(0, env_steps))
+        pop[i] = MemberState(i, env_steps, 0, returns, history, hyperparameters(i), checkpoint, checkpoint_steps)
     return pop
 
 
@@ -434,6 +549,186 @@ def test_decision_invariants(pop, strategy, seed, margin):
                 assert len(pop[member_id].episode_returns) >= 1
                 assert scheduler.search_space.contains(decision.new_hyperparameters)
                 assert decision.old_hyperparameters == pop[member_id].hyperparameters
+
+
+@st.composite
+def messy_population(draw, min_size=1):
+    """Members whose score histories need not match their current returns (stale, NaN or absent),
+    some of whose returns are NaN or fewer than min_episodes, some without a checkpoint or without
+    its env steps, and some whose checkpoint is another member's."""
+    size = draw(st.integers(min_size, 7))
+    pop = {}
+    for i in range(size):
+        env_steps = draw(st.integers(0, 4)) * 10_000
+        finite = st.floats(-10, 10)
+        returns = tuple(draw(st.lists(st.one_of(finite, finite, st.just(math.nan)), max_size=5)))
+        history = tuple(sorted(draw(st.lists(st.tuples(st.integers(0, 4).map(lambda k: k * 10_000),
+                                                       st.one_of(finite, st.just(math.nan))), max_size=3))))
+        owner = draw(st.integers(0, size - 1))
+        checkpoint = draw(st.sampled_from([None, f"members/{owner}/checkpoints/x.pt"]))
+        checkpoint_steps = None if checkpoint is None else draw(st.one_of(st.none(), st.integers(0, 40_000)))
+        pop[i] = MemberState(i, env_steps, 0, returns, history, hyperparameters(i), checkpoint, checkpoint_steps)
+    return pop
+
+
+def assert_valid_donor(scheduler, pop, decision):
+    donor = pop[decision.donor_id]
+    assert len(donor.episode_returns) >= scheduler.config.min_episodes
+    assert math.isfinite(scheduler.fitness(donor))
+    assert decision.donor_checkpoint == donor.checkpoint_id is not None
+    assert decision.donor_env_steps == donor.checkpoint_env_steps is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(pop=messy_population(), strategy=st.sampled_from(STRATEGIES), seed=st.integers(0, 1000),
+       min_episodes=st.integers(1, 3), window=st.sampled_from([2, 10]))
+def test_no_decision_names_a_donor_that_is_not_eligible_now(pop, strategy, seed, min_episodes, window):
+    scheduler = Scheduler(config(population_size=len(pop), exploit=strategy, min_episodes=min_episodes,
+                                 fitness_window=window, truncation_fraction=0.5), seed=seed)
+    for decisions in (scheduler.decide_generation(pop), decide_all(scheduler, pop)):
+        for decision in decisions.values():
+            if isinstance(decision, Exploit):
+                assert_valid_donor(scheduler, pop, decision)
+    for member_id in pop:
+        decision = scheduler.reseed(member_id, pop)
+        if decision is not None:
+            assert_valid_donor(scheduler, pop, decision)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pop=messy_population(), seed=st.integers(0, 1000), min_episodes=st.integers(1, 3), data=st.data())
+def test_reseed_takes_a_best_eligible_member_and_none_only_when_there_is_none(pop, seed, min_episodes, data):
+    scheduler = Scheduler(config(population_size=len(pop), min_episodes=min_episodes), seed=seed)
+    member_id = data.draw(st.sampled_from(sorted(pop)))
+    excluded = data.draw(st.sets(st.sampled_from(sorted(pop))))
+    eligible = {
+        i: scheduler.fitness(m) for i, m in pop.items()
+        if i != member_id and i not in excluded and len(m.episode_returns) >= min_episodes
+        and math.isfinite(scheduler.fitness(m)) and m.checkpoint_id is not None and m.checkpoint_env_steps is not None
+    }
+    decision = scheduler.reseed(member_id, pop, excluded=excluded)
+    if not eligible:
+        assert decision is None
+        return
+    assert isinstance(decision, Exploit)
+    assert decision.donor_id in eligible and decision.donor_score == eligible[decision.donor_id] == max(eligible.values())
+    assert_valid_donor(scheduler, pop, decision)
+    assert (decision.member_id, decision.env_steps) == (member_id, pop[member_id].env_steps)
+    own = scheduler.fitness(pop[member_id])
+    assert decision.member_score == own or (math.isnan(decision.member_score) and math.isnan(own))
+    assert decision.old_hyperparameters == pop[member_id].hyperparameters
+    assert scheduler.search_space.contains(decision.new_hyperparameters)
+    json.dumps(decision.to_dict(), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------- reseeding
+
+
+def reseed_population():
+    """Member 0 failed (diverged); the others, with current fitness in parentheses:
+    1 (3), 2 (9), 3 diverged since a 50 at its ready point, 4 not scored now (1 return < 2) after a
+    50, 5 (100) without a checkpoint, 6 (100) with a checkpoint of unknown env steps, 7 (5)."""
+    nan = math.nan
+    return {
+        0: member(0, nan, returns=(1.0, nan)),
+        1: member(1, 3.0),
+        2: member(2, 9.0),
+        3: member(3, 50.0, returns=(50.0, 50.0, nan)),
+        4: member(4, 50.0, returns=(50.0,)),
+        5: member(5, 100.0, checkpoint=None),
+        6: member(6, 100.0, checkpoint_steps=None),
+        7: member(7, 5.0, env_steps=70_000, checkpoint="members/1/checkpoints/000000040000.pt", checkpoint_steps=40_000),
+    }
+
+
+def test_reseed_copies_the_best_eligible_member():
+    pop = reseed_population()
+    scheduler = Scheduler(config(population_size=8, min_episodes=2), seed=0)
+    decision = scheduler.reseed(0, pop)
+    assert isinstance(decision, Exploit)
+    assert (decision.member_id, decision.env_steps, decision.donor_id) == (0, STEPS, 2)
+    assert (decision.donor_checkpoint, decision.donor_env_steps) == (pop[2].checkpoint_id, STEPS)
+    assert decision.donor_score == 9.0 and math.isnan(decision.member_score)
+    assert decision.old_hyperparameters == hyperparameters(0)
+    assert decision.new_hyperparameters["algo"] == "a2c"
+    assert set(decision.operations) == {"lr", "unroll_length", "gamma"}
+    json.dumps(decision.to_dict(), allow_nan=False)
+    # Excluding 2 (abandoned, say) leaves 7, the best of 1 and 7; its checkpoint is member 1's 40k one.
+    decision = scheduler.reseed(0, pop, excluded={2})
+    assert decision.donor_id == 7
+    assert (decision.donor_checkpoint, decision.donor_env_steps) == ("members/1/checkpoints/000000040000.pt", 40_000)
+    assert scheduler.reseed(0, pop, excluded=[2, 7]).donor_id == 1
+
+
+def test_reseed_needs_no_margin_and_reports_the_members_current_fitness():
+    # A member that keeps crashing may be the best scored: it still restarts from the best other.
+    pop = {0: member(0, 10.0, returns=(10.0, 11.0, 12.0)), 1: member(1, 3.0)}
+    decision = Scheduler(config(population_size=2, margin_absolute=100.0), seed=0).reseed(0, pop)
+    assert decision.donor_id == 1 and (decision.member_score, decision.donor_score) == (11.0, 3.0)
+
+
+def test_reseed_returns_none_without_an_eligible_member_and_draws_nothing():
+    pop = reseed_population()
+    scheduler = Scheduler(config(population_size=8, min_episodes=2), seed=0)
+    before = scheduler.state_dict()
+    assert scheduler.reseed(0, pop, excluded={1, 2, 7}) is None  # left: diverged, unscored, no checkpoint (env steps)
+    assert scheduler.reseed(0, {0: pop[0]}) is None  # population of one
+    assert scheduler.reseed(2, {2: pop[2], 3: pop[3], 4: pop[4], 5: pop[5], 6: pop[6]}) is None
+    assert scheduler.state_dict() == before
+
+
+def test_reseed_ties_are_broken_by_the_generator():
+    pop = {0: member(0, math.nan, returns=(math.nan,)), 1: member(1, 4.0), 2: member(2, 4.0), 3: member(3, 1.0)}
+    donors = [Scheduler(config(), seed=seed).reseed(0, pop).donor_id for seed in range(80)]
+    assert set(donors) == {1, 2}
+    assert 20 <= donors.count(1) <= 60
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), explore=st.sampled_from(["perturb", "resample", "perturb_or_resample"]),
+       lr=st.sampled_from([1e-4, 1e-3, 1e-2]), unroll=st.sampled_from([1, 2, 19, 20]), gamma=st.sampled_from([0.9, 0.99, 0.999]))
+def test_reseed_explores_the_donors_values_inside_the_bounds(seed, explore, lr, unroll, gamma):
+    pop = {0: member(0, math.nan, returns=(math.nan,)), 1: member(1, 2.0)}
+    donor_values = {"lr": lr, "unroll_length": unroll, "gamma": gamma, "algo": "impala"}
+    pop[1] = dataclasses.replace(pop[1], hyperparameters=donor_values)
+    scheduler = Scheduler(config(population_size=2, explore=explore), seed=seed)
+    decision = scheduler.reseed(0, pop)
+    assert scheduler.search_space.contains(decision.new_hyperparameters)
+    assert decision.new_hyperparameters["algo"] == "impala"  # keys outside the space come from the donor
+    assert set(decision.operations) == {"lr", "unroll_length", "gamma"}
+    if explore == "resample":
+        assert set(decision.operations.values()) == {"resample"}
+    if explore == "perturb":
+        assert "resample" not in decision.operations.values()
+        assert decision.new_hyperparameters["lr"] in (pytest.approx(min(lr * 1.2, 1e-2)), pytest.approx(max(lr * 0.8, 1e-4)))
+
+
+def test_reseed_is_deterministic_for_a_seed():
+    pop = reseed_population()
+    cfg = config(population_size=8, min_episodes=2, explore="perturb_or_resample")
+
+    def sequence(seed):
+        scheduler = Scheduler(cfg, seed=seed)
+        return [scheduler.reseed(0, pop).to_dict() for _ in range(6)]
+
+    assert sequence(5) == sequence(5)
+    assert sequence(5) != sequence(6)
+
+
+def test_reseed_advances_the_generator_which_state_dict_restores():
+    pop = reseed_population()
+    scheduler = Scheduler(config(population_size=8, min_episodes=2, explore="perturb_or_resample"), seed=3)
+    saved = json.loads(json.dumps(scheduler.state_dict()))
+    first = [scheduler.reseed(0, pop).to_dict() for _ in range(5)]
+    assert scheduler.state_dict() != saved
+    assert len({json.dumps(d["new_hyperparameters"], sort_keys=True) for d in first}) > 1  # each call draws anew
+    after = scheduler.state_dict()
+    later = [scheduler.decide(i, pop).to_dict() for i in pop]
+    resumed = Scheduler(config(population_size=8, min_episodes=2, explore="perturb_or_resample"), seed=99)
+    resumed.load_state_dict(saved)
+    assert [resumed.reseed(0, pop).to_dict() for _ in range(5)] == first
+    assert resumed.state_dict() == after
+    assert [resumed.decide(i, pop).to_dict() for i in pop] == later
 
 
 # ---------------------------------------------------------------------------- reproducibility
