@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ class RunConfig:
     members_per_gpu: int = _f(0, "Members sharing one GPU; 0 = all members on one GPU.", min=0)
     total_threads: int = _f(0, "CPU threads for env stepping across the population; 0 = all cores.", min=0)
     torch_threads: int = _f(0, "torch intra-op threads per member; 0 = 1 on GPU, the member's share of env threads on CPU.", min=0)
+    hang_timeout_factor: float = _f(10.0, "A member that works but sends nothing for max(hang_timeout_min_seconds, this x its longest gap between messages so far) is hung: it is killed and restarted like a crash (before its first message after a start it has this x hang_timeout_min_seconds); 0 = never.", min=0.0)
+    hang_timeout_min_seconds: float = _f(60.0, "Shortest silence of a working member that counts as a hang (see hang_timeout_factor).", gt=0.0)
     gpu_wait: str = _f("auto", "How a member's threads wait for their GPU: 'auto' (CUDA's choice: spin while a process has fewer contexts than there are cores), 'spin' (busy-wait: lowest latency), 'yield' (spin, yielding the core to runnable threads) or 'block' (sleep until the GPU signals: frees the core, adds wake-up latency).", choices=("auto", "spin", "yield", "block"))
 
 
@@ -339,6 +342,10 @@ def _build_search_space(raw: Any, prefix: str) -> tuple[ParamSpec, ...]:
 # ----------------------------------------------------------------------------------------
 
 
+# [0-9], not \d, which also matches other scripts' digits; no leading zeros, which torch.device rejects.
+_DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
+
+
 def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Check rules that involve more than one field; return the config unchanged."""
     env, agent, pbt = config.env, config.agent, config.pbt
@@ -350,8 +357,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"env.async_batch_size: {env.async_batch_size} must be <= env.num_envs ({env.num_envs})")
     if not agent.hidden_sizes or any(h < 1 for h in agent.hidden_sizes):
         raise ConfigError(f"agent.hidden_sizes: expected a non-empty list of positive integers, got {list(agent.hidden_sizes)}")
-    if agent.device not in ("auto", "cpu", "cuda") and not agent.device.startswith("cuda:"):
-        raise ConfigError(f"agent.device: {agent.device!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not _DEVICE.fullmatch(agent.device):
+        raise ConfigError(
+            f"agent.device: {agent.device!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N' "
+            f"with N a GPU index 0, 1, 2, ..."
+        )
     if not pbt.perturb_factors or any(f <= 0 for f in pbt.perturb_factors):
         raise ConfigError(f"pbt.perturb_factors: every factor must be > 0, got {list(pbt.perturb_factors)}")
     if pbt.population_size > 1 and not pbt.search_space:
@@ -419,6 +429,77 @@ def _validate_param(spec: ParamSpec, tunable: dict[str, type], agent: AgentConfi
 # Loading, overrides, saving
 # ----------------------------------------------------------------------------------------
 
+MAX_YAML_DEPTH = 100
+"""Deepest nesting of mappings and lists accepted in YAML input. A config needs about five levels;
+PyYAML composes nodes recursively, so a deeper document would otherwise end in a RecursionError
+(around 450 levels) instead of a message."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (``key``; 1-based ``line`` and ``first_line``)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class NestingError(yaml.YAMLError):
+    """The document nests mappings and lists deeper than :data:`MAX_YAML_DEPTH` (at 1-based ``line``)."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"nested more than {MAX_YAML_DEPTH} levels deep at line {line}")
+        self.line = line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (same YAML 1.1 types) that rejects a key repeated in one mapping
+    and nesting deeper than :data:`MAX_YAML_DEPTH`.
+
+    safe_load keeps the last of two equal keys, so a second ``agent:`` block would silently drop
+    the first one. Keys brought in by a merge (``<<: *anchor``) may still be overridden.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        # node -> the key nodes written in it. flatten_mapping splices merged keys into
+        # node.value in place, sometimes before the node itself is constructed.
+        self._written_keys: dict[yaml.MappingNode, list[yaml.Node]] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise NestingError(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if node not in self._written_keys:
+            self._written_keys[node] = [key for key, _ in node.value if key.tag != _MERGE_TAG]
+        super().flatten_mapping(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        mapping = super().construct_mapping(node, deep=deep)  # raises first for unhashable keys
+        first_seen: dict[Any, yaml.Node] = {}
+        for key_node in self._written_keys.get(node, ()):
+            key = self.construct_object(key_node, deep=True)  # already built: cached
+            if key in first_seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, first_seen[key].start_mark.line + 1)
+            first_seen[key] = key_node
+        return mapping
+
+
+def abbreviate(text: str, limit: int = 160) -> str:
+    """``text`` cut in the middle when longer than ``limit``, so an error message stays readable."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (value is YAML) into (path, value)."""
@@ -429,9 +510,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override {text!r}: the key must be section.key (sections: {', '.join(SECTIONS)})")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml.load(raw_value, Loader=StrictLoader) if raw_value.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {key.strip()}: duplicate key {exc.key!r} in the value") from None
+    except NestingError:
+        raise ConfigError(f"override {key.strip()}: the value is nested too deeply (more than {MAX_YAML_DEPTH} levels)") from None
     except yaml.YAMLError:
-        value = raw_value
+        value = raw_value  # not YAML: the text itself, e.g. a run name
     return path, value
 
 
@@ -474,26 +559,34 @@ def from_dict(raw: Any) -> ExperimentConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; raise ConfigError for a missing, unreadable or non-YAML file."""
+    """Read a config file; raise ConfigError for a missing, unreadable or non-YAML file, a key
+    repeated in one mapping, or nesting deeper than :data:`MAX_YAML_DEPTH`."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    if path.is_dir():
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    shown = abbreviate(str(path))
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {shown}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {shown}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc}") from None
+    except OSError as exc:  # e.g. ENAMETOOLONG, EACCES, ELOOP; strerror leaves out the (long) path
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=StrictLoader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{shown}: {exc}") from None
+    except NestingError as exc:
+        raise ConfigError(f"{shown} is nested too deeply (more than {MAX_YAML_DEPTH} levels at line {exc.line})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}") from None
+        raise ConfigError(f"{shown} is not valid YAML{where}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
+        raise ConfigError(f"{shown}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
     return raw
 
 

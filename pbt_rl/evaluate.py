@@ -21,7 +21,8 @@ Video (``video=path.gif`` or ``.mp4``): the first evaluated episode.
   from envpool's episode. When rendering is not available, the frames are a bar chart of the
   observation vector per step (drawn with numpy), from the first evaluated episode itself.
 - ``.gif`` works everywhere (Pillow); ``.mp4`` needs the ``imageio-ffmpeg`` package.
-At most :data:`MAX_VIDEO_FRAMES` frames are written.
+At most :data:`MAX_VIDEO_FRAMES` frames are written. The video's directory must exist; the path
+is checked before the checkpoint is loaded (:func:`check_video_path`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from pbt_rl.config import ConfigError, ExperimentConfig
+from pbt_rl.config import ConfigError, ExperimentConfig, abbreviate
 from pbt_rl.report import checkpoints, load_run, resolve_member
 
 MAX_VIDEO_FRAMES = 5_000
 MAX_EPISODE_STEPS = 1_000_000  # a policy that never ends an episode must not hang eval
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
+VIDEO_SUFFIXES = (".gif", ".mp4")
 
 
 def verified_latest_checkpoint(run_dir: Path, member: int) -> tuple[int, Path]:
@@ -56,6 +60,41 @@ def verified_latest_checkpoint(run_dir: Path, member: int) -> tuple[int, Path]:
             raise ConfigError(f"checkpoint {path} is corrupt: its SHA-256 does not match {checksum_path.name}")
         return env_steps, path
     raise ConfigError(f"member {member} has no complete checkpoint (every .pt lacks its .sha256 file)")
+
+
+def check_video_path(video: Path) -> None:
+    """ConfigError unless a video can be written to ``video``.
+
+    The video is written after every episode has been played, so a path that cannot work must be
+    refused before anything else happens.
+    """
+    shown = abbreviate(str(video))
+    suffix = video.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ConfigError(f"video: {shown} must end in .gif or .mp4")
+    parent = video.parent
+    try:
+        parent_exists, parent_is_dir = parent.exists(), parent.is_dir()
+        target_exists, target_is_dir = video.exists(), video.is_dir()
+    except OSError as exc:  # e.g. ENAMETOOLONG, which exists() does not swallow
+        raise ConfigError(f"video: cannot write {shown}: {exc.strerror or exc}") from None
+    if not parent_is_dir:
+        problem = "is not a directory" if parent_exists else "does not exist"
+        raise ConfigError(f"video: the directory of {shown} {problem}: {abbreviate(str(parent))}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"video: cannot write {shown}: its directory is not writable")
+    if target_is_dir:
+        raise ConfigError(f"video: {shown} is a directory")
+    if target_exists and not os.access(video, os.W_OK):
+        raise ConfigError(f"video: {shown} exists and is not writable")
+    if suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"video: writing {video.name} needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
+                f"or use a .gif path"
+            ) from None
 
 
 def _eval_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -88,12 +127,14 @@ def evaluate(
         "mean", "std", "deterministic", "seed", "video"}``; ``std`` is the population standard
         deviation (ddof 0) of the episodic returns.
     """
-    import torch
-
     if episodes < 1:
         raise ConfigError(f"episodes: must be >= 1, got {episodes}")
-    if video is not None and Path(video).suffix.lower() not in (".gif", ".mp4"):
-        raise ConfigError(f"video: {video} must end in .gif or .mp4")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed: must be from 0 to 2**64 - 1, got {seed}")
+    if video is not None:
+        check_video_path(Path(video))
+    import torch
+
     run = load_run(run_dir)
     member_id = resolve_member(run, member)
     checkpoint_steps, checkpoint_path = verified_latest_checkpoint(run.run_dir, member_id)
@@ -246,7 +287,6 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> None:
 
     if not frames:
         raise ConfigError("video: no frames were recorded")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".gif":
         imageio.mimsave(path, frames, duration=1000 / 30, loop=0)
         return

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pbt_rl.config import (
+    MAX_YAML_DEPTH,
     AgentConfig,
     ConfigError,
     ExperimentConfig,
@@ -17,6 +21,7 @@ from pbt_rl.config import (
     from_dict,
     load_config,
     parse_override,
+    read_yaml,
     tunable_agent_fields,
 )
 
@@ -173,3 +178,158 @@ def test_tunable_fields_are_the_numeric_agent_fields():
     assert "algo" not in tunable and "hidden_sizes" not in tunable
     numeric = {f.name for f in dataclasses.fields(AgentConfig) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
     assert set(tunable) == numeric
+
+
+# ----------------------------------------------------------------------------------------
+# agent.device
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:12"])
+def test_device_forms_that_are_allowed(device):
+    assert from_dict({"agent": {"device": device}}).agent.device == device
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cuda:abc", "cuda:", "cuda:-1", "cuda:1x", "cuda:01", "cuda:+1", "cuda:1.0", "cuda :1", " cuda",
+     "cuda\n", "CUDA", "cuda:\u0661", "cudax", "cpu:0", "gpu", ""],
+)
+def test_device_strings_are_validated_exactly(device):
+    with pytest.raises(ConfigError) as info:
+        from_dict({"agent": {"device": device}})
+    message = str(info.value)
+    assert message.startswith(f"agent.device: {device!r} is not allowed")
+    assert "'auto', 'cpu', 'cuda' or 'cuda:N'" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------
+# YAML: duplicate keys, nesting depth, unreadable paths
+# ----------------------------------------------------------------------------------------
+
+DUPLICATE_SECTION = """\
+agent:
+  lr: 0.001
+  hidden_sizes: [32]
+run:
+  name: twice
+agent:
+  entropy_cost: 0.02
+"""
+
+
+def test_a_repeated_section_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, DUPLICATE_SECTION)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: duplicate key 'agent' at line 6 (first at line 1)"
+
+
+@pytest.mark.parametrize(
+    "text, key, line, first_line",
+    [
+        ("agent:\n  lr: 0.001\n  gamma: 0.9\n  lr: 0.002\n", "lr", 4, 2),
+        ("pbt:\n  search_space:\n    lr: {kind: log_uniform, low: 1.0e-4, high: 1.0e-2}\n"
+         "    lr: {kind: uniform, low: 1.0e-4, high: 1.0e-2}\n", "lr", 4, 3),
+        ("pbt:\n  search_space:\n    lr: {kind: log_uniform, low: 1.0e-4, high: 1.0e-2, low: 1.0e-3}\n", "low", 3, 3),
+        ("agent: {hidden_sizes: [{a: 1, a: 2}]}\n", "a", 1, 1),
+        ("run:\n  seed: 1\nenv: {}\nrun: {seed: 2}\n", "run", 4, 1),
+        ("agent:\n  true: 1\n  yes: 2\n", True, 3, 2),  # equal once constructed, as safe_load sees them
+    ],
+)
+def test_duplicate_keys_are_rejected_at_every_level(tmp_path, text, key, line, first_line):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert str(info.value) == f"{path}: duplicate key {key!r} at line {line} (first at line {first_line})"
+
+
+def test_merged_keys_may_still_be_overridden(tmp_path):
+    """``<<: *anchor`` then an explicit key is an override, not a duplicate, also when the merged
+    mapping is itself merged into a later mapping before it has been built."""
+    text = (
+        "defaults: &lr {kind: log_uniform, low: 1.0e-4, high: 1.0e-2}\n"
+        "pbt:\n"
+        "  population_size: 2\n"
+        "  search_space:\n"
+        "    lr: &narrow {<<: *lr, high: 1.0e-3}\n"
+        "other: {<<: *narrow, low: 1.0e-5}\n"
+    )
+    assert read_yaml(write(tmp_path, text)) == yaml.safe_load(text)
+
+
+def test_the_loader_reads_every_yaml_type_as_safe_load_does(tmp_path):
+    text = (
+        "a: 3e-4\nb: 1.0e-4\nc: 0x1f\nd: yes\ne: ~\nf: 2001-12-14\ng: !!binary aGVsbG8=\nh: 1_000\n"
+        "i: .inf\nj: [1, 'x', {k: v}]\nk: !!set {p, q}\nl: !!omap [m: 1, n: 2]\nm: !!pairs [o: 1, o: 2]\n"
+        "n: &anchor [1, 2]\no: *anchor\n"
+    )
+    assert read_yaml(write(tmp_path, text)) == yaml.safe_load(text)
+    for path in sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml")):
+        assert read_yaml(path) == yaml.safe_load(path.read_text()), path
+
+
+def test_an_override_value_with_a_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path, POPULATION)
+    override = "pbt.search_space={lr: {kind: log_uniform, low: 1.0e-4, high: 1.0e-2}, lr: {kind: uniform, low: 0.1, high: 0.2}}"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert str(info.value) == "override pbt.search_space: duplicate key 'lr' in the value"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 20_000,
+        "[" * 20_000 + "]" * 20_000,
+        "a: " + "{a: " * 20_000 + "1" + "}" * 20_000,
+        "".join(" " * depth + "a:\n" for depth in range(600)),  # block mappings, one more space each
+    ],
+    ids=["unclosed-lists", "lists", "flow-mappings", "block-mappings"],
+)
+def test_deeply_nested_yaml_is_a_one_line_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} is nested too deeply (more than {MAX_YAML_DEPTH} levels")
+    assert "\n" not in message
+
+
+def test_the_nesting_limit_is_exact(tmp_path):
+    inside = MAX_YAML_DEPTH - 1  # the top-level mapping is the first level
+    assert read_yaml(write(tmp_path, "a: " + "[" * inside + "]" * inside)) == {"a": yaml.safe_load("[" * inside + "]" * inside)}
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        read_yaml(write(tmp_path, "a: " + "[" * (inside + 1) + "]" * (inside + 1)))
+
+
+def test_a_deeply_nested_override_value_is_a_one_line_error(tmp_path):
+    path = write(tmp_path, POPULATION)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["agent.hidden_sizes=" + "[" * 20_000])
+    assert str(info.value) == f"override agent.hidden_sizes: the value is nested too deeply (more than {MAX_YAML_DEPTH} levels)"
+
+
+def test_a_path_too_long_for_the_os_is_a_short_one_line_error(tmp_path):
+    path = tmp_path / ("x" * 5000 + ".yaml")
+    with pytest.raises(OSError):
+        path.exists()  # the failure this guards against: pathlib does not swallow ENAMETOOLONG
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith("cannot read config file ") and message.endswith(f": {os.strerror(errno.ENAMETOOLONG)}")
+    assert "xxx...xxx" in message and len(message) < 300 and "\n" not in message
+
+
+def test_any_os_error_on_the_config_path_is_a_config_error(tmp_path):
+    not_a_dir = write(tmp_path, "{}\n", name="file.yaml")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(not_a_dir / "exp.yaml")
+    assert str(info.value) == f"cannot read config file {not_a_dir / 'exp.yaml'}: {os.strerror(errno.ENOTDIR)}"
+    with pytest.raises(ConfigError, match="config path is a directory, not a YAML file"):
+        read_yaml(tmp_path)
+    link = tmp_path / "loop.yaml"
+    link.symlink_to(link)
+    with pytest.raises(ConfigError) as info:
+        read_yaml(link)
+    assert str(info.value) == f"cannot read config file {link}: {os.strerror(errno.ELOOP)}"

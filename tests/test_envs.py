@@ -135,26 +135,49 @@ def test_per_env_seeds_do_not_overlap_between_neighbouring_member_seeds():
 
 @pytest.mark.parametrize("env_id", ["Pong-v5", "CartPole-v1", GYMNASIUM_ONLY_ID])
 def test_async_send_recv_returns_batch_size_envs(env_id):
+    """Which of the envs in flight a recv returns depends on envpool's thread scheduling. What is
+    guaranteed: batch_size distinct envs, all of them in flight, so when only batch_size envs are
+    in flight exactly those come back; and an env's reset step is its first delivery and the one
+    after each of its episode ends."""
     num_envs, batch_size = 4, 2
     cfg = EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=batch_size)
     rng = np.random.default_rng(0)
+    in_flight = set(range(num_envs))  # reset starts every env
+    episode_ended: dict[int, bool] = {}  # env id -> did its latest delivery end an episode
+
+    def received(batch: StepBatch) -> StepBatch:
+        ids = batch.env_ids.tolist()
+        assert_batch_types(batch, batch_size)
+        assert batch.obs.shape[0] == batch_size
+        assert len(set(ids)) == batch_size and set(ids) <= in_flight, (ids, in_flight)
+        in_flight.difference_update(ids)
+        for env_index, first, ended in zip(ids, batch.is_first.tolist(), (batch.terminated | batch.truncated).tolist()):
+            assert first == episode_ended.get(env_index, True), env_index
+            episode_ended[env_index] = ended
+        return batch
+
+    def send(batch: StepBatch) -> None:
+        env.send(random_actions(env, rng, batch_size), batch.env_ids)
+        in_flight.update(batch.env_ids.tolist())
+
     with make_env(cfg, num_envs=num_envs, seed=0) as env:
         assert env.is_async and env.batch_size == batch_size
-        batch = env.reset()
-        seen_first = set(batch.env_ids.tolist())
-        assert batch.is_first.all() and batch.obs.shape[0] == batch_size
-        for _ in range(12):
-            env.send(random_actions(env, rng, batch_size), batch.env_ids)
-            batch = env.recv()
-            assert_batch_types(batch, batch_size)
-            assert batch.obs.shape[0] == batch_size
-            assert len(set(batch.env_ids.tolist())) == batch_size
-            assert ((0 <= batch.env_ids) & (batch.env_ids < num_envs)).all()
-            # Each env's first delivery after reset is its reset observation, and only that one.
-            for env_id_, first in zip(batch.env_ids.tolist(), batch.is_first.tolist()):
-                assert first == (env_id_ not in seen_first)
-                seen_first.add(env_id_)
-        assert seen_first == set(range(num_envs))
+        held = [received(env.reset())]
+        assert held[0].is_first.all()
+        held.append(received(env.recv()))  # nothing sent: the other envs are the only ones in flight
+        assert held[1].is_first.all() and set(episode_ended) == set(range(num_envs))
+        for _ in range(6):  # every env sent, then received once by two recvs
+            for batch in held:
+                send(batch)
+            held = [received(env.recv()), received(env.recv())]
+            assert not in_flight
+        batch = held[0]
+        send(held[1])
+        for _ in range(12):  # pipelined: act on whichever envs are ready
+            send(batch)
+            batch = received(env.recv())
+        ids_in_flight = set(in_flight)
+        assert set(received(env.recv()).env_ids.tolist()) == ids_in_flight
         with pytest.raises(RuntimeError, match="send"):
             env.step(random_actions(env, rng, num_envs))
 
