@@ -2,7 +2,8 @@
 
 Each command parses its arguments, calls one function and turns known errors into one line
 on stderr with a non-zero exit code: 2 for bad input (config, files, arguments), 1 for a run
-that failed, 130 when interrupted. Heavy modules (torch, envpool, wandb, matplotlib) are
+that failed (no member finished, or an unexpected error), 3 for a run that ended with some
+members abandoned, 130 when interrupted (docs/runtime.md, "Fault model"). Heavy modules (torch, envpool, wandb, matplotlib) are
 imported inside the commands, so ``pbt-rl --help`` starts fast.
 """
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pbt_rl.config import ConfigError
+from pbt_rl.config import ConfigError, abbreviate
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -37,15 +38,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args.config, args.overrides)
     from pbt_rl.runtime import train
 
-    train(config, console=not args.quiet)
-    return 0
+    return _run_exit_code(train(config, console=not args.quiet))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from pbt_rl.runtime import resume
 
-    resume(Path(args.run_dir), console=not args.quiet)
-    return 0
+    return _run_exit_code(resume(_existing_run_dir(args.run_dir), console=not args.quiet))
+
+
+def _run_exit_code(summary: dict) -> int:
+    """0 finished or stopped at run.max_wall_seconds, 3 partial, 1 failed (pbt_rl/runtime/summary.py)."""
+    from pbt_rl.runtime.summary import EXIT_CODES
+
+    return EXIT_CODES[summary["status"]]
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
@@ -94,9 +100,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     run_dir, member = _existing_run_dir(args.run_dir), _member_arg(args.member)
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes: must be >= 1, got {args.episodes}")
-    from pbt_rl.evaluate import evaluate
+    from pbt_rl.evaluate import evaluate  # checks episodes, video and seed before any work
 
     evaluate(
         run_dir,
@@ -109,9 +113,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import math
+
     target = args.target
-    if not args.seconds > 0:
-        raise ConfigError(f"--seconds: must be > 0, got {args.seconds}")
+    # argparse's float() accepts inf and nan; either would only fail after the warm-up.
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise ConfigError(f"--seconds: must be a finite number > 0, got {args.seconds}")
     if target == "agent":
         from pbt_rl.agents.bench import bench_agent, format_bench
 
@@ -127,9 +134,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _existing_run_dir(path: str) -> Path:
     run_dir = Path(path)
-    if not run_dir.is_dir():
+    try:
+        found, is_run = run_dir.is_dir(), (run_dir / "config.yaml").is_file()
+    except OSError as exc:  # e.g. a path longer than the OS allows
+        raise ConfigError(f"run directory {abbreviate(path)}: {exc.strerror or exc}") from None
+    if not found:
         raise ConfigError(f"run directory not found: {run_dir}")
-    if not (run_dir / "config.yaml").is_file():
+    if not is_run:
         raise ConfigError(f"{run_dir} is not a pbt-rl run directory (no config.yaml)")
     return run_dir
 

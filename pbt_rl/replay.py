@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pbt_rl.report import final_fitness, load_run, member_env_steps, resolve_member, schedule_of
+from pbt_rl.runtime.store import RunStore
 
 CHUNKS_PER_RUN = 50  # training chunks per replay: the resolution of the returns curve
 
@@ -80,11 +81,23 @@ def replay(
     member_id = resolve_member(run, member)
     schedule = schedule_of(run, member_id)
     config = run.config
-    budget = int(config.run.total_env_steps)
     seed = default_replay_seed(config.run.seed, member_id, set(run.seeds.values())) if seed is None else int(seed)
     out = Path(out_dir) if out_dir is not None else run.run_dir / f"replay-{member_id}"
+    # Writing into the run directory: hold its lock, so a live controller's directory is refused.
+    store = RunStore(run.run_dir)
+    if out.absolute().is_relative_to(store.root):
+        store.acquire("replay")
+    try:
+        return _replay(run, member_id, schedule, seed, out, console, device, learner_factory or _default_factory())
+    finally:
+        store.release()
+
+
+def _replay(run, member_id: int, schedule: list, seed: int, out: Path, console: bool, device: str | None,
+            factory: Callable[..., Any]) -> dict:
+    config = run.config
+    budget = int(config.run.total_env_steps)
     out.mkdir(parents=True, exist_ok=True)
-    factory = learner_factory or _default_factory()
 
     window: deque[float] = deque(maxlen=config.pbt.fitness_window)
     all_returns: list[float] = []

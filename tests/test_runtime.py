@@ -1,9 +1,9 @@
 """Population runtime: controller, member processes, exploit consistency, crashes, resume.
 
-Most tests run members with ``FakeLearner`` below (no envs, milliseconds per call) through the
-real process backend, so what is tested is the runtime: pipes, checkpoints, lineage, restarts.
-Member processes import this module by name (the ``learner_factory`` string), which works
-because pytest puts tests/ on sys.path and spawned children inherit it.
+Most tests run members with ``runtime_support.FakeLearner`` (no envs, milliseconds per call)
+through the real process backend, so what is tested is the runtime: pipes, checkpoints, lineage,
+restarts. Fault classes (kills at every write, hangs, two controllers, bad run files) are in
+test_faults.py.
 """
 
 from __future__ import annotations
@@ -11,157 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from pbt_rl.config import ConfigError, from_dict, tunable_agent_fields
+from pbt_rl.config import ConfigError
 from pbt_rl.runtime import RunDirError, RunStore, resume, train, weights_sha256
 from pbt_rl.runtime.resources import member_device, threads_per_member
 from pbt_rl.runtime.store import read_jsonl
-
-FAKE = "test_runtime:make_fake_learner"
-TESTS_DIR = Path(__file__).resolve().parent
-
-
-@dataclass
-class FakeReport:
-    env_steps: int
-    episode_returns: list = field(default_factory=list)
-    episode_lengths: list = field(default_factory=list)
-    losses: dict = field(default_factory=dict)
-    updates: int = 0
-    env_steps_per_second: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-class FakeLearner:
-    """Scores well when lr is near 3e-3; weights change at every call so copies are detectable.
-
-    ``PBT_RL_TEST_CRASH=member:env_steps:marker[:diverge]`` makes that member raise once (the
-    marker file records that it did); ``PBT_RL_TEST_SLEEP`` slows each call (seconds).
-    """
-
-    STEPS_PER_CALL = 40  # like 8 envs x unroll 5
-
-    def __init__(self, config, seed, device=None, num_threads=0):
-        self.member_id = None
-        self.run_dir = config.run_dir
-        self.seed = seed
-        self.env_steps = 0
-        self.hp = {name: getattr(config.agent, name) for name in tunable_agent_fields()}
-        self.weights = torch.full((8,), float(seed % 997))
-        self.rng = np.random.default_rng(seed)
-
-    def train(self, until_env_steps):
-        returns, updates = [], 0
-        while self.env_steps < until_env_steps:
-            self.env_steps += self.STEPS_PER_CALL
-            updates += 1
-            self.weights += self.hp["lr"]
-            if self.env_steps % 200 == 0:
-                quality = 100.0 - 30.0 * abs(np.log10(self.hp["lr"]) - np.log10(3e-3))
-                returns.append(float(quality + self.rng.normal()))
-        self._maybe_crash()
-        time.sleep(float(os.environ.get("PBT_RL_TEST_SLEEP", "0")))
-        return FakeReport(self.env_steps, returns, [200] * len(returns), {"total_loss": 0.5}, updates, 1e5)
-
-    def _maybe_crash(self):
-        spec = os.environ.get("PBT_RL_TEST_CRASH")
-        if not spec:
-            return
-        member, steps, marker, *kind = spec.split(":")
-        if self.seed == int(member) and self.env_steps >= int(steps) and not Path(marker).exists():
-            if kind == ["diverge"]:
-                # A reseed needs a donor: wait until one exists (member processes start unevenly).
-                deadline = time.monotonic() + 60.0
-                while not self._a_peer_has_a_checkpoint() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            Path(marker).write_text("crashed")
-            if kind == ["diverge"]:
-                from pbt_rl.agents.base import TrainingDiverged
-
-                raise TrainingDiverged("injected non-finite loss")
-            raise RuntimeError("injected env error")
-
-    def _a_peer_has_a_checkpoint(self):
-        # Two peer checkpoint files: the first one's "ready" message has surely been sent by then.
-        return sum(path.parts[-3] != str(self.seed)
-                   for path in Path(self.run_dir).glob("members/*/checkpoints/*.pt")) >= 2
-
-    def hyperparameters(self):
-        return dict(self.hp)
-
-    def set_hyperparameters(self, values):
-        unknown = set(values) - set(self.hp)
-        if unknown:
-            raise KeyError(sorted(unknown))
-        self.hp.update(values)
-
-    def state_dict(self):
-        return {"weights": self.weights.clone(), "env_steps": self.env_steps, "hyperparameters": dict(self.hp)}
-
-    def load_state_dict(self, state, resume=True):
-        self.weights = state["weights"].clone()
-        self.hp = dict(state["hyperparameters"])
-        if resume:
-            self.env_steps = state["env_steps"]
-
-    def drop_stale_experience(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def make_fake_learner(config, seed, device=None, num_threads=0):
-    return FakeLearner(config, seed, device, num_threads)
-
-
-def fake_seed_is_member_id(monkeypatch):
-    # Fake learners identify their member by seed (crash injection); make seeds = member ids.
-    monkeypatch.setattr("pbt_rl.runtime.controller.member_seed", lambda run_seed, member_id: member_id)
-
-
-def fake_config(run_dir: Path, **sections) -> "ExperimentConfig":  # noqa: F821
-    raw = {
-        "env": {"id": "CartPole-v1", "num_envs": 8},
-        "agent": {"device": "cpu"},
-        "pbt": {"population_size": 4, "ready_after_steps": 400, "min_episodes": 1, "fitness_window": 3,
-                "truncation_fraction": 0.25,
-                "search_space": {"lr": {"kind": "log_uniform", "low": 1e-5, "high": 1e-1}}},
-        "run": {"dir": str(run_dir), "total_env_steps": 4000, "checkpoint_keep": 2, "seed": 3},
-        "logging": {"report": False, "console_interval_seconds": 0.5},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw[section], **values}
-    return from_dict(raw)
-
-
-def check_lineage_consistent(run_dir: Path, population: int) -> list[dict]:
-    """One row per exploit: per member, generations 1, 2, ... with no gap or duplicate."""
-    rows = read_jsonl(run_dir / "lineage.jsonl")
-    for member in range(population):
-        generations = [r["generation"] for r in rows if r["member"] == member]
-        assert generations == list(range(1, len(generations) + 1)), (member, generations)
-    state = json.loads((run_dir / "state.json").read_text())
-    for member, record in state["members"].items():
-        assert record["generation"] == sum(1 for r in rows if r["member"] == int(member))
-    return rows
-
-
-def check_metrics_grow(run_dir: Path, population: int) -> None:
-    for member in range(population):
-        steps = [r["env_steps"] for r in read_jsonl(run_dir / f"members/{member}/metrics.jsonl")]
-        assert steps and all(a < b for a, b in zip(steps, steps[1:])), (member, steps)
-
+from runtime_support import (FAKE, FakeReport, alive, check_lineage_consistent, check_metrics_grow, children,
+                             fake_config, fake_seed_is_member_id, run_files, start_controller, wait_until)
 
 # ------------------------------------------------------------------------------------------
 
@@ -289,63 +147,20 @@ def test_member_process_death_is_detected(tmp_path, monkeypatch):
     assert summary["finished"]
 
 
-CONTROLLER_SCRIPT = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from pbt_rl.config import load_config
-    from pbt_rl.runtime import train
-    if __name__ == "__main__":  # members are spawned: they re-import this file
-        train(load_config(sys.argv[1]), console=False, learner_factory="test_runtime:make_fake_learner")
-""")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_kill9_controller_then_resume(tmp_path):
     run_dir = tmp_path / "run"
-    config = fake_config(run_dir, run={"total_env_steps": 6000})
-    config_path = tmp_path / "exp.yaml"
-    from pbt_rl.config import dump_yaml
-
-    config_path.write_text(dump_yaml(config))
-    script = tmp_path / "controller.py"
-    script.write_text(CONTROLLER_SCRIPT.format(tests=str(TESTS_DIR)))
-    env = {**os.environ, "PBT_RL_TEST_SLEEP": "0.03"}
-    process = subprocess.Popen([sys.executable, str(script), str(config_path)], env=env)
+    process = start_controller(tmp_path, fake_config(run_dir, run={"total_env_steps": 6000}),
+                               env={"PBT_RL_TEST_SLEEP": "0.03"})
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(read_jsonl(run_dir / "lineage.jsonl")) < 2:
-            time.sleep(0.05)
-        members = _children(process.pid)
-        assert len(read_jsonl(run_dir / "lineage.jsonl")) >= 2 and members
+        assert wait_until(lambda: len(read_jsonl(run_dir / "lineage.jsonl")) >= 2)
+        members = children(process.pid)
+        assert members
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
         if process.poll() is None:
             process.kill()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in members):
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in members), "member processes outlived the controller"
+    assert wait_until(lambda: not any(alive(p) for p in members)), "member processes outlived the controller"
 
     before = json.loads((run_dir / "state.json").read_text())
     lineage_before = read_jsonl(run_dir / "lineage.jsonl")
@@ -411,7 +226,7 @@ def test_unusable_run_dir_is_a_one_line_error(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
                       run={"total_env_steps": 800}), console=False, learner_factory=FAKE)
-    snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    snapshot = run_files(run_dir)
     real_write = os.write
 
     def disk_full(fd, data):
@@ -433,7 +248,7 @@ def test_unusable_run_dir_is_a_one_line_error(tmp_path, monkeypatch):
         resume(run_dir, console=False, learner_factory=FAKE)
     monkeypatch.undo()
     assert os.write is real_write
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == snapshot
+    assert run_files(run_dir) == snapshot
 
 
 def test_real_a2c_population_exploits_on_cartpole(tmp_path):

@@ -12,21 +12,21 @@ Exploit consistency (kill -9 at any point)
 3. On resume, lineage rows newer than a member's generation in state.json (a kill between the
    two writes) are applied to the state; a pending exploit with no lineage row is dropped (the
    member restarts from its own checkpoint, as if it had continued). So lineage has exactly one
-   row per applied exploit, and state.json never claims an exploit lineage lacks.
+   row per applied exploit, and state.json never claims an exploit lineage lacks (recovery.py).
 
 Members restart from their restore point: the checkpoint they last saved (or the donor checkpoint
 of their last exploit, with its explored hyperparameters). Progress reported after that point is
 lost on a crash; resume drops those metrics rows so every step counter in the files only grows.
+
+A run directory is created whole (store.py) and held by one controller at a time (run_lock.py);
+a member that stops sending messages is treated as crashed (watchdog.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,69 +36,23 @@ from pbt_rl.config import ExperimentConfig, dump_yaml, load_config, tunable_agen
 from pbt_rl.runtime.backend import Backend, MemberHandle, make_backend
 from pbt_rl.runtime.console import ConsoleProgress, format_hyperparameters, format_score
 from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, Restore
-from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
-from pbt_rl.runtime.store import RunDirError, RunStore, atomic_write_bytes, read_jsonl, repair_jsonl, rewrite_jsonl
-from pbt_rl.scheduler import Continue, Exploit, MemberState, Scheduler
+from pbt_rl.runtime.records import MemberRecord, parse_state, STATE_FORMAT
+from pbt_rl.runtime.recovery import apply_lineage_row, reconcile
+from pbt_rl.runtime.resources import check_devices, cuda_device_count, member_device, threads_per_member
+from pbt_rl.runtime.store import RunDirError, RunStore, json_bytes, read_jsonl
+from pbt_rl.runtime.summary import build_summary
+from pbt_rl.runtime.watchdog import SilenceWatch
+from pbt_rl.scheduler import Continue, Exploit, Scheduler
 
-STATE_FORMAT = 1
 MAX_RESTARTS = 3  # restarts from the same checkpoint before the member is re-seeded from a donor
 MAX_FAILURES = 10  # consecutive failures after which a member is abandoned (the run goes on)
 POLL_SECONDS = 0.2
+WAITING_KINDS = ("ready", "done")  # after these the member waits for the controller
 
 
 def member_seed(run_seed: int, member_id: int) -> int:
     """Independent, reproducible seed per member."""
     return int(np.random.SeedSequence([run_seed, member_id]).generate_state(1)[0])
-
-
-@dataclass
-class MemberRecord:
-    """The controller's bookkeeping for one member (what state.json stores per member)."""
-
-    member_id: int
-    seed: int
-    hyperparameters: dict
-    env_steps: int = 0
-    updates: int = 0
-    last_ready_steps: int = 0
-    episode_returns: list = field(default_factory=list)
-    score_history: list = field(default_factory=list)
-    checkpoint_id: str | None = None  # what a copier loads (own latest, or the donor's after an exploit)
-    restore: Restore = field(default_factory=Restore)
-    generation: int = 0
-    failures: int = 0
-    done: bool = False
-    abandoned: bool = False
-    # Not saved: live status of the process.
-    status: str = "starting"
-    env_steps_per_second: float = 0.0
-    last_error: str = ""
-
-    SAVED = ("member_id", "seed", "hyperparameters", "env_steps", "updates", "last_ready_steps", "episode_returns",
-             "score_history", "checkpoint_id", "generation", "failures", "done", "abandoned")
-
-    def to_dict(self) -> dict:
-        out = {name: getattr(self, name) for name in self.SAVED}
-        out["restore"] = self.restore.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "MemberRecord":
-        record = cls(**{name: raw[name] for name in cls.SAVED if name in raw})
-        record.restore = Restore.from_dict(raw.get("restore") or {})
-        record.score_history = [tuple(entry) for entry in record.score_history]
-        return record
-
-    def member_state(self) -> MemberState:
-        return MemberState(
-            member_id=self.member_id,
-            env_steps=self.env_steps,
-            last_ready_steps=self.last_ready_steps,
-            episode_returns=tuple(self.episode_returns),
-            score_history=tuple((int(s), math.nan if f is None else float(f)) for s, f in self.score_history),
-            hyperparameters=dict(self.hyperparameters),
-            checkpoint_id=self.checkpoint_id,
-        )
 
 
 class Controller:
@@ -132,6 +86,8 @@ class Controller:
         self.stopping = False
         self.resumes = 0
         self.loggers_started = False
+        self._logger_states: list = []
+        self.watch = SilenceWatch(config.run.hang_timeout_factor, config.run.hang_timeout_min_seconds)
         self.console = ConsoleProgress(config.logging.console_interval_seconds, config.run.total_env_steps,
                                        self.names, enabled=console, max_wall_seconds=config.run.max_wall_seconds)
         self.cuda_count = cuda_device_count() if config.agent.device != "cpu" else 0
@@ -159,73 +115,33 @@ class Controller:
         }
         return records
 
-    def _load_state(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise RunDirError(f"{self.store.state_path}: unknown state format {state.get('format')!r}")
-        self.records = {int(k): MemberRecord.from_dict(v) for k, v in state["members"].items()}
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.wall_offset = float(state.get("wall_seconds", 0.0))
-        self.resumes = int(state.get("resumes", 0)) + 1
-        self._logger_states = state.get("loggers", [])
-        self.population_info = self.store.read_json(self.store.population_path)
-        pending = {int(k): v for k, v in state.get("pending", {}).items()}
-        self._reconcile(pending)
+    def initial_files(self) -> dict[str, bytes]:
+        """What a fresh run directory holds before any member starts (RunStore.create writes it whole)."""
+        return {"config.yaml": dump_yaml(self.config).encode(), "population.json": json_bytes(self.population_info),
+                "state.json": json_bytes(self._state())}
 
-    def _reconcile(self, pending: dict[int, dict]) -> None:
-        """Make the state agree with lineage.jsonl and the checkpoints on disk after a stop."""
-        for path in [self.store.lineage_path, self.store.events_path] + [self.store.metrics_path(i) for i in self.records]:
-            repair_jsonl(path)
-        for row in read_jsonl(self.store.lineage_path):
-            record = self.records.get(int(row["member"]))
-            if record is not None and int(row["generation"]) > record.generation:
-                self._commit_to_record(record, row)
-                self._event("exploit_recovered", record.member_id, generation=row["generation"],
-                            detail="lineage row written just before the stop; applied to the state")
-        for member_id, raw in pending.items():
-            record = self.records[member_id]
-            if int(raw["generation"]) > record.generation:
-                self._event("exploit_dropped", member_id, donor=raw.get("donor_id"),
-                            detail="decided but not applied before the stop; the member continues from its checkpoint")
-        for record in self.records.values():
-            if record.done or record.abandoned:
-                continue
-            self._ensure_restorable(record)
-            # Work reported after the restore point is lost: drop it so step counters only grow.
-            restore_steps = record.restore.env_steps
-            record.env_steps = restore_steps
-            record.updates = record.restore.updates
-            record.last_ready_steps = min(record.last_ready_steps, restore_steps)
-            record.score_history = [e for e in record.score_history if e[0] <= restore_steps]
-            metrics_path = self.store.metrics_path(record.member_id)
-            rows = read_jsonl(metrics_path)
-            kept = [r for r in rows if r["env_steps"] <= restore_steps]
-            if len(kept) < len(rows):
-                rewrite_jsonl(metrics_path, kept)
-
-    def _ensure_restorable(self, record: MemberRecord) -> None:
-        """Fall back to the newest good own checkpoint when the restore checkpoint is damaged."""
-        checkpoint = record.restore.checkpoint
-        if checkpoint is None or self.store.verify_checkpoint(checkpoint):
-            return
-        self._event("checkpoint_corrupt", record.member_id, checkpoint=checkpoint)
-        older = [c for c in self.store.list_checkpoints(record.member_id)
-                 if c != checkpoint and RunStore.checkpoint_env_steps(c) <= record.restore.env_steps]
-        for candidate in reversed(older):
-            if self.store.verify_checkpoint(candidate):
-                meta = self.store.load_checkpoint(candidate)["member"]
-                record.restore = Restore(candidate, int(meta["env_steps"]), int(meta.get("updates", 0)), None)
-                record.hyperparameters = dict(meta["hyperparameters"])
-                record.checkpoint_id = candidate
-                record.episode_returns = []
-                self._event("checkpoint_fallback", record.member_id, checkpoint=candidate)
-                return
-        initial = self.population_info["members"][str(record.member_id)]["hyperparameters"]
-        record.restore = Restore(None, 0, 0, dict(initial))
-        record.hyperparameters = dict(initial)
-        record.checkpoint_id = None
-        record.episode_returns = []
-        record.last_ready_steps = 0
-        self._event("checkpoint_fallback", record.member_id, checkpoint=None, detail="no good checkpoint: restarting fresh")
+    def _load_state(self, state: Any) -> None:
+        """Parse and check everything first (RunDirError, nothing written), then reconcile."""
+        path = self.store.state_path
+        parsed = parse_state(state, path, self.config.pbt.population_size)
+        try:
+            self.scheduler.load_state_dict(parsed.scheduler)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{path}: the scheduler state is not valid ({exc})") from None
+        population = self.store.read_json(self.store.population_path)
+        try:
+            for member_id in parsed.records:
+                dict(population["members"][str(member_id)]["hyperparameters"])
+        except (KeyError, TypeError, ValueError):
+            raise RunDirError(f"{self.store.population_path}: not the population of this run "
+                              "(no initial hyperparameters for every member)") from None
+        self.records = parsed.records
+        self.population_info = population
+        self.wall_offset = parsed.wall_seconds
+        self.resumes = parsed.resumes + 1
+        self._logger_states = parsed.loggers
+        reconcile(self.store, self.records, parsed.pending,
+                  lambda member_id: population["members"][str(member_id)]["hyperparameters"], self._event)
 
     # ------------------------------------------------------------------ persistence
 
@@ -286,18 +202,21 @@ class Controller:
     def _launch(self, record: MemberRecord) -> None:
         record.status = "starting"
         self.handles[record.member_id] = self.backend.start(self._spec(record))
+        self.watch.launched(record.member_id, time.monotonic())
 
     def _send(self, member_id: int, message: tuple) -> None:
         handle = self.handles.get(member_id)
         if handle is None or not handle.send(message):
             self._on_failure(member_id, "the member's pipe is closed")
+        else:
+            self.watch.commanded(member_id, time.monotonic())
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> dict:
         try:
             self._start()
-            while not self._finished():
+            while not self._over():
                 live = [h for h in self.handles.values()]
                 self.backend.wait(live, POLL_SECONDS)
                 for member_id in list(self.handles):
@@ -308,6 +227,7 @@ class Controller:
                         self._handle(member_id, *message)
                         if self.handles.get(member_id) is not handle:
                             break  # the member was restarted; later messages were from the old one
+                self._check_silence()
                 if self.config.pbt.mode == "sync":
                     self._maybe_decide_generation()
                 self.console.maybe_print(self.wall_seconds(), self._table())
@@ -325,15 +245,17 @@ class Controller:
 
     def _start(self) -> None:
         if self.resumed:
-            for logger, state in zip(self.loggers, getattr(self, "_logger_states", [])):
+            for logger, state in zip(self.loggers, self._logger_states):
                 self._call_logger(logger, "load_state_dict", state)
-        else:
-            self.store.write_json(self.store.population_path, self.population_info)
         for logger in self.loggers:
             self._call_logger(logger, "start", self.population_info)
         self.loggers_started = True
         if self.resumed:
             self._event("resumed", steps={str(i): r.env_steps for i, r in self.records.items()})
+            for record in self.records.values():
+                if record.abandoned:  # a resume is the user's "try again"
+                    record.abandoned, record.failures = False, 0
+                    self._event("member_retried", record.member_id, detail="abandoned before; resume retries it")
         self._save_state()
         self.console.start(sum(r.env_steps for r in self.records.values()))
         for record in self.records.values():
@@ -342,8 +264,19 @@ class Controller:
             else:
                 record.status = "done" if record.done else "abandoned"
 
-    def _finished(self) -> bool:
+    def _over(self) -> bool:
+        """No member is left to train (each one finished or was abandoned)."""
         return all(r.done or r.abandoned for r in self.records.values())
+
+    def _check_silence(self) -> None:
+        for silence in self.watch.hung(time.monotonic()):
+            if silence.member_id not in self.handles:
+                self.watch.forget(silence.member_id)
+                continue
+            self._event("member_hung", silence.member_id, silent_seconds=round(silence.silent_seconds, 1),
+                        allowed_seconds=round(silence.allowed_seconds, 1), started=silence.started)
+            self._on_failure(silence.member_id, f"hung: no message for {silence.silent_seconds:.0f} s "
+                                                f"(allowed {silence.allowed_seconds:.0f} s, run.hang_timeout_*)")
 
     def _table(self) -> list[dict]:
         return [{"member": r.member_id, "env_steps": r.env_steps, "score": self._fitness(r),
@@ -357,6 +290,10 @@ class Controller:
 
     def _handle(self, member_id: int, kind: str, payload: dict) -> None:
         record = self.records[member_id]
+        if kind not in ("started", "exited", "failed"):
+            # "started" does not end the start-up allowance: the first training call (env
+            # reset, first kernels, cuDNN autotuning) belongs to start-up too (watchdog.py).
+            self.watch.heard(member_id, time.monotonic(), waits=kind in WAITING_KINDS)
         if kind == "started":
             record.status = "training"
             if self.pending_kind.get(member_id) == "reseed":
@@ -374,6 +311,7 @@ class Controller:
                 self._save_state()
                 self._prune(member_id)
                 self.handles.pop(member_id, None)
+                self.watch.forget(member_id)
             else:
                 self._on_ready(record)
         elif kind == "applied":
@@ -385,8 +323,7 @@ class Controller:
             self._event("exploit_failed", member_id, **payload)
             self._save_state()
         elif kind == "failed":
-            record.last_error = payload.get("error", "")
-            self._on_failure(member_id, record.last_error, diverged=bool(payload.get("diverged")),
+            self._on_failure(member_id, payload.get("error", ""), diverged=bool(payload.get("diverged")),
                              traceback=payload.get("traceback", ""))
         elif kind == "exited":
             if not (record.done or self.stopping):
@@ -477,20 +414,11 @@ class Controller:
             "weights_sha256": payload.get("weights_sha256"),
         }
         self.store.append(self.store.lineage_path, row)
-        self._commit_to_record(record, row)
+        apply_lineage_row(record, row)
         record.status = "training"
         self._save_state()
         for logger in self.loggers:
             self._call_logger(logger, "log_exploit", row, self.store.path(decision.donor_checkpoint))
-
-    def _commit_to_record(self, record: MemberRecord, row: dict) -> None:
-        record.generation = int(row["generation"])
-        record.hyperparameters = dict(row["new_hyperparameters"])
-        record.episode_returns = []
-        record.checkpoint_id = row["donor_checkpoint"]
-        record.env_steps = int(row["env_steps"])
-        record.restore = Restore(row["donor_checkpoint"], int(row["env_steps"]), record.updates,
-                                 dict(row["new_hyperparameters"]))
 
     # ------------------------------------------------------------------ failures
 
@@ -498,10 +426,12 @@ class Controller:
         handle = self.handles.pop(member_id, None)
         if handle is not None:
             handle.kill()
+        self.watch.forget(member_id)
         record = self.records[member_id]
         if record.done or self.stopping:
             return
         record.failures += 1
+        record.last_error = error
         dropped = self.pending.pop(member_id, None)
         kind = self.pending_kind.pop(member_id, None)
         self._event("member_failed", member_id, env_steps=record.env_steps, error=error, diverged=diverged,
@@ -509,11 +439,16 @@ class Controller:
                     dropped_exploit=None if dropped is None else kind)
         if record.failures >= MAX_FAILURES:
             record.abandoned, record.status = True, "abandoned"
-            self._event("member_abandoned", member_id, failures=record.failures)
+            self._event("member_abandoned", member_id, failures=record.failures, error=error)
             self._save_state()
             return
+        # Roll back to the restore point (what a restarted member will report from).
+        record.env_steps = record.restore.env_steps
+        record.updates = record.restore.updates
         if diverged or record.failures > MAX_RESTARTS or record.restore.checkpoint is None and record.failures > 1:
-            reseed = self._reseed_decision(record)
+            excluded = [r.member_id for r in self.records.values() if r.abandoned]
+            reseed = self.scheduler.reseed(member_id, {i: r.member_state() for i, r in self.records.items()},
+                                           excluded=excluded)
             if reseed is not None:
                 self.pending[member_id] = reseed
                 self.pending_kind[member_id] = "reseed"
@@ -525,75 +460,42 @@ class Controller:
                 self._launch(record)
                 record.restore = saved  # the new restore point counts only once the member confirms it
                 return
-        # Roll back to the restore point (what a restarted member will report from).
-        record.env_steps = record.restore.env_steps
-        record.updates = record.restore.updates
         self._event("member_restarted", member_id, checkpoint=record.restore.checkpoint,
                     env_steps=record.restore.env_steps)
         self._save_state()
         self._launch(record)
 
-    def _reseed_decision(self, record: MemberRecord) -> Exploit | None:
-        """Copy the best other member (by current fitness) that has a checkpoint, explored."""
-        candidates = [(self._fitness(r), r) for r in self.records.values()
-                      if r.member_id != record.member_id and r.checkpoint_id and not r.abandoned]
-        candidates = [(f if math.isfinite(f) else -math.inf, r) for f, r in candidates]
-        if not candidates:
-            return None
-        score, donor = max(candidates, key=lambda c: (c[0], -c[1].member_id))
-        rng = np.random.default_rng([self.config.run.seed, record.member_id, record.failures, record.generation])
-        new, operations = self.scheduler.search_space.explore(
-            donor.hyperparameters, rng, self.config.pbt.explore, self.config.pbt.resample_probability)
-        return Exploit(member_id=record.member_id, env_steps=record.restore.env_steps, donor_id=donor.member_id,
-                       donor_checkpoint=donor.checkpoint_id, donor_env_steps=donor.env_steps,
-                       old_hyperparameters=dict(record.hyperparameters), new_hyperparameters=new,
-                       operations=operations, member_score=self._fitness(record), donor_score=score)
-
     # ------------------------------------------------------------------ end
-
-    def _summary(self) -> dict:
-        members = {}
-        for r in self.records.values():
-            score = self._fitness(r)
-            members[str(r.member_id)] = {
-                "score": score if math.isfinite(score) else None, "env_steps": r.env_steps,
-                "generation": r.generation, "hyperparameters": r.hyperparameters,
-                "checkpoint": r.checkpoint_id, "status": "done" if r.done else ("abandoned" if r.abandoned else "stopped"),
-            }
-        scored = [(v["score"], int(k)) for k, v in members.items() if v["score"] is not None]
-        best = max(scored, key=lambda s: (s[0], -s[1]))[1] if scored else None
-        lineage = read_jsonl(self.store.lineage_path)
-        return {
-            "best_member": best,
-            "best_score": None if best is None else members[str(best)]["score"],
-            "best_env_steps": None if best is None else members[str(best)]["env_steps"],
-            "best_hyperparameters": None if best is None else members[str(best)]["hyperparameters"],
-            "best_checkpoint": None if best is None else members[str(best)]["checkpoint"],
-            "finished": self._finished(),
-            "exploits": len(lineage),
-            "wall_seconds": self.wall_seconds(),
-            "members": members,
-        }
 
     def _finish(self) -> dict:
         self.stopping = True
         for member_id, handle in list(self.handles.items()):
             handle.send(("stop", {}))
         self._save_state()
-        summary = self._summary()
+        summary = build_summary(self.records, self._fitness, len(read_jsonl(self.store.lineage_path)),
+                                self.wall_seconds())
         self.store.write_json(self.store.summary_path, summary)
         self.console.print_table(self.wall_seconds(), self._table(), final=True)
         if self.console.enabled:
-            if summary["best_member"] is None:
-                print("No member has a score yet (too few finished episodes).")
-            else:
-                print(f"Best member: {summary['best_member']} score {format_score(summary['best_score']).strip()} "
-                      f"at {summary['best_env_steps']:,} env steps "
-                      f"({format_hyperparameters(summary['best_hyperparameters'], self.names)}); "
-                      f"{summary['exploits']} exploits; run directory {self.store.root}")
-        if summary["finished"] and self.config.logging.report:
+            self._print_outcome(summary)
+        if self._over() and self.config.logging.report:
             self._write_report()
         return summary
+
+    def _print_outcome(self, summary: dict) -> None:
+        if summary["best_member"] is None:
+            print("No member has a score yet (too few finished episodes).")
+        else:
+            print(f"Best member: {summary['best_member']} score {format_score(summary['best_score']).strip()} "
+                  f"at {summary['best_env_steps']:,} env steps "
+                  f"({format_hyperparameters(summary['best_hyperparameters'], self.names)}); "
+                  f"{summary['exploits']} exploits; run directory {self.store.root}")
+        abandoned = {k: m for k, m in summary["members"].items() if m["status"] == "abandoned"}
+        if abandoned:
+            member, info = next(iter(abandoned.items()))
+            print(f"Run {summary['status']}: {len(abandoned)} of {len(summary['members'])} members abandoned after "
+                  f"repeated failures (member {member}: {info['error']}); see events.jsonl, and "
+                  f"`pbt-rl resume {self.store.root}` to retry them")
 
     def _write_report(self) -> None:
         try:
@@ -623,39 +525,57 @@ def default_loggers(config: ExperimentConfig, run_dir: Path) -> list[Any]:
 
 def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
           backend: Backend | None = None, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> dict:
-    """Train a population from scratch into ``config.run_dir``; return the summary (summary.json)."""
+    """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
+
+    Nothing is written until every check has passed; the run directory then appears whole
+    (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
+    """
+    check_devices(config)
     store = RunStore(config.run_dir)
-    store.create(config.pbt.population_size)
-    atomic_write_bytes(store.config_path, dump_yaml(config).encode())
     if loggers is None:
         loggers = default_loggers(config, store.root)
     controller = Controller(config, store, console=console, loggers=loggers, backend=backend,
                             learner_factory=learner_factory)
-    if console:
-        print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
-              f"{config.run.total_env_steps:,} env steps each, {controller.threads} env thread(s) per member; "
-              f"run directory {store.root}")
-    return controller.run()
+    store.create(config.pbt.population_size, controller.initial_files(), command="train")
+    try:
+        if console:
+            print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
+                  f"{config.run.total_env_steps:,} env steps each, {controller.threads} env thread(s) per member; "
+                  f"run directory {store.root}")
+        return controller.run()
+    finally:
+        store.release()
 
 
 def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] | None = None,
            backend: Backend | None = None, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> dict:
-    """Continue a stopped or killed run from its run directory; return the summary."""
+    """Continue a stopped or killed run from its run directory; return the summary.
+
+    The run directory is locked first (another live controller: one line naming it); state.json
+    and the logs are checked whole before anything in the directory changes.
+    """
     store = RunStore(run_dir)
+    if not store.root.is_dir():
+        raise RunDirError(f"run directory not found: {store.root}")
     if not store.config_path.is_file():
         raise RunDirError(f"{store.root} is not a pbt-rl run directory (no config.yaml)")
     config = load_config(store.config_path)
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
-    store.check_writable()
-    if not store.state_path.is_file():
-        raise RunDirError(f"{store.root} has no state.json: the run stopped before it started; "
-                          "delete the directory and train again")
-    state = store.read_json(store.state_path)
-    if loggers is None:
-        loggers = default_loggers(config, store.root)
-    controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend,
-                            learner_factory=learner_factory)
-    if console:
-        steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
-        print(f"Resuming {store.root} (env steps per member {steps})")
-    return controller.run()
+    check_devices(config)
+    store.acquire("resume")
+    try:
+        store.check_writable()
+        if not store.state_path.is_file():
+            raise RunDirError(f"{store.root} has no state.json, so it was not made by `pbt-rl train` of this "
+                              "version (which creates the directory whole); delete it and train again")
+        state = store.read_json(store.state_path)
+        if loggers is None:
+            loggers = default_loggers(config, store.root)
+        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend,
+                                learner_factory=learner_factory)
+        if console:
+            steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
+            print(f"Resuming {store.root} (env steps per member {steps})")
+        return controller.run()
+    finally:
+        store.release()

@@ -31,13 +31,18 @@ def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_
     """
     if agent_device == "cpu":
         return "cpu"
+    if agent_device != "auto" and cuda_device_count <= 0:
+        from pbt_rl.config import ConfigError
+
+        raise ConfigError(f"agent.device: {agent_device!r} was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if agent_device.startswith("cuda:"):
-        return agent_device
-    if cuda_device_count <= 0:
-        if agent_device == "cuda":
+        if int(agent_device[5:]) >= cuda_device_count:
             from pbt_rl.config import ConfigError
 
-            raise ConfigError("agent.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+            raise ConfigError(f"agent.device: {agent_device!r} was asked for but only {cuda_device_count} CUDA GPU(s) "
+                              f"are visible (cuda:0 to cuda:{cuda_device_count - 1})")
+        return agent_device
+    if cuda_device_count <= 0:
         return "cpu"
     if members_per_gpu <= 0:
         return "cuda:0"
@@ -48,3 +53,10 @@ def cuda_device_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_devices(config) -> list[str]:
+    """Every member's device, or the ConfigError a member would hit: called before anything is written."""
+    device = config.agent.device
+    count = cuda_device_count() if device != "cpu" else 0
+    return [member_device(device, i, config.run.members_per_gpu, count) for i in range(config.pbt.population_size)]

@@ -15,6 +15,7 @@ Member processes write their own checkpoints; everything else is written by the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -93,8 +94,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How the run directory's whole JSON files are encoded (NaN as null, numpy unwrapped)."""
+    return (json.dumps(_finite_or_none(obj), default=_json_default, indent=1) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_finite_or_none(obj), default=_json_default, indent=1) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -159,7 +165,8 @@ class RunStore:
     """Paths and safe I/O for one run directory."""
 
     def __init__(self, run_dir: Path | str):
-        self.root = Path(run_dir)
+        self.root = Path(run_dir).absolute()
+        self.lock = None  # a RunLock while this process is the run directory's writer
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -207,25 +214,90 @@ class RunStore:
             raise CheckpointError(f"not a checkpoint id: {checkpoint_id}")
         return int(match.group(1))
 
+    @staticmethod
+    def checkpoint_member(checkpoint_id: str) -> int:
+        """The member whose env-step clock names the checkpoint (the one that saved it)."""
+        parts = Path(checkpoint_id).parts
+        if len(parts) != 4 or parts[0] != "members" or parts[2] != "checkpoints" or not parts[1].isdigit():
+            raise CheckpointError(f"not a checkpoint id: {checkpoint_id}")
+        return int(parts[1])
+
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    # -- creation ---------------------------------------------------------------------------
-    def create(self, num_members: int) -> None:
-        """Make a fresh run directory; refuse a non-empty one; check it is writable."""
+    # -- creation and the one-writer lock ----------------------------------------------------
+    def _partial_path(self) -> Path:
+        return self.root.parent / f".{self.root.name}.partial-{os.getpid()}"
+
+    def _remove_stale_partials(self) -> None:
+        """Delete half-built siblings left by a creation that was killed (no live holder)."""
+        import shutil
+
+        from pbt_rl.runtime.run_lock import is_locked
+
+        for leftover in self.root.parent.glob(f".{self.root.name}.partial-*"):
+            if leftover.is_dir() and not is_locked(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def create(self, num_members: int, files: dict[str, bytes], command: str = "train") -> None:
+        """Make a fresh run directory holding ``files`` (name -> bytes) and the member folders,
+        all at once, and hold its lock.
+
+        The directory is built under a hidden sibling name, then renamed into place, so a kill at
+        any instant leaves either no run directory or a complete one that ``resume`` continues.
+        Refuses a non-empty directory; an empty one is replaced.
+        """
+        import shutil
+
+        from pbt_rl.runtime.run_lock import RunLock, in_use_error, is_locked
+
         if self.root.exists() and not self.root.is_dir():
             raise RunDirError(f"run directory {self.root} exists and is not a directory; choose another run.dir")
         if self.root.is_dir() and any(self.root.iterdir()):
+            if is_locked(self.root):
+                raise in_use_error(self.root)
             raise RunDirError(
                 f"run directory {self.root} is not empty; use `pbt-rl resume {self.root}` to continue it, "
                 "or choose another run.dir"
             )
+        partial = self._partial_path()
+        lock, renaming = None, False
         try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partials()
+            partial.mkdir()
+            lock = RunLock(partial, command).acquire()
             for member in range(num_members):
-                self.checkpoint_dir(member).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+                (partial / self.checkpoint_dir(member).relative_to(self.root)).mkdir(parents=True)
+            for name, data in files.items():
+                atomic_write_bytes(partial / name, data)
+            renaming = True
+            os.rename(partial, self.root)
+        except (OSError, RunDirError) as exc:
+            if lock is not None:
+                lock.release()
+            shutil.rmtree(partial, ignore_errors=True)
+            if renaming and isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise RunDirError(f"run directory {self.root} was created by another process meanwhile; "
+                                  "choose another run.dir") from None
+            if isinstance(exc, RunDirError):
+                raise
             raise RunDirError(f"cannot create run directory {self.root}: {exc.strerror or exc}") from None
-        self.check_writable()
+        _fsync_dir(self.root.parent)
+        lock.path = self.root / lock.path.name
+        self.lock = lock
+
+    def acquire(self, command: str) -> None:
+        """Hold this run directory's lock until :meth:`release` or the process ends (run_lock.py)."""
+        from pbt_rl.runtime.run_lock import RunLock
+
+        if self.lock is None:
+            self.lock = RunLock(self.root, command).acquire()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def check_writable(self) -> None:
         """Fail early, with one line, when the directory cannot take a file."""
@@ -254,8 +326,9 @@ class RunStore:
             return json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RunDirError(f"{path} not found; is {self.root} a pbt-rl run directory?") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunDirError(f"cannot read {path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            detail = "not valid JSON" if isinstance(exc, (ValueError, RecursionError)) else exc.strerror or exc
+            raise RunDirError(f"cannot read {path}: {detail}") from None
 
     def append(self, path: Path, row: dict) -> None:
         append_jsonl(path, row)

@@ -1,0 +1,79 @@
+"""``summary.json``: what became of the run and of every member, and which member is best.
+
+Run status (``summary["status"]``), decided only here:
+
+=========== ================================================================ ==========
+status      meaning                                                          CLI exit
+=========== ================================================================ ==========
+finished    every member reached ``run.total_env_steps``                     0
+stopped     stopped before that (``run.max_wall_seconds``); resume continues 0
+partial     the run is over, some members finished, others were abandoned    3
+failed      the run is over and no member finished (all were abandoned)      1
+=========== ================================================================ ==========
+
+A member is *abandoned* after ``MAX_FAILURES`` failures in a row; ``pbt-rl resume`` gives
+abandoned members a new series of attempts. Member status: ``done``, ``abandoned`` or
+``stopped`` (still to train).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+from pbt_rl.runtime.records import MemberRecord
+
+EXIT_CODES = {"finished": 0, "stopped": 0, "partial": 3, "failed": 1}
+
+
+def run_status(records: Mapping[int, MemberRecord]) -> str:
+    if any(not (r.done or r.abandoned) for r in records.values()):
+        return "stopped"
+    if all(r.done for r in records.values()):
+        return "finished"
+    return "partial" if any(r.done for r in records.values()) else "failed"
+
+
+def member_status(record: MemberRecord) -> str:
+    return "done" if record.done else ("abandoned" if record.abandoned else "stopped")
+
+
+def best_member(scores: Mapping[int, float | None]) -> int | None:
+    """The best-member rule: the highest finite score, the lowest id among equals; None if unscored."""
+    scored = [(score, member) for member, score in scores.items() if score is not None and math.isfinite(score)]
+    return max(scored, key=lambda s: (s[0], -s[1]))[1] if scored else None
+
+
+def build_summary(records: Mapping[int, MemberRecord], fitness: Callable[[MemberRecord], float], exploits: int,
+                  wall_seconds: float) -> dict:
+    members = {}
+    for r in records.values():
+        score = fitness(r)
+        members[str(r.member_id)] = {
+            "status": member_status(r),
+            "score": score if math.isfinite(score) else None,
+            "env_steps": r.env_steps,
+            "generation": r.generation,
+            "hyperparameters": r.hyperparameters,
+            "checkpoint": r.checkpoint_id,
+            "checkpoint_env_steps": r.checkpoint_env_steps,
+            "failures": r.failures,
+            "error": r.last_error if r.abandoned else None,
+        }
+    best = best_member({int(k): v["score"] for k, v in members.items()})
+    chosen = members[str(best)] if best is not None else {}
+    status = run_status(records)
+    return {
+        "status": status,
+        "finished": status == "finished",
+        "best_member": best,
+        "best_score": chosen.get("score"),
+        "best_env_steps": chosen.get("env_steps"),
+        "best_hyperparameters": chosen.get("hyperparameters"),
+        "best_checkpoint": chosen.get("checkpoint"),
+        "members_done": sum(r.done for r in records.values()),
+        "members_abandoned": sum(r.abandoned for r in records.values()),
+        "exploits": exploits,
+        "wall_seconds": wall_seconds,
+        "members": members,
+    }
