@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pbt_rl.config import ConfigError, ExperimentConfig, load_config
+from pbt_rl.runtime.store import CheckpointError, RunStore
 
 Hyperparameters = dict[str, Any]
 
@@ -246,7 +247,10 @@ def ancestry(run: str | Path | RunFiles, member: int, until: int | None = None) 
             raise ConfigError(f"{run.run_dir / 'lineage.jsonl'}: exploit rows form a cycle at member {member}")
         used.add(index)
         reversed_segments.append((member, step, cutoff, dict(row["new_hyperparameters"]), row))
-        member, cutoff, include_exploit_at_cutoff = int(row["donor"]), int(row["donor_env_steps"]), False
+        # The copied weights are the donor checkpoint's, on the clock of the member that saved it:
+        # the donor itself, or, when the donor had exploited since its last checkpoint, its donor.
+        member = _checkpoint_owner(run, row)
+        cutoff, include_exploit_at_cutoff = int(row["donor_env_steps"]), False
 
     segments = []
     timeline = 0
@@ -255,6 +259,13 @@ def ancestry(run: str | Path | RunFiles, member: int, until: int | None = None) 
         segments.append(segment)
         timeline += segment.length
     return segments
+
+
+def _checkpoint_owner(run: "RunFiles", row: dict) -> int:
+    try:
+        return RunStore.checkpoint_member(row["donor_checkpoint"])
+    except CheckpointError as exc:
+        raise ConfigError(f"{run.run_dir / 'lineage.jsonl'}: {exc}") from None
 
 
 def schedule_of(run_dir: str | Path | RunFiles, member: str | int) -> list[tuple[int, Hyperparameters]]:
@@ -573,7 +584,9 @@ def _time_table_markdown(run: RunFiles) -> list[str]:
 
 def _summary_markdown(run: RunFiles, best: int | None, segments: list[Segment], schedule) -> str:
     lines = [f"# {run.config.run.name}: PBT report", ""]
-    status = "finished" if run.summary is not None else "in progress (no summary.json yet)"
+    # summary.json's own status (pbt_rl/runtime/summary.py); files written before it had none.
+    status = (run.summary.get("status", "finished") if isinstance(run.summary, dict)
+              else "in progress (no summary.json yet)")
     lines += [f"- run directory: `{run.run_dir}`", f"- status: {status}",
               f"- members: {len(run.members)}, exploits: {len(run.lineage)}",
               f"- budget per member: {run.config.run.total_env_steps} env steps", ""]

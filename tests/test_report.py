@@ -72,14 +72,15 @@ def write_synthetic_run(
     generation = {m: 0 for m in initial}
     current = {m: dict(hp) for m, hp in initial.items()}
     with open(run_dir / "lineage.jsonl", "w") as lineage:
-        for member, step, donor, donor_step, new in exploits:
+        for member, step, donor, donor_step, new, *owner in exploits:
             if step > end_steps:
                 continue
             generation[member] += 1
+            owner = owner[0] if owner else donor  # who saved the donor checkpoint
             lineage.write(json.dumps({
                 "time": 1.0e9 + step, "wall_seconds": float(step), "member": member, "env_steps": step,
                 "generation": generation[member], "donor": donor,
-                "donor_checkpoint": f"members/{donor}/checkpoints/{donor_step:012d}.pt",
+                "donor_checkpoint": f"members/{owner}/checkpoints/{donor_step:012d}.pt",
                 "donor_env_steps": donor_step, "old_hyperparameters": current[member],
                 "new_hyperparameters": new, "operations": {k: "*1.2" for k in new},
                 "member_score": 1.0, "donor_score": 2.0, "exploit": "truncation",
@@ -91,7 +92,7 @@ def write_synthetic_run(
         hp = dict(initial[member])
         with open(folder / "metrics.jsonl", "w") as metrics:
             for step in range(50, end_steps + 1, 50):
-                for m, s, _d, _ds, new in exploits:
+                for m, s, _d, _ds, new, *_owner in exploits:
                     if m == member and s < step:
                         hp = dict(new)
                 fitness = FINAL_FITNESS[member] * step / 300
@@ -140,6 +141,17 @@ def test_donor_checkpoint_predates_the_donors_own_exploit_at_that_step(tmp_path)
     exploits = [(2, 100, 0, 100, {"lr": 0.05, "entropy_cost": 0.5}), (1, 150, 2, 100, {"lr": 0.06, "entropy_cost": 0.6})]
     run_dir = write_synthetic_run(tmp_path / "run", exploits=exploits)
     assert schedule_of(run_dir, 1) == [(0, INITIAL[2]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
+
+
+def test_ancestry_follows_the_saver_of_the_copied_checkpoint(tmp_path):
+    # Member 2 copied member 0's checkpoint at 100 (its own step 120) and saved none of its own
+    # before member 1 copied it at 200: member 1 got member 0's weights at member 0's step 100.
+    exploits = [(2, 120, 0, 100, {"lr": 0.05, "entropy_cost": 0.5}),
+                (1, 200, 2, 100, {"lr": 0.06, "entropy_cost": 0.6}, 0)]
+    run_dir = write_synthetic_run(tmp_path / "run", exploits=exploits)
+    segments = ancestry(load_run(run_dir), 1)
+    assert [(s.member, s.start, s.end) for s in segments] == [(0, 0, 100), (1, 200, 300)]
+    assert schedule_of(run_dir, 1) == [(0, INITIAL[0]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
 
 
 def test_schedule_without_exploits_is_the_initial_values(tmp_path):
