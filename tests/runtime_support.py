@@ -1,7 +1,8 @@
 """A learner for runtime tests: no envs, milliseconds per call, but real checkpoints and weights.
 
-Member processes import this module by name (``FAKE``, a ``module:function`` learner factory),
-which works because pytest puts tests/ on sys.path and spawned children inherit it.
+Member processes import this module by name (``FAKE``, the ``module:function`` learner factory of
+:func:`fake_backend`), which works because pytest puts tests/ on sys.path and spawned children
+inherit it.
 
 Fault injection through the environment (inherited by member processes):
 ``PBT_RL_TEST_CRASH=member:env_steps:marker[:diverge]`` makes that member raise once (the marker
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from pbt_rl.config import dump_yaml, from_dict, tunable_agent_fields
+from pbt_rl.runtime.backend import LocalProcessBackend
 from pbt_rl.runtime.run_lock import LOCK_NAME
 from pbt_rl.runtime.store import read_jsonl
 
@@ -135,6 +137,11 @@ def make_fake_learner(config, seed, device=None, num_threads=0):
     return FakeLearner(config, seed, device, num_threads)
 
 
+def fake_backend() -> LocalProcessBackend:
+    """Member processes that build fake learners."""
+    return LocalProcessBackend(learner_factory=FAKE)
+
+
 def fake_seed_is_member_id(monkeypatch):
     # Fake learners identify their member by seed (crash injection); make seeds = member ids.
     monkeypatch.setattr("pbt_rl.runtime.controller.member_seed", lambda run_seed, member_id: member_id)
@@ -185,9 +192,10 @@ import sys
 sys.path.insert(0, {tests!r})
 from pbt_rl.config import load_config
 from pbt_rl.runtime import {entry}
+from pbt_rl.runtime.backend import LocalProcessBackend
 if __name__ == "__main__":  # members are spawned: they re-import this file
 {prelude}
-    {entry}({argument}, console=False, learner_factory={fake!r})
+    {entry}({argument}, console=False, backend=LocalProcessBackend(learner_factory={fake!r}))
 """
 
 

@@ -11,13 +11,12 @@ with lineage exactly once per exploit, step counters that only grow and verified
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from pbt_rl.runtime import RunStore, resume, train
 from pbt_rl.runtime.store import read_jsonl
-from runtime_support import (FAKE, alive, check_lineage_consistent, check_metrics_grow, children, fake_config,
+from runtime_support import (fake_backend, alive, check_lineage_consistent, check_metrics_grow, children, fake_config,
                              start_controller, wait_until)
 
 pytestmark = pytest.mark.slow
@@ -73,7 +72,7 @@ def run_and_kill(tmp_path, run_dir, **kill):
 
 def check_resumes_to_the_end(run_dir):
     lineage_before = read_jsonl(run_dir / "lineage.jsonl")
-    summary = resume(run_dir, console=False, learner_factory=FAKE)
+    summary = resume(run_dir, console=False, backend=fake_backend())
     assert summary["status"] == "finished", summary
     rows = check_lineage_consistent(run_dir, 3)
     assert rows[: len(lineage_before)] == lineage_before
@@ -100,7 +99,7 @@ def check_absent_or_resumes(tmp_path, run_dir):
         check_resumes_to_the_end(run_dir)
         return
     # Killed before the directory was complete: nothing is there, and train starts afresh.
-    summary = train(config_for(run_dir), console=False, learner_factory=FAKE)
+    summary = train(config_for(run_dir), console=False, backend=fake_backend())
     assert summary["status"] == "finished"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial")], "a half-built directory was left"
 

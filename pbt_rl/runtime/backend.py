@@ -2,8 +2,9 @@
 
 ``LocalProcessBackend`` hosts each member in its own process on this machine (multiprocessing,
 spawn context: no forked torch/envpool state). Another backend (e.g. Ray actors on a cluster)
-implements the same two small interfaces around :class:`pbt_rl.runtime.member.MemberWorker`;
-the scheduler, learners and controller do not change.
+implements the same two small interfaces around :class:`pbt_rl.runtime.member.MemberWorker`,
+carrying the :mod:`protocol <pbt_rl.runtime.protocol>` messages; the backend also decides how
+learners are built. The scheduler, learners and controller do not change.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 from multiprocessing.connection import Connection, wait
 from typing import Protocol
 
-from pbt_rl.runtime.member import MemberSpec, member_main
+from pbt_rl.runtime import protocol
+from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, member_main
 
 KILL_GRACE_SECONDS = 5.0
 
@@ -23,11 +25,11 @@ class MemberHandle(Protocol):
 
     member_id: int
 
-    def send(self, message: tuple) -> bool:
+    def send(self, message: protocol.Command) -> bool:
         """Deliver a command; False if the member is gone."""
 
-    def poll(self) -> list[tuple]:
-        """Messages received so far (non-blocking). A ``("exited", {exitcode})`` message ends the stream."""
+    def poll(self) -> list[protocol.MemberMessage]:
+        """Messages received so far (non-blocking). A :class:`protocol.Exited` ends the stream."""
 
     def alive(self) -> bool: ...
 
@@ -48,25 +50,26 @@ class Backend(Protocol):
 
 
 class LocalProcessHandle:
-    def __init__(self, spec: MemberSpec, context: multiprocessing.context.BaseContext):
+    def __init__(self, spec: MemberSpec, context: multiprocessing.context.BaseContext, learner_factory: str):
         self.member_id = spec.member_id
         self.connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(
-            target=member_main, args=(spec, child_end, os.getpid()), name=f"pbt-member-{spec.member_id}", daemon=True
+            target=member_main, args=(spec, child_end, os.getpid(), learner_factory),
+            name=f"pbt-member-{spec.member_id}", daemon=True,
         )
         self.process.start()
         child_end.close()  # so EOF reaches us when the child dies
         self._exited = False
 
-    def send(self, message: tuple) -> bool:
+    def send(self, message: protocol.Command) -> bool:
         try:
             self.connection.send(message)
             return True
         except (OSError, EOFError, BrokenPipeError, ValueError):
             return False
 
-    def poll(self) -> list[tuple]:
-        messages: list[tuple] = []
+    def poll(self) -> list[protocol.MemberMessage]:
+        messages: list[protocol.MemberMessage] = []
         if self._exited:
             return messages
         try:
@@ -79,7 +82,7 @@ class LocalProcessHandle:
                 self.process.kill()
                 self.process.join()
             self._exited = True
-            messages.append(("exited", {"exitcode": self.process.exitcode}))
+            messages.append(protocol.Exited(self.process.exitcode))
         return messages
 
     def alive(self) -> bool:
@@ -100,14 +103,19 @@ class LocalProcessHandle:
 
 
 class LocalProcessBackend:
-    """Members as processes of this machine."""
+    """Members as processes of this machine.
 
-    def __init__(self) -> None:
+    ``learner_factory`` (``module:function``, imported in each member process) builds the
+    learners: :func:`pbt_rl.agents.make_learner` unless a test or another tool hosts its own.
+    """
+
+    def __init__(self, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> None:
         self.context = multiprocessing.get_context("spawn")
+        self.learner_factory = learner_factory
         self.handles: list[LocalProcessHandle] = []
 
     def start(self, spec: MemberSpec) -> LocalProcessHandle:
-        handle = LocalProcessHandle(spec, self.context)
+        handle = LocalProcessHandle(spec, self.context, self.learner_factory)
         self.handles.append(handle)
         return handle
 

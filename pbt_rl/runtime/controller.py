@@ -35,7 +35,8 @@ import numpy as np
 from pbt_rl.config import ExperimentConfig, dump_yaml, load_config, tunable_agent_fields
 from pbt_rl.runtime.backend import Backend, MemberHandle, make_backend
 from pbt_rl.runtime.console import ConsoleProgress, format_hyperparameters, format_score
-from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, Restore
+from pbt_rl.runtime import protocol
+from pbt_rl.runtime.member import MemberSpec, Restore
 from pbt_rl.runtime.records import MemberRecord, parse_state, STATE_FORMAT
 from pbt_rl.runtime.recovery import apply_lineage_row, reconcile
 from pbt_rl.runtime.resources import check_devices, cuda_device_count, member_device, threads_per_member
@@ -47,7 +48,6 @@ from pbt_rl.scheduler import Continue, Exploit, Scheduler
 MAX_RESTARTS = 3  # restarts from the same checkpoint before the member is re-seeded from a donor
 MAX_FAILURES = 10  # consecutive failures after which a member is abandoned (the run goes on)
 POLL_SECONDS = 0.2
-WAITING_KINDS = ("ready", "done")  # after these the member waits for the controller
 
 
 def member_seed(run_seed: int, member_id: int) -> int:
@@ -67,13 +67,11 @@ class Controller:
         console: bool = True,
         loggers: Iterable[Any] = (),
         backend: Backend | None = None,
-        learner_factory: str = DEFAULT_LEARNER_FACTORY,
     ):
         self.config = config
         self.store = store
         self.loggers = list(loggers)
         self.backend = backend or make_backend(config.run.backend)
-        self.learner_factory = learner_factory
         self.scheduler = Scheduler(config.pbt, seed=config.run.seed)
         self.names = tuple(spec.name for spec in config.pbt.search_space)
         self.window = max(config.pbt.fitness_window, config.pbt.min_episodes)
@@ -197,7 +195,7 @@ class Controller:
                                self.cuda_count)
         return MemberSpec(member_id=record.member_id, seed=record.seed, config=self.config,
                           run_dir=str(self.store.root), restore=record.restore, device=device,
-                          num_threads=self.threads, learner_factory=self.learner_factory)
+                          num_threads=self.threads)
 
     def _launch(self, record: MemberRecord) -> None:
         record.status = "starting"
@@ -224,7 +222,7 @@ class Controller:
                     if handle is None:
                         continue
                     for message in handle.poll():
-                        self._handle(member_id, *message)
+                        self._handle(member_id, message)
                         if self.handles.get(member_id) is not handle:
                             break  # the member was restarted; later messages were from the old one
                 self._check_silence()
@@ -288,24 +286,24 @@ class Controller:
 
     # ------------------------------------------------------------------ messages
 
-    def _handle(self, member_id: int, kind: str, payload: dict) -> None:
+    def _handle(self, member_id: int, message: protocol.MemberMessage) -> None:
         record = self.records[member_id]
-        if kind not in ("started", "exited", "failed"):
-            # "started" does not end the start-up allowance: the first training call (env
-            # reset, first kernels, cuDNN autotuning) belongs to start-up too (watchdog.py).
-            self.watch.heard(member_id, time.monotonic(), waits=kind in WAITING_KINDS)
-        if kind == "started":
+        if not isinstance(message, (protocol.Started, protocol.Exited, protocol.Failed)):
+            # Started does not end the start-up allowance: the first training call (env reset,
+            # first kernels, cuDNN autotuning) belongs to start-up too (watchdog.py).
+            self.watch.heard(member_id, time.monotonic(), waits=isinstance(message, (protocol.Ready, protocol.Done)))
+        if isinstance(message, protocol.Started):
             record.status = "training"
             if self.pending_kind.get(member_id) == "reseed":
-                self._commit(member_id, payload)
-        elif kind == "progress":
-            self._record_progress(record, payload)
-        elif kind in ("ready", "done"):
-            self._record_progress(record, payload)
-            record.checkpoint_id = payload["checkpoint"]
-            record.restore = Restore(payload["checkpoint"], record.env_steps, record.updates, None)
+                self._commit(member_id, message.hyperparameters, message.weights_sha256)
+        elif isinstance(message, protocol.Progress):
+            self._record_progress(record, message)
+        elif isinstance(message, (protocol.Ready, protocol.Done)):
+            self._record_progress(record, message)
+            record.checkpoint_id = message.checkpoint
+            record.restore = Restore(message.checkpoint, record.env_steps, record.updates, None)
             record.failures = 0
-            if kind == "done":
+            if isinstance(message, protocol.Done):
                 record.done, record.status = True, "done"
                 record.score_history.append((record.env_steps, self._fitness(record)))
                 self._save_state()
@@ -314,36 +312,35 @@ class Controller:
                 self.watch.forget(member_id)
             else:
                 self._on_ready(record)
-        elif kind == "applied":
-            self._commit(member_id, payload)
-        elif kind == "exploit_failed":
+        elif isinstance(message, protocol.Applied):
+            self._commit(member_id, message.hyperparameters, message.weights_sha256)
+        elif isinstance(message, protocol.ExploitFailed):
             self.pending.pop(member_id, None)
             self.pending_kind.pop(member_id, None)
             record.status = "training"
-            self._event("exploit_failed", member_id, **payload)
+            self._event("exploit_failed", member_id, donor_checkpoint=message.donor_checkpoint, error=message.error)
             self._save_state()
-        elif kind == "failed":
-            self._on_failure(member_id, payload.get("error", ""), diverged=bool(payload.get("diverged")),
-                             traceback=payload.get("traceback", ""))
-        elif kind == "exited":
+        elif isinstance(message, protocol.Failed):
+            self._on_failure(member_id, message.error, diverged=message.diverged, traceback=message.traceback)
+        elif isinstance(message, protocol.Exited):
             if not (record.done or self.stopping):
-                self._on_failure(member_id, f"member process exited (exit code {payload.get('exitcode')})")
+                self._on_failure(member_id, f"member process exited (exit code {message.exitcode})")
 
-    def _record_progress(self, record: MemberRecord, payload: dict) -> None:
-        record.env_steps = int(payload["env_steps"])
-        record.updates = int(payload["updates"])
-        record.hyperparameters = dict(payload["hyperparameters"])
-        record.env_steps_per_second = float(payload.get("env_steps_per_second", 0.0))
-        record.episode_returns = (record.episode_returns + list(payload["episode_returns"]))[-self.window:]
+    def _record_progress(self, record: MemberRecord, report: protocol.Report) -> None:
+        record.env_steps = int(report.env_steps)
+        record.updates = int(report.updates)
+        record.hyperparameters = dict(report.hyperparameters)
+        record.env_steps_per_second = float(report.env_steps_per_second)
+        record.episode_returns = (record.episode_returns + list(report.episode_returns))[-self.window:]
         fitness = self._fitness(record)
         row = {"time": time.time(), "wall_seconds": self.wall_seconds(), "member": record.member_id,
                "env_steps": record.env_steps, "updates": record.updates,
                "fitness": fitness if math.isfinite(fitness) else None,
-               "episode_returns": list(payload["episode_returns"]), "episode_lengths": list(payload["episode_lengths"]),
-               "losses": payload.get("losses", {}), "env_steps_per_second": record.env_steps_per_second,
+               "episode_returns": list(report.episode_returns), "episode_lengths": list(report.episode_lengths),
+               "losses": report.losses, "env_steps_per_second": record.env_steps_per_second,
                "hyperparameters": record.hyperparameters, "generation": record.generation}
-        if "timing_seconds" in payload:
-            row["timing_seconds"] = payload["timing_seconds"]
+        if report.timing_seconds:
+            row["timing_seconds"] = report.timing_seconds
         self.store.append(self.store.metrics_path(record.member_id), row)
         for logger in self.loggers:
             self._call_logger(logger, "log_progress", row)
@@ -389,14 +386,13 @@ class Controller:
             self.pending_kind[member_id] = "exploit"
             self.records[member_id].status = "exploiting"
             self._save_state()  # pins the donor checkpoint before the member may load it
-            self._send(member_id, ("exploit", {"checkpoint": decision.donor_checkpoint,
-                                               "hyperparameters": decision.new_hyperparameters}))
+            self._send(member_id, protocol.Exploit(decision.donor_checkpoint, decision.new_hyperparameters))
         else:
             self.records[member_id].status = "training"
             self._save_state()
-            self._send(member_id, ("continue", {}))
+            self._send(member_id, protocol.Continue())
 
-    def _commit(self, member_id: int, payload: dict) -> None:
+    def _commit(self, member_id: int, applied_hyperparameters: dict, weights_sha256: str) -> None:
         """The member confirmed the exploit: lineage row first, then the state (see module doc)."""
         decision = self.pending.pop(member_id)
         kind = self.pending_kind.pop(member_id, "exploit")
@@ -410,8 +406,8 @@ class Controller:
             "operations": decision.operations,
             "member_score": decision.member_score, "donor_score": decision.donor_score,
             "exploit": self.config.pbt.exploit if kind == "exploit" else kind,
-            "applied_hyperparameters": payload.get("hyperparameters"),
-            "weights_sha256": payload.get("weights_sha256"),
+            "applied_hyperparameters": applied_hyperparameters,
+            "weights_sha256": weights_sha256,
         }
         self.store.append(self.store.lineage_path, row)
         apply_lineage_row(record, row)
@@ -470,7 +466,7 @@ class Controller:
     def _finish(self) -> dict:
         self.stopping = True
         for member_id, handle in list(self.handles.items()):
-            handle.send(("stop", {}))
+            handle.send(protocol.Stop())
         self._save_state()
         summary = build_summary(self.records, self._fitness, len(read_jsonl(self.store.lineage_path)),
                                 self.wall_seconds())
@@ -524,7 +520,7 @@ def default_loggers(config: ExperimentConfig, run_dir: Path) -> list[Any]:
 
 
 def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
-          backend: Backend | None = None, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> dict:
+          backend: Backend | None = None) -> dict:
     """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
 
     Nothing is written until every check has passed; the run directory then appears whole
@@ -534,8 +530,7 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
     store = RunStore(config.run_dir)
     if loggers is None:
         loggers = default_loggers(config, store.root)
-    controller = Controller(config, store, console=console, loggers=loggers, backend=backend,
-                            learner_factory=learner_factory)
+    controller = Controller(config, store, console=console, loggers=loggers, backend=backend)
     store.create(config.pbt.population_size, controller.initial_files(), command="train")
     try:
         if console:
@@ -548,7 +543,7 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
 
 
 def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] | None = None,
-           backend: Backend | None = None, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> dict:
+           backend: Backend | None = None) -> dict:
     """Continue a stopped or killed run from its run directory; return the summary.
 
     The run directory is locked first (another live controller: one line naming it); state.json
@@ -571,8 +566,7 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
         state = store.read_json(store.state_path)
         if loggers is None:
             loggers = default_loggers(config, store.root)
-        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend,
-                                learner_factory=learner_factory)
+        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend)
         if console:
             steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
             print(f"Resuming {store.root} (env steps per member {steps})")

@@ -1,24 +1,11 @@
-"""One member of the population: its own process, envs and learner.
+"""One member of the population: its own envs and learner, hosted by a backend.
 
 The member trains to its next ready point in chunks, sending progress after each chunk (at most
 about once a second), then saves a checkpoint, reports it and waits for the controller's
-decision. Messages are ``(kind, payload)`` tuples over a duplex pipe:
+decision. The messages are the types of :mod:`pbt_rl.runtime.protocol`.
 
-member -> controller
-  ``started``  {env_steps, hyperparameters, checkpoint, weights_sha256}   learner built, restore applied
-  ``progress`` {env_steps, updates, episode_returns, episode_lengths, losses, env_steps_per_second,
-               hyperparameters}
-  ``ready``    progress fields + {checkpoint}        a ready point: waits for a command
-  ``done``     progress fields + {checkpoint}        budget reached: the process exits
-  ``applied``  {env_steps, donor_checkpoint, hyperparameters, weights_sha256}  exploit applied
-  ``exploit_failed`` {donor_checkpoint, error}      donor checkpoint unusable; own weights kept
-  ``failed``   {error, traceback, diverged}          the member stops (the controller restarts it)
-
-controller -> member
-  ``continue`` {}    ``exploit`` {checkpoint, hyperparameters}    ``stop`` {}
-
-A member never outlives the controller: it asks the kernel for SIGKILL when its parent dies
-(Linux) and also polls its parent pid, and a closed pipe ends it.
+A member process never outlives the controller: it asks the kernel for SIGKILL when its parent
+dies (Linux) and also polls its parent pid, and a closed pipe ends it.
 """
 
 from __future__ import annotations
@@ -32,11 +19,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from pbt_rl.config import ExperimentConfig
-from pbt_rl.runtime.store import RunStore
+from pbt_rl.runtime import protocol
+from pbt_rl.runtime.store import CheckpointError, RunStore
 
 DEFAULT_LEARNER_FACTORY = "pbt_rl.agents:make_learner"
 PROGRESS_SECONDS = 1.0
@@ -82,7 +69,6 @@ class MemberSpec:
     restore: Restore
     device: str | None = None
     num_threads: int = 0
-    learner_factory: str = DEFAULT_LEARNER_FACTORY
     progress_steps: int = 0  # env steps per training chunk; 0 = ready_after_steps / 8
 
 
@@ -181,10 +167,15 @@ class _Accumulator:
 
 
 class MemberWorker:
-    """The member loop, separated from the process plumbing so any backend can host it."""
+    """The member loop, separated from the process plumbing so any backend can host it.
 
-    def __init__(self, spec: MemberSpec, send: Callable[[tuple], None], receive: Callable[[], tuple]):
+    ``learner`` is built by the host (the backend decides how learners are made); ``send`` takes
+    a :mod:`protocol <pbt_rl.runtime.protocol>` message, ``receive`` blocks for a command.
+    """
+
+    def __init__(self, spec: MemberSpec, learner: Any, send: Callable[[Any], None], receive: Callable[[], Any]):
         self.spec = spec
+        self.learner = learner
         self.send = send
         self.receive = receive
         self.store = RunStore(spec.run_dir)
@@ -193,8 +184,6 @@ class MemberWorker:
         self.ready_after = config.pbt.ready_after_steps
         self.max_chunk = max(1, self.ready_after // 8)
         self.chunk = spec.progress_steps or min(self.max_chunk, FIRST_CHUNK_STEPS)
-        factory = load_factory(spec.learner_factory)
-        self.learner = factory(config, seed=spec.seed, device=spec.device, num_threads=spec.num_threads)
         self.offset = 0  # learner.env_steps - this member's env steps (non-zero after an exploit)
         self.updates = 0
         self.last_checkpoint_steps = 0
@@ -208,7 +197,7 @@ class MemberWorker:
         payload = self.store.load_checkpoint(checkpoint, map_location=self.spec.device or "cpu")
         # Own checkpoint: a restart, restore counters and RNG streams too. A donor's: an exploit,
         # take weights, optimiser and normalisers but keep this member's own RNG streams.
-        own = checkpoint.startswith(f"members/{self.spec.member_id}/")
+        own = RunStore.checkpoint_member(checkpoint) == self.spec.member_id
         self.learner.load_state_dict(payload["learner"], resume=own)
         self.offset = int(self.learner.env_steps) - env_steps
         if hyperparameters:
@@ -229,9 +218,9 @@ class MemberWorker:
         self.last_checkpoint_steps = steps
         return checkpoint
 
-    def _progress(self, accumulated: dict) -> dict:
-        return {"env_steps": self.env_steps, "updates": self.updates,
-                "hyperparameters": self.learner.hyperparameters(), **accumulated}
+    def _report(self, kind: type, pending: _Accumulator, **extra: Any) -> Any:
+        return kind(env_steps=self.env_steps, updates=self.updates, hyperparameters=self.learner.hyperparameters(),
+                    **pending.take(), **extra)
 
     def run(self) -> None:
         restore = self.spec.restore
@@ -241,9 +230,8 @@ class MemberWorker:
             self.learner.set_hyperparameters(dict(restore.hyperparameters))
         self.updates = restore.updates
         self.last_checkpoint_steps = self.env_steps
-        self.send(("started", {"env_steps": self.env_steps, "checkpoint": restore.checkpoint,
-                               "hyperparameters": self.learner.hyperparameters(),
-                               "weights_sha256": self._fingerprint()}))
+        self.send(protocol.Started(self.env_steps, restore.checkpoint, self.learner.hyperparameters(),
+                                   self._fingerprint()))
         pending = _Accumulator()
         last_sent = time.monotonic()
         while True:
@@ -258,36 +246,42 @@ class MemberWorker:
                     rate = (self.env_steps - start_steps) / seconds
                     self.chunk = int(min(self.max_chunk, max(1.0, rate * CHUNK_SECONDS)))
                 if self.env_steps < target and time.monotonic() - last_sent >= PROGRESS_SECONDS:
-                    self.send(("progress", self._progress(pending.take())))
+                    self.send(self._report(protocol.Progress, pending))
                     last_sent = time.monotonic()
             checkpoint = self._save()
             finished = self.env_steps >= self.total
-            self.send(("done" if finished else "ready", {**self._progress(pending.take()), "checkpoint": checkpoint}))
+            self.send(self._report(protocol.Done if finished else protocol.Ready, pending, checkpoint=checkpoint))
             last_sent = time.monotonic()
             if finished:
                 return
-            kind, payload = self.receive()
-            if kind == "stop":
+            command = self.receive()
+            if isinstance(command, protocol.Stop):
                 return
-            if kind == "exploit":
-                self._exploit(payload)
+            if isinstance(command, protocol.Exploit):
+                self._exploit(command)
 
-    def _exploit(self, payload: dict) -> None:
-        from pbt_rl.runtime.store import CheckpointError
-
+    def _exploit(self, command: protocol.Exploit) -> None:
         try:
-            self._load(payload["checkpoint"], self.env_steps, payload["hyperparameters"])
+            self._load(command.checkpoint, self.env_steps, command.hyperparameters)
         except CheckpointError as exc:
-            self.send(("exploit_failed", {"donor_checkpoint": payload["checkpoint"], "error": str(exc)}))
+            self.send(protocol.ExploitFailed(command.checkpoint, str(exc)))
             return
         self.learner.drop_stale_experience()
-        self.send(("applied", {"env_steps": self.env_steps, "donor_checkpoint": payload["checkpoint"],
-                               "hyperparameters": self.learner.hyperparameters(),
-                               "weights_sha256": self._fingerprint()}))
+        self.send(protocol.Applied(self.env_steps, command.checkpoint, self.learner.hyperparameters(),
+                                   self._fingerprint()))
 
 
-def member_main(spec: MemberSpec, connection: Any, parent_pid: int) -> None:
-    """Entry point of a member process (multiprocessing target)."""
+def _diverged(exc: BaseException) -> bool:
+    try:
+        from pbt_rl.agents import TrainingDiverged
+    except ImportError:  # the learner package itself failed to import
+        return False
+    return isinstance(exc, TrainingDiverged)
+
+
+def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_factory: str) -> None:
+    """Entry point of a member process (multiprocessing target); ``learner_factory`` is
+    ``module:function``, importable in the child (the backend's choice, see backend.py)."""
     _die_with_parent(parent_pid)
     import signal
 
@@ -297,30 +291,27 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int) -> None:
         import torch
 
         torch.set_num_threads(1)  # env threads are the parallelism; N members share the cores
-    worker = None
-
-    def receive() -> tuple:
-        return connection.recv()
+    learner = None
 
     try:
-        worker = MemberWorker(spec, connection.send, receive)
-        worker.run()
+        learner = load_factory(learner_factory)(spec.config, seed=spec.seed, device=spec.device,
+                                                num_threads=spec.num_threads)
+        MemberWorker(spec, learner, connection.send, connection.recv).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the controller is gone or closed our pipe
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
-        diverged = type(exc).__name__ == "TrainingDiverged"
         try:
-            connection.send(("failed", {"error": f"{type(exc).__name__}: {exc}", "diverged": diverged,
-                                        "traceback": traceback.format_exc(limit=20)}))
+            connection.send(protocol.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
+                                            _diverged(exc)))
         except (OSError, EOFError, BrokenPipeError):
             pass
         if not isinstance(exc, Exception):
             raise
         sys.exit(1)
     finally:
-        if worker is not None:
+        if learner is not None:
             try:
-                worker.learner.close()
+                learner.close()
             except Exception:  # noqa: BLE001 - closing after a failure must not hide it
                 pass
         try:
