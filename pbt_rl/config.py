@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
-    """A dataclass field with a doc line and validation checks (min, max, gt, lt, choices)."""
+    """A dataclass field with a doc line and validation checks (min, max, gt, lt, choices); agent
+    fields PBT may change also carry ``tunable=True`` and, where they matter only with some
+    setting, ``only={setting: value}`` (see :func:`tunable_agent_fields`)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples / mappings for immutable defaults")
     return field(default=default, metadata={"doc": doc, **checks})
@@ -61,33 +63,33 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The learner and its hyperparameters. Every numeric field can be evolved by PBT."""
+    """The learner and its hyperparameters. Fields marked ``tunable`` can be evolved by PBT."""
 
     algo: str = _f("a2c", "Learner: 'a2c' (synchronous n-step) or 'impala' (decoupled actor/learner with V-trace).", choices=("a2c", "impala"))
     network: str = _f("auto", "'auto' (nature for pixels, mlp for vectors), 'nature', 'impala' (15-layer ResNet) or 'mlp'.", choices=("auto", "nature", "impala", "mlp"))
     hidden_sizes: tuple[int, ...] = _f((64, 64), "MLP hidden layer widths (vector observations).")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     optimizer: str = _f("rmsprop", "'rmsprop' (the IMPALA/PBT papers' choice) or 'adam'.", choices=("rmsprop", "adam"))
-    lr: float = _f(7e-4, "Learning rate.", gt=0.0, max=1.0)
-    optimizer_eps: float = _f(1e-5, "Epsilon of RMSProp / Adam.", gt=0.0, max=1.0)
-    rmsprop_alpha: float = _f(0.99, "RMSProp smoothing constant (decay).", gt=0.0, lt=1.0)
-    rmsprop_momentum: float = _f(0.0, "RMSProp momentum.", min=0.0, lt=1.0)
-    adam_beta1: float = _f(0.9, "Adam beta1.", min=0.0, lt=1.0)
-    adam_beta2: float = _f(0.999, "Adam beta2.", min=0.0, lt=1.0)
-    max_grad_norm: float = _f(0.5, "Clip the global gradient norm to this; 0 = no clipping.", min=0.0)
-    entropy_cost: float = _f(0.01, "Weight of the entropy bonus in the loss.", min=0.0)
-    value_cost: float = _f(0.5, "Weight of the value loss in the loss.", min=0.0)
-    gamma: float = _f(0.99, "Discount per env step.", min=0.0, max=1.0)
-    td_lambda: float = _f(1.0, "lambda of the returns / V-trace traces (1.0 = n-step returns).", min=0.0, max=1.0)
-    unroll_length: int = _f(5, "Env steps per env in one unroll (A2C: n of the n-step return).", min=1, max=10000)
-    vtrace_rho_clip: float = _f(1.0, "IMPALA: rho-bar, clip of the importance weights in the V-trace targets.", gt=0.0)
-    vtrace_c_clip: float = _f(1.0, "IMPALA: c-bar, clip of the trace-cutting coefficients.", gt=0.0)
-    vtrace_pg_rho_clip: float = _f(1.0, "IMPALA: clip of the importance weights in the policy gradient.", gt=0.0)
-    learner_batch_unrolls: int = _f(1, "IMPALA: unrolls (each from one actor batch of envs) per learner update.", min=1)
-    queue_size: int = _f(2, "IMPALA: bound of the actor-to-learner unroll queue (larger = more policy lag).", min=1)
-    num_epochs: int = _f(1, "Passes (epochs) over each batch of experience, as in PPO / APPO; 1 = the classic single A2C / IMPALA update.", min=1, max=100)
-    num_minibatches: int = _f(1, "Minibatches per pass, split along the env axis (each holds whole unrolls); more than the batch's envs = one env each.", min=1)
-    ppo_clip: float = _f(0.0, "epsilon of PPO's clipped surrogate on the ratio pi/mu (acting policy); 0 = plain policy gradient.", min=0.0, lt=1.0)
+    lr: float = _f(7e-4, "Learning rate.", gt=0.0, max=1.0, tunable=True)
+    optimizer_eps: float = _f(1e-5, "Epsilon of RMSProp / Adam.", gt=0.0, max=1.0, tunable=True)
+    rmsprop_alpha: float = _f(0.99, "RMSProp smoothing constant (decay).", gt=0.0, lt=1.0, tunable=True, only={'optimizer': 'rmsprop'})
+    rmsprop_momentum: float = _f(0.0, "RMSProp momentum.", min=0.0, lt=1.0, tunable=True, only={'optimizer': 'rmsprop'})
+    adam_beta1: float = _f(0.9, "Adam beta1.", min=0.0, lt=1.0, tunable=True, only={'optimizer': 'adam'})
+    adam_beta2: float = _f(0.999, "Adam beta2.", min=0.0, lt=1.0, tunable=True, only={'optimizer': 'adam'})
+    max_grad_norm: float = _f(0.5, "Clip the global gradient norm to this; 0 = no clipping.", min=0.0, tunable=True)
+    entropy_cost: float = _f(0.01, "Weight of the entropy bonus in the loss.", min=0.0, tunable=True)
+    value_cost: float = _f(0.5, "Weight of the value loss in the loss.", min=0.0, tunable=True)
+    gamma: float = _f(0.99, "Discount per env step.", min=0.0, max=1.0, tunable=True)
+    td_lambda: float = _f(1.0, "lambda of the returns / V-trace traces (1.0 = n-step returns).", min=0.0, max=1.0, tunable=True)
+    unroll_length: int = _f(5, "Env steps per env in one unroll (A2C: n of the n-step return).", min=1, max=10000, tunable=True)
+    vtrace_rho_clip: float = _f(1.0, "IMPALA: rho-bar, clip of the importance weights in the V-trace targets.", gt=0.0, tunable=True, only={'algo': 'impala'})
+    vtrace_c_clip: float = _f(1.0, "IMPALA: c-bar, clip of the trace-cutting coefficients.", gt=0.0, tunable=True, only={'algo': 'impala'})
+    vtrace_pg_rho_clip: float = _f(1.0, "IMPALA: clip of the importance weights in the policy gradient.", gt=0.0, tunable=True, only={'algo': 'impala'})
+    learner_batch_unrolls: int = _f(1, "IMPALA: unrolls (each from one actor batch of envs) per learner update.", min=1, tunable=True, only={'algo': 'impala'})
+    queue_size: int = _f(2, "IMPALA: bound of the actor-to-learner unroll queue (larger = more policy lag).", min=1, tunable=True, only={'algo': 'impala'})
+    num_epochs: int = _f(1, "Passes (epochs) over each batch of experience, as in PPO / APPO; 1 = the classic single A2C / IMPALA update.", min=1, max=100, tunable=True)
+    num_minibatches: int = _f(1, "Minibatches per pass, split along the env axis (each holds whole unrolls); more than the batch's envs = one env each.", min=1, tunable=True)
+    ppo_clip: float = _f(0.0, "epsilon of PPO's clipped surrogate on the ratio pi/mu (acting policy); 0 = plain policy gradient.", min=0.0, lt=1.0, tunable=True)
     normalize_advantages: bool = _f(False, "Normalise advantages to mean 0, std 1 over the valid steps of each minibatch.")
     normalize_observations: str = _f("auto", "Running mean/std observation normalisation: 'auto' (on for MuJoCo), 'on', 'off'.", choices=("auto", "on", "off"))
     normalize_returns: bool = _f(False, "Scale rewards by a running std of discounted returns (common for MuJoCo).")
@@ -185,11 +187,17 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
 }
 
-# Agent fields that are hyperparameters a running learner accepts (numeric ones).
 def tunable_agent_fields() -> dict[str, type]:
-    """Agent config fields PBT may evolve: name -> float or int."""
+    """Agent config fields PBT may evolve (``tunable=True`` in their metadata): name -> float or int.
+
+    Each takes effect when a running learner is given a new value (the optimiser's param groups,
+    the loss, the targets, the unroll buffers, the IMPALA queue bound read it at the next update
+    or unroll). Fields fixed when the learner is built (network, ``log_std_init``, devices, ...)
+    are not tunable; ``only`` in the metadata names the setting a field needs to matter
+    (e.g. Adam's betas with ``optimizer: adam``), and a search space over it otherwise is refused.
+    """
     hints = typing.get_type_hints(AgentConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig) if hints[f.name] in (int, float)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig) if f.metadata.get("tunable")}
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,11 +388,15 @@ def _validate_param(spec: ParamSpec, tunable: dict[str, type], agent: AgentConfi
     key = f"pbt.search_space.{spec.name}"
     if spec.name not in tunable:
         raise ConfigError(
-            f"{key}: not a numeric agent hyperparameter{_close_matches(spec.name, sorted(tunable))}; "
+            f"{key}: not an agent hyperparameter PBT can change{_close_matches(spec.name, sorted(tunable))}; "
             f"allowed: {', '.join(sorted(tunable))}"
         )
     field_type = tunable[spec.name]
     agent_field = {f.name: f for f in dataclasses.fields(AgentConfig)}[spec.name]
+    for setting, needed in agent_field.metadata.get("only", {}).items():
+        if getattr(agent, setting) != needed:
+            raise ConfigError(f"{key}: {spec.name} has no effect with agent.{setting}={getattr(agent, setting)} "
+                              f"(only with {setting}: {needed}); remove it from the search space")
     if any(f <= 0 for f in spec.factors):
         raise ConfigError(f"{key}.factors: every factor must be > 0, got {list(spec.factors)}")
     if spec.kind == "categorical":
@@ -621,5 +633,9 @@ def field_docs() -> list[tuple[str, str, Any]]:
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", f.metadata.get("doc", ""), f.default))
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("tunable"):
+                only = ", ".join(f"{k}: {v}" for k, v in f.metadata.get("only", {}).items())
+                doc += f" (PBT can evolve it{' with ' + only if only else ''})"
+            rows.append((f"{section}.{f.name}", doc, f.default))
     return rows

@@ -104,7 +104,7 @@ def test_overrides_do_not_mutate_the_input():
         ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2, "init": 0.5}}}},
          "pbt.search_space.lr.init: 0.5 is outside its bounds"),
         ({"pbt": {"search_space": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}},
-         "pbt.search_space.learning_rate: not a numeric agent hyperparameter"),
+         "pbt.search_space.learning_rate: not an agent hyperparameter PBT can change"),
         ({"pbt": {"search_space": {"unroll_length": {"kind": "log_uniform", "low": 1, "high": 10}}}},
          "pbt.search_space.unroll_length.kind: unroll_length is an integer"),
         ({"pbt": {"search_space": {"lr": {"kind": "gaussian", "low": 1e-4, "high": 1e-2}}}},
@@ -172,12 +172,28 @@ def test_round_trip_through_yaml(tmp_path):
     assert again == config
 
 
-def test_tunable_fields_are_the_numeric_agent_fields():
+def test_pbt_may_evolve_only_fields_that_take_effect_in_a_running_learner():
     tunable = tunable_agent_fields()
     assert tunable["lr"] is float and tunable["unroll_length"] is int
-    assert "algo" not in tunable and "hidden_sizes" not in tunable
-    numeric = {f.name for f in dataclasses.fields(AgentConfig) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
-    assert set(tunable) == numeric
+    # Fixed when the learner is built: changing them later would do nothing.
+    for fixed in ("log_std_init", "algo", "hidden_sizes", "device", "network", "normalize_returns"):
+        assert fixed not in tunable
+    base = {"pbt": {"population_size": 2}}
+
+    def space(name, low, high, **agent):
+        raw = {**base, "agent": agent, "pbt": {**base["pbt"], "search_space": {name: {"kind": "uniform", "low": low, "high": high}}}}
+        return from_dict(raw)
+
+    with pytest.raises(ConfigError, match="log_std_init: not an agent hyperparameter PBT can change"):
+        space("log_std_init", -1.0, 0.0)
+    with pytest.raises(ConfigError, match=r"adam_beta1 has no effect with agent.optimizer=rmsprop \(only with optimizer: adam\)"):
+        space("adam_beta1", 0.8, 0.95)
+    assert space("adam_beta1", 0.8, 0.95, optimizer="adam").pbt.search_space[0].name == "adam_beta1"
+    with pytest.raises(ConfigError, match="vtrace_rho_clip has no effect with agent.algo=a2c"):
+        space("vtrace_rho_clip", 0.5, 2.0)
+    assert space("vtrace_rho_clip", 0.5, 2.0, algo="impala").pbt.search_space
+    with pytest.raises(ConfigError, match="rmsprop_alpha has no effect with agent.optimizer=adam"):
+        space("rmsprop_alpha", 0.9, 0.99, optimizer="adam")
 
 
 # ----------------------------------------------------------------------------------------
