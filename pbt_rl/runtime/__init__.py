@@ -7,7 +7,8 @@
 """
 
 from pbt_rl.runtime.backend import Backend, LocalProcessBackend, MemberHandle
-from pbt_rl.runtime.controller import Controller, member_seed, resume, train
+from pbt_rl.runtime.controller import Controller, member_seed
+from pbt_rl.runtime.run import resume, train
 from pbt_rl.runtime.member import MemberSpec, MemberWorker, Restore, weights_sha256
 from pbt_rl.runtime.store import CheckpointError, RunDirError, RunStore
 

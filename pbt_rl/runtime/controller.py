@@ -24,22 +24,21 @@ a member that stops sending messages is treated as crashed (watchdog.py).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from pbt_rl.config import ExperimentConfig, dump_yaml, load_config, tunable_agent_fields
+from pbt_rl.config import ExperimentConfig, dump_yaml, tunable_agent_fields
 from pbt_rl.runtime.backend import Backend, MemberHandle, make_backend
 from pbt_rl.runtime.console import ConsoleProgress, format_hyperparameters, format_score
 from pbt_rl.runtime import protocol
 from pbt_rl.runtime.member import MemberSpec, Restore
 from pbt_rl.runtime.records import MemberRecord, parse_state, STATE_FORMAT
 from pbt_rl.runtime.recovery import apply_lineage_row, reconcile
-from pbt_rl.runtime.resources import check_devices, cuda_device_count, member_device, threads_per_member
+from pbt_rl.runtime.loggers import Loggers
+from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
 from pbt_rl.runtime.store import RunDirError, RunStore, json_bytes, read_jsonl
 from pbt_rl.runtime.summary import build_summary
 from pbt_rl.runtime.watchdog import SilenceWatch
@@ -70,7 +69,7 @@ class Controller:
     ):
         self.config = config
         self.store = store
-        self.loggers = list(loggers)
+        self.loggers = Loggers(loggers)
         self.backend = backend or make_backend(config.run.backend)
         self.scheduler = Scheduler(config.pbt, seed=config.run.seed)
         self.names = tuple(spec.name for spec in config.pbt.search_space)
@@ -83,7 +82,6 @@ class Controller:
         self.population_info: dict = {}
         self.stopping = False
         self.resumes = 0
-        self.loggers_started = False
         self._logger_states: list = []
         self.watch = SilenceWatch(config.run.hang_timeout_factor, config.run.hang_timeout_min_seconds)
         self.console = ConsoleProgress(config.logging.console_interval_seconds, config.run.total_env_steps,
@@ -156,7 +154,7 @@ class Controller:
             "pending": {str(i): {**d.to_dict(), "generation": self.records[i].generation + 1,
                                  "kind": self.pending_kind.get(i, "exploit")} for i, d in self.pending.items()},
             "scheduler": self.scheduler.state_dict(),
-            "loggers": [self._call_logger(lg, "state_dict") or {} for lg in self.loggers],
+            "loggers": self.loggers.state_dicts(),
         }
 
     def _save_state(self) -> None:
@@ -173,20 +171,7 @@ class Controller:
     def _event(self, event: str, member: int | None = None, **fields: Any) -> None:
         row = {"time": time.time(), "wall_seconds": self.wall_seconds(), "event": event, "member": member, **fields}
         self.store.append(self.store.events_path, row)
-        for logger in self.loggers if self.loggers_started else ():
-            self._call_logger(logger, "log_event", row)
-
-    def _call_logger(self, logger: Any, method: str, *args: Any) -> Any:
-        """A logger failure (network, W&B quota) must not stop training; it is reported once per method."""
-        try:
-            return getattr(logger, method)(*args)
-        except Exception as exc:  # noqa: BLE001
-            key = (id(logger), method)
-            warned = self.__dict__.setdefault("_logger_warned", set())
-            if key not in warned:
-                warned.add(key)
-                print(f"pbt-rl: warning: {type(logger).__name__}.{method} failed: {type(exc).__name__}: {exc}")
-            return None
+        self.loggers.event(row)
 
     # ------------------------------------------------------------------ members
 
@@ -238,16 +223,10 @@ class Controller:
             self.stopping = True
             self.backend.close()
             self.handles.clear()
-            for logger in self.loggers:
-                self._call_logger(logger, "close")
+            self.loggers.close()
 
     def _start(self) -> None:
-        if self.resumed:
-            for logger, state in zip(self.loggers, self._logger_states):
-                self._call_logger(logger, "load_state_dict", state)
-        for logger in self.loggers:
-            self._call_logger(logger, "start", self.population_info)
-        self.loggers_started = True
+        self.loggers.start(self.population_info, self._logger_states if self.resumed else None)
         if self.resumed:
             self._event("resumed", steps={str(i): r.env_steps for i, r in self.records.items()})
             for record in self.records.values():
@@ -342,8 +321,7 @@ class Controller:
         if report.timing_seconds:
             row["timing_seconds"] = report.timing_seconds
         self.store.append(self.store.metrics_path(record.member_id), row)
-        for logger in self.loggers:
-            self._call_logger(logger, "log_progress", row)
+        self.loggers.progress(row)
 
     def _mark_ready_point(self, record: MemberRecord) -> bool:
         """Scheduler contract: when ready, record (env_steps, fitness) and the ready point."""
@@ -413,8 +391,7 @@ class Controller:
         apply_lineage_row(record, row)
         record.status = "training"
         self._save_state()
-        for logger in self.loggers:
-            self._call_logger(logger, "log_exploit", row, self.store.path(decision.donor_checkpoint))
+        self.loggers.exploit(row, self.store.path(decision.donor_checkpoint))
 
     # ------------------------------------------------------------------ failures
 
@@ -502,74 +479,3 @@ class Controller:
             write_report(self.store.root)
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded; the plots are extra
             print(f"pbt-rl: warning: report not written: {type(exc).__name__}: {exc}")
-
-
-# ---------------------------------------------------------------------- entry points
-
-
-def default_loggers(config: ExperimentConfig, run_dir: Path) -> list[Any]:
-    """The W&B logger when ``logging.wandb`` is on (imported only then)."""
-    if config.logging.wandb == "disabled":
-        return []
-    try:
-        from pbt_rl.wandb_logger import WandbPopulationLogger
-    except ImportError as exc:
-        print(f"pbt-rl: warning: W&B logging is off: {exc}")
-        return []
-    return [WandbPopulationLogger(config, run_dir)]
-
-
-def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
-          backend: Backend | None = None) -> dict:
-    """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
-
-    Nothing is written until every check has passed; the run directory then appears whole
-    (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
-    """
-    check_devices(config)
-    store = RunStore(config.run_dir)
-    if loggers is None:
-        loggers = default_loggers(config, store.root)
-    controller = Controller(config, store, console=console, loggers=loggers, backend=backend)
-    store.create(config.pbt.population_size, controller.initial_files(), command="train")
-    try:
-        if console:
-            print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
-                  f"{config.run.total_env_steps:,} env steps each, {controller.threads} env thread(s) per member; "
-                  f"run directory {store.root}")
-        return controller.run()
-    finally:
-        store.release()
-
-
-def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] | None = None,
-           backend: Backend | None = None) -> dict:
-    """Continue a stopped or killed run from its run directory; return the summary.
-
-    The run directory is locked first (another live controller: one line naming it); state.json
-    and the logs are checked whole before anything in the directory changes.
-    """
-    store = RunStore(run_dir)
-    if not store.root.is_dir():
-        raise RunDirError(f"run directory not found: {store.root}")
-    if not store.config_path.is_file():
-        raise RunDirError(f"{store.root} is not a pbt-rl run directory (no config.yaml)")
-    config = load_config(store.config_path)
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
-    check_devices(config)
-    store.acquire("resume")
-    try:
-        store.check_writable()
-        if not store.state_path.is_file():
-            raise RunDirError(f"{store.root} has no state.json, so it was not made by `pbt-rl train` of this "
-                              "version (which creates the directory whole); delete it and train again")
-        state = store.read_json(store.state_path)
-        if loggers is None:
-            loggers = default_loggers(config, store.root)
-        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend)
-        if console:
-            steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
-            print(f"Resuming {store.root} (env steps per member {steps})")
-        return controller.run()
-    finally:
-        store.release()

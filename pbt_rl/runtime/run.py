@@ -1,0 +1,75 @@
+"""``train`` and ``resume``: every check first, then the run directory, its lock and the controller.
+
+Nothing is written before the config, the devices and (for resume) every run file have passed
+their checks; the run directory is then created whole (``RunStore.create``) or locked
+(``RunStore.acquire``) and held until the controller returns (docs/runtime.md, "Fault model").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+from pbt_rl.config import ExperimentConfig, load_config
+from pbt_rl.runtime.backend import Backend
+from pbt_rl.runtime.controller import Controller
+from pbt_rl.runtime.loggers import default_loggers
+from pbt_rl.runtime.resources import check_devices
+from pbt_rl.runtime.store import RunDirError, RunStore
+
+
+def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
+          backend: Backend | None = None) -> dict:
+    """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
+
+    Nothing is written until every check has passed; the run directory then appears whole
+    (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
+    """
+    check_devices(config)
+    store = RunStore(config.run_dir)
+    if loggers is None:
+        loggers = default_loggers(config, store.root)
+    controller = Controller(config, store, console=console, loggers=loggers, backend=backend)
+    store.create(config.pbt.population_size, controller.initial_files(), command="train")
+    try:
+        if console:
+            print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
+                  f"{config.run.total_env_steps:,} env steps each, {controller.threads} env thread(s) per member; "
+                  f"run directory {store.root}")
+        return controller.run()
+    finally:
+        store.release()
+
+
+def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] | None = None,
+           backend: Backend | None = None) -> dict:
+    """Continue a stopped or killed run from its run directory; return the summary.
+
+    The run directory is locked first (another live controller: one line naming it); state.json
+    and the logs are checked whole before anything in the directory changes.
+    """
+    store = RunStore(run_dir)
+    if not store.root.is_dir():
+        raise RunDirError(f"run directory not found: {store.root}")
+    if not store.config_path.is_file():
+        raise RunDirError(f"{store.root} is not a pbt-rl run directory (no config.yaml)")
+    config = load_config(store.config_path)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
+    check_devices(config)
+    store.acquire("resume")
+    try:
+        store.check_writable()
+        if not store.state_path.is_file():
+            raise RunDirError(f"{store.root} has no state.json, so it was not made by `pbt-rl train` of this "
+                              "version (which creates the directory whole); delete it and train again")
+        state = store.read_json(store.state_path)
+        if loggers is None:
+            loggers = default_loggers(config, store.root)
+        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend)
+        if console:
+            steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
+            print(f"Resuming {store.root} (env steps per member {steps})")
+        return controller.run()
+    finally:
+        store.release()
