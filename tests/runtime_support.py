@@ -9,7 +9,8 @@ Fault injection through the environment (inherited by member processes):
 file records that it did); ``PBT_RL_TEST_STOP=member:env_steps:marker`` makes that member stop
 its own process with SIGSTOP once (alive, silent, pipe open: a hang); ``PBT_RL_TEST_BROKEN=ids``
 makes the listed members (comma-separated seeds) fail as soon as they are built, every time;
-``PBT_RL_TEST_SLEEP`` slows each call (seconds).
+``PBT_RL_TEST_SLEEP`` slows each call (seconds), ``PBT_RL_TEST_SLOW=member:seconds`` one member's
+calls more.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class FakeLearner:
                 returns.append(float(quality + self.rng.normal()))
         self._maybe_crash()
         time.sleep(float(os.environ.get("PBT_RL_TEST_SLEEP", "0")))
+        slow = os.environ.get("PBT_RL_TEST_SLOW")
+        if slow and self.seed == int(slow.split(":")[0]):
+            time.sleep(float(slow.split(":")[1]))
         return FakeReport(self.env_steps, returns, [200] * len(returns), {"total_loss": 0.5}, updates, 1e5)
 
     def _maybe_crash(self):

@@ -70,12 +70,23 @@ def test_exploit_copies_donor_weights_then_sets_explored_hyperparameters(tmp_pat
 
 
 def test_sync_mode_decides_by_generation(tmp_path, monkeypatch):
-    config = fake_config(tmp_path / "run", pbt={"mode": "sync"}, run={"total_env_steps": 2000})
-    summary = train(config, console=False, backend=fake_backend())
-    rows = check_lineage_consistent(tmp_path / "run", 4)
+    """Every exploit of a generation is decided after every member reached that generation's
+    ready point, even with one member four times slower than the others (async mode would let
+    the fast members decide long before it gets there)."""
+    fake_seed_is_member_id(monkeypatch)
+    monkeypatch.setenv("PBT_RL_TEST_SLEEP", "0.005")
+    monkeypatch.setenv("PBT_RL_TEST_SLOW", "3:0.02")
+    run_dir = tmp_path / "run"
+    summary = train(fake_config(run_dir, pbt={"mode": "sync"}, run={"total_env_steps": 2000}),
+                    console=False, backend=fake_backend())
+    rows = check_lineage_consistent(run_dir, 4)
     assert summary["finished"] and rows
-    # Everyone waits at each boundary: exploits happen only at the generation's steps.
-    assert all(r["env_steps"] % 400 == 0 for r in rows)
+    metrics = {m: read_jsonl(run_dir / f"members/{m}/metrics.jsonl") for m in range(4)}
+    for row in rows:
+        assert row["env_steps"] % 400 == 0  # exactly at a generation boundary (40-step calls)
+        for member, member_rows in metrics.items():
+            reached = [r["time"] for r in member_rows if r["env_steps"] >= row["env_steps"]]
+            assert reached and min(reached) <= row["time"], (row["member"], row["env_steps"], member)
 
 
 def test_checkpoints_pruned_keep_last(tmp_path):
@@ -83,14 +94,14 @@ def test_checkpoints_pruned_keep_last(tmp_path):
                          run={"total_env_steps": 4000, "checkpoint_keep": 2})
     train(config, console=False, backend=fake_backend())
     store = RunStore(tmp_path / "run")
-    state = json.loads(store.state_path.read_text())
-    pinned = {m["restore"]["checkpoint"] for m in state["members"].values()} | \
-             {m["checkpoint_id"] for m in state["members"].values()}
+    donors = {row["donor_checkpoint"] for row in read_jsonl(tmp_path / "run/lineage.jsonl")}
     for member in range(2):
         ids = store.list_checkpoints(member)
-        assert 2 <= len(ids) <= 2 + len(pinned)
+        # Ready points every 400 of the member's own env steps (the fake steps 40 at a time).
+        assert ids[-2:] == [store.checkpoint_id(member, 3600), store.checkpoint_id(member, 4000)]
+        # Anything older survived only because an exploit's restore point pinned it.
+        assert set(ids[:-2]) <= donors, (member, ids)
         assert all(store.verify_checkpoint(c) for c in ids)
-        assert store.checkpoint_id(member, 4000) in ids
 
 
 def test_crashed_member_is_restarted_from_its_checkpoint(tmp_path, monkeypatch):
