@@ -370,71 +370,59 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"agent.device: {agent.device!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N' "
             f"with N a GPU index 0, 1, 2, ..."
         )
-    if not pbt.perturb_factors or any(f <= 0 for f in pbt.perturb_factors):
-        raise ConfigError(f"pbt.perturb_factors: every factor must be > 0, got {list(pbt.perturb_factors)}")
     if pbt.population_size > 1 and not pbt.search_space:
         raise ConfigError("pbt.search_space: empty; name at least one agent hyperparameter to evolve (or set pbt.population_size=1)")
     tunable = tunable_agent_fields()
-    seen = set()
     for spec in pbt.search_space:
         _validate_param(spec, tunable, agent)
-        if spec.name in seen:
-            raise ConfigError(f"pbt.search_space.{spec.name}: declared twice")
-        seen.add(spec.name)
+    # Imported here: search_space imports this module.
+    from pbt_rl.search_space import SearchSpace
+
+    SearchSpace.from_config(pbt)  # the parameters' own rules, pbt.perturb_factors, each name once
+    for spec in pbt.search_space:
+        _check_inside_agent_range(spec, tunable[spec.name])
     return config
 
 
 def _validate_param(spec: ParamSpec, tunable: dict[str, type], agent: AgentConfig) -> None:
+    """A search-space parameter names an agent field PBT may change with these agent settings,
+    with a kind of the field's type. Its own rules (bounds, choices, init, factors, ...) are the
+    search space's (:mod:`pbt_rl.search_space`)."""
+    # Imported here: search_space imports this module.
+    from pbt_rl.search_space import INTEGER_KINDS
+
     key = f"pbt.search_space.{spec.name}"
     if spec.name not in tunable:
         raise ConfigError(
             f"{key}: not an agent hyperparameter PBT can change{_close_matches(spec.name, sorted(tunable))}; "
             f"allowed: {', '.join(sorted(tunable))}"
         )
-    field_type = tunable[spec.name]
-    agent_field = {f.name: f for f in dataclasses.fields(AgentConfig)}[spec.name]
-    for setting, needed in agent_field.metadata.get("only", {}).items():
+    for setting, needed in _agent_field_metadata(spec.name).get("only", {}).items():
         if getattr(agent, setting) != needed:
             raise ConfigError(f"{key}: {spec.name} has no effect with agent.{setting}={getattr(agent, setting)} "
                               f"(only with {setting}: {needed}); remove it from the search space")
-    if any(f <= 0 for f in spec.factors):
-        raise ConfigError(f"{key}.factors: every factor must be > 0, got {list(spec.factors)}")
-    if spec.kind == "categorical":
-        if not spec.choices:
-            raise ConfigError(f"{key}.choices: a categorical parameter needs a non-empty list of choices")
-        if spec.low is not None or spec.high is not None:
-            raise ConfigError(f"{key}: a categorical parameter takes choices, not low/high")
-        for i, choice in enumerate(spec.choices):
-            value = _convert(choice, field_type, f"{key}.choices[{i}]")
-            _check_range(value, agent_field.metadata, f"{key}.choices[{i}]")
-        if spec.init is not None and spec.init not in spec.choices:
-            raise ConfigError(f"{key}.init: {spec.init!r} is not one of the choices {list(spec.choices)}")
+    if spec.kind == "categorical":  # its values take the field's type
         return
-    if spec.choices:
-        raise ConfigError(f"{key}.choices: only a categorical parameter takes choices")
-    if spec.low is None or spec.high is None:
-        raise ConfigError(f"{key}: kind {spec.kind} needs both low and high")
-    if spec.low > spec.high:
-        raise ConfigError(f"{key}: inverted bounds, low ({spec.low}) > high ({spec.high})")
-    if spec.kind in ("log_uniform", "log_int") and spec.low <= 0:
-        raise ConfigError(f"{key}.low: {spec.kind} needs low > 0, got {spec.low}")
-    if spec.kind in ("int", "log_int"):
-        if field_type is not int:
-            raise ConfigError(f"{key}.kind: {spec.name} is a real number; use uniform or log_uniform")
-        if not (float(spec.low).is_integer() and float(spec.high).is_integer()):
-            raise ConfigError(f"{key}: integer bounds expected, got low={spec.low}, high={spec.high}")
-    elif field_type is int:
+    if spec.kind in INTEGER_KINDS and tunable[spec.name] is not int:
+        raise ConfigError(f"{key}.kind: {spec.name} is a real number; use uniform or log_uniform")
+    if spec.kind not in INTEGER_KINDS and tunable[spec.name] is int:
         raise ConfigError(f"{key}.kind: {spec.name} is an integer; use int or log_int")
-    for bound_name, bound in (("low", spec.low), ("high", spec.high)):
-        _check_range(field_type(bound), agent_field.metadata, f"{key}.{bound_name}")
-    if spec.perturb == "one_minus" and not (0 <= spec.low and spec.high < 1):
-        raise ConfigError(f"{key}.perturb: one_minus needs bounds inside [0, 1), got [{spec.low}, {spec.high}]")
-    if spec.init is not None:
-        init = _convert(spec.init, float, f"{key}.init")
-        if not spec.low <= init <= spec.high:
-            raise ConfigError(f"{key}.init: {spec.init} is outside its bounds [{spec.low}, {spec.high}]")
-        if field_type is int and not init.is_integer():
-            raise ConfigError(f"{key}.init: {spec.init} must be an integer ({spec.name} is an integer)")
+
+
+def _check_inside_agent_range(spec: ParamSpec, field_type: type) -> None:
+    """The bounds (or choices) of a parameter that keeps the search space's rules lie inside the
+    range its agent field allows (the field's min / max / gt / lt)."""
+    key = f"pbt.search_space.{spec.name}"
+    if spec.kind == "categorical":
+        values = [(f"choices[{i}]", choice) for i, choice in enumerate(spec.choices)]
+    else:
+        values = [("low", spec.low), ("high", spec.high)]
+    for where, value in values:
+        _check_range(_convert(value, field_type, f"{key}.{where}"), _agent_field_metadata(spec.name), f"{key}.{where}")
+
+
+def _agent_field_metadata(name: str) -> Mapping[str, Any]:
+    return next(f for f in dataclasses.fields(AgentConfig) if f.name == name).metadata
 
 
 # ----------------------------------------------------------------------------------------

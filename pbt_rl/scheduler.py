@@ -487,7 +487,7 @@ class Scheduler:
         assert donor.member_id != member.member_id and self.donor_problem(donor) is None
         assert donor.checkpoint_id is not None and donor.checkpoint_env_steps is not None
         new, operations = self.search_space.explore(
-            donor.hyperparameters, self._rng, self.config.explore, self.config.resample_probability
+            donor.hyperparameters, self._rng, self.config.explore, resample_probability=self.config.resample_probability
         )
         return Exploit(
             member_id=member.member_id,

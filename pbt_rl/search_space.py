@@ -1,10 +1,24 @@
-"""The PBT search space: priors, perturbation, resampling and clamping of hyperparameters.
+"""The PBT search space: the rules of a ParamSpec, priors, perturbation and resampling of hyperparameters.
 
 Pure numpy; every random choice comes from the ``numpy.random.Generator`` the caller passes in,
 so the same generator state gives the same values and operations.
 
 Values are plain Python numbers: ``int`` for ``int`` / ``log_int`` parameters (and categorical
 parameters of integer agent fields), ``float`` otherwise.
+
+Rules of a parameter (this module owns them; :func:`pbt_rl.config.validate` adds only how a
+parameter relates to the agent config, and reaches these through :meth:`SearchSpace.from_config`):
+- ``kind`` and ``perturb`` are among the ``choices`` of those ``ParamSpec`` fields;
+  ``factors``, and the space's default factors (``pbt.perturb_factors``), are finite and > 0,
+  and the default factors are not empty;
+- a categorical parameter has a non-empty list of ``choices`` and no ``low`` / ``high``; every
+  other kind has ``low`` and ``high`` and no ``choices``; ``int`` / ``log_int`` bounds are integers;
+- ``low <= high``; the log kinds need ``low > 0``; ``perturb: one_minus`` needs ``0 <= low`` and
+  ``high < 1``;
+- ``init`` lies inside the bounds (an integer for the integer kinds), or is one of the choices;
+- each name is declared once.
+A broken rule is one :class:`~pbt_rl.config.ConfigError` naming the key
+(``pbt.search_space.<name>.<field>``).
 
 Priors (``ParamSpec.kind``):
 - ``uniform``: uniform on [low, high].
@@ -13,8 +27,8 @@ Priors (``ParamSpec.kind``):
 - ``log_int``: floor of a log-uniform draw on [low, high + 1), so integer k has probability
   proportional to log((k + 1) / k).
 - ``categorical``: uniform over ``choices``.
-``sample`` returns ``init`` instead of a draw where a parameter sets it; ``resample`` always draws
-from the prior (``init`` is an initial value, not a prior).
+``sample`` returns ``init`` instead of a draw where a parameter sets it; a resample in
+``explore`` always draws from the prior (``init`` is an initial value, not a prior).
 
 Perturbation (the explore step of Jaderberg et al. 2017):
 - numeric: multiply by a factor picked uniformly from the parameter's ``factors`` (empty = the
@@ -23,7 +37,8 @@ Perturbation (the explore step of Jaderberg et al. 2017):
 - integers are rounded half up; if rounding leaves the value unchanged although the factor is not 1,
   the value steps by 1 in the factor's direction, so a perturbation moves whenever the bounds allow.
 - categorical: step to a neighbouring choice (in the order the choices are listed), picked
-  uniformly; at either end the only neighbour.
+  uniformly; at either end the only neighbour. A value that is not a choice steps from the
+  nearest choice.
 - the result is always clamped to [low, high].
 A value of exactly 0 cannot move multiplicatively; a float stays at 0 (an integer steps by 1).
 
@@ -35,6 +50,7 @@ Operation strings (one per parameter explored; lineage rows carry them):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -45,14 +61,23 @@ from pbt_rl.config import ConfigError, ParamSpec, PBTConfig, tunable_agent_field
 
 Value = float | int
 
-KINDS = ("log_uniform", "uniform", "int", "log_int", "categorical")
-PERTURB_RULES = ("multiply", "one_minus")
-EXPLORE_MODES = ("perturb", "resample", "perturb_or_resample")
+
+def _choices(config_class: type, field_name: str) -> tuple[str, ...]:
+    """The ``choices`` metadata of a config field: config.py lists the allowed values once."""
+    return next(f for f in dataclasses.fields(config_class) if f.name == field_name).metadata["choices"]
+
+
+KINDS = _choices(ParamSpec, "kind")
+PERTURB_RULES = _choices(ParamSpec, "perturb")
+EXPLORE_MODES = _choices(PBTConfig, "explore")
+INTEGER_KINDS = ("int", "log_int")
+"""Kinds whose values are integers (the other numeric kinds take real numbers)."""
+LOG_KINDS = ("log_uniform", "log_int")
 
 
 @dataclass(frozen=True)
 class _Param:
-    """A ParamSpec with its values converted to the agent field's type and its factors resolved."""
+    """A ParamSpec that keeps the rules, its numbers converted to the type its values take."""
 
     name: str
     kind: str
@@ -62,7 +87,7 @@ class _Param:
     choices: tuple[Value, ...]
     init: Value | None
     perturb: str
-    factors: tuple[float, ...]
+    factors: tuple[float, ...]  # its own; empty = the space's default factors
 
 
 def _as_type(value: Any, value_type: type, what: str) -> Value:
@@ -82,18 +107,32 @@ def _as_type(value: Any, value_type: type, what: str) -> Value:
     return as_float
 
 
-def _resolve(spec: ParamSpec, default_factors: tuple[float, ...]) -> _Param:
+def _factors(factors: Sequence[Any], what: str) -> tuple[float, ...]:
+    """The factors as floats, refusing any that is not a finite number > 0."""
+    as_floats = []
+    for factor in factors:
+        try:
+            as_floats.append(float(factor))
+        except (TypeError, ValueError):
+            as_floats.append(math.nan)
+    if any(not f > 0 or not math.isfinite(f) for f in as_floats):
+        raise ConfigError(f"{what}: every factor must be > 0 and finite, got {list(factors)}")
+    return tuple(as_floats)
+
+
+def _resolve(spec: ParamSpec) -> _Param:
+    """The parameter, or a ConfigError for the first rule of the module docstring it breaks."""
     key = f"pbt.search_space.{spec.name}"
     if spec.kind not in KINDS:
         raise ConfigError(f"{key}.kind: {spec.kind!r} is not one of {', '.join(KINDS)}")
     if spec.perturb not in PERTURB_RULES:
         raise ConfigError(f"{key}.perturb: {spec.perturb!r} is not one of {', '.join(PERTURB_RULES)}")
-    factors = tuple(float(f) for f in (spec.factors or default_factors))
-    if not factors or any(not f > 0 or not math.isfinite(f) for f in factors):
-        raise ConfigError(f"{key}.factors: every factor must be a finite number > 0, got {list(factors)}")
+    factors = _factors(spec.factors, f"{key}.factors")
     if spec.kind == "categorical":
         if not spec.choices:
             raise ConfigError(f"{key}.choices: a categorical parameter needs a non-empty list of choices")
+        if spec.low is not None or spec.high is not None:
+            raise ConfigError(f"{key}: a categorical parameter takes choices, not low/high")
         field_type = tunable_agent_fields().get(spec.name)
         if field_type is None:  # not an agent field (tests, other callers): ints stay ints
             integral = all(isinstance(c, int) and not isinstance(c, bool) for c in spec.choices)
@@ -103,15 +142,19 @@ def _resolve(spec: ParamSpec, default_factors: tuple[float, ...]) -> _Param:
         if init is not None and init not in choices:
             raise ConfigError(f"{key}.init: {spec.init!r} is not one of the choices {list(choices)}")
         return _Param(spec.name, spec.kind, field_type, None, None, choices, init, spec.perturb, factors)
-    value_type = int if spec.kind in ("int", "log_int") else float
+    if spec.choices:
+        raise ConfigError(f"{key}.choices: only a categorical parameter takes choices")
+    value_type = int if spec.kind in INTEGER_KINDS else float
     if spec.low is None or spec.high is None:
         raise ConfigError(f"{key}: kind {spec.kind} needs both low and high")
     low = _as_type(spec.low, value_type, f"{key}.low")
     high = _as_type(spec.high, value_type, f"{key}.high")
     if low > high:
         raise ConfigError(f"{key}: inverted bounds, low ({low}) > high ({high})")
-    if spec.kind in ("log_uniform", "log_int") and low <= 0:
+    if spec.kind in LOG_KINDS and low <= 0:
         raise ConfigError(f"{key}.low: {spec.kind} needs low > 0, got {low}")
+    if spec.perturb == "one_minus" and not (0 <= low and high < 1):
+        raise ConfigError(f"{key}.perturb: one_minus needs bounds inside [0, 1), got [{low}, {high}]")
     init = None if spec.init is None else _as_type(spec.init, value_type, f"{key}.init")
     if init is not None and not low <= init <= high:
         raise ConfigError(f"{key}.init: {init} is outside its bounds [{low}, {high}]")
@@ -119,12 +162,18 @@ def _resolve(spec: ParamSpec, default_factors: tuple[float, ...]) -> _Param:
 
 
 class SearchSpace:
-    """The hyperparameters PBT evolves, in the order the config lists them."""
+    """The hyperparameters PBT evolves, in the order the config lists them.
 
-    def __init__(self, specs: Sequence[ParamSpec], default_factors: Sequence[float] = (0.8, 1.2)):
+    ``default_factors`` are the perturbation factors of a parameter without its own
+    (``pbt.perturb_factors``; :meth:`from_config` passes them).
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec], default_factors: Sequence[float]):
         self.specs: tuple[ParamSpec, ...] = tuple(specs)
-        self.default_factors: tuple[float, ...] = tuple(float(f) for f in default_factors)
-        params = [_resolve(spec, self.default_factors) for spec in self.specs]
+        self.default_factors: tuple[float, ...] = _factors(default_factors, "pbt.perturb_factors")
+        if not self.default_factors:
+            raise ConfigError("pbt.perturb_factors: needs at least one factor")
+        params = [_resolve(spec) for spec in self.specs]
         names = [p.name for p in params]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -151,45 +200,21 @@ class SearchSpace:
         """One value per parameter: its ``init`` where set, otherwise a draw from its prior."""
         return {p.name: (p.init if p.init is not None else self._draw(p, rng)) for p in self._params.values()}
 
-    def resample(
-        self, values: Mapping[str, Any], rng: np.random.Generator, probability: float
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """Redraw each parameter from its prior with ``probability``; other keys pass through.
-
-        Returns (new values, {name: "resample"} for the redrawn parameters only).
-        """
-        self._require_names(values)
-        new = dict(values)
-        operations: dict[str, str] = {}
-        for p in self._params.values():
-            if rng.random() < probability:
-                new[p.name] = self._draw(p, rng)
-                operations[p.name] = "resample"
-        return new, operations
-
-    # ------------------------------------------------------------------ perturbation
-
-    def perturb(self, values: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, str]]:
-        """Perturb every search-space parameter (see the module docstring); other keys pass through."""
-        self._require_names(values)
-        new = dict(values)
-        operations: dict[str, str] = {}
-        for p in self._params.values():
-            new[p.name], operations[p.name] = self._perturb_one(p, values[p.name], rng)
-        return new, operations
+    # ------------------------------------------------------------------ explore
 
     def explore(
         self,
         values: Mapping[str, Any],
         rng: np.random.Generator,
         mode: str,
-        resample_probability: float = 0.25,
+        resample_probability: float,
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The explore step after an exploit: every search-space parameter gets one operation.
 
         mode 'perturb': perturb all; 'resample': redraw all from the prior; 'perturb_or_resample'
         (the paper's combination): each parameter independently is redrawn with probability
-        ``resample_probability`` and perturbed otherwise. Keys outside the space pass through.
+        ``resample_probability`` (``pbt.resample_probability``) and perturbed otherwise. Keys
+        outside the space pass through. Returns (new values, {name: operation string}).
         """
         if mode not in EXPLORE_MODES:
             raise ValueError(f"explore mode {mode!r} is not one of {', '.join(EXPLORE_MODES)}")
@@ -203,37 +228,6 @@ class SearchSpace:
             else:
                 new[p.name], operations[p.name] = self._perturb_one(p, values[p.name], rng)
         return new, operations
-
-    # ------------------------------------------------------------------ bounds
-
-    def contains(self, values: Mapping[str, Any]) -> bool:
-        """True if every search-space parameter is present, of its type and inside its bounds."""
-        for p in self._params.values():
-            if p.name not in values:
-                return False
-            value = values[p.name]
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                return False
-            if not math.isfinite(float(value)):
-                return False
-            if p.kind == "categorical":
-                if value not in p.choices:
-                    return False
-                continue
-            if p.value_type is int and not float(value).is_integer():
-                return False
-            if not p.low <= value <= p.high:
-                return False
-        return True
-
-    def clamp(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy with every search-space value pulled inside its bounds (integers rounded half up,
-        categoricals to the nearest choice); other keys pass through. NaN is not clampable."""
-        self._require_names(values)
-        new = dict(values)
-        for p in self._params.values():
-            new[p.name] = self._clamp_one(p, values[p.name])[0]
-        return new
 
     # ------------------------------------------------------------------ one parameter
 
@@ -283,7 +277,8 @@ class SearchSpace:
             chosen = neighbours[int(rng.integers(len(neighbours)))]
             return p.choices[chosen], f"neighbour {chosen - index:+d}"
 
-        factor = p.factors[int(rng.integers(len(p.factors)))]
+        factors = p.factors or self.default_factors
+        factor = factors[int(rng.integers(len(factors)))]
         x = float(value)
         if p.perturb == "one_minus":
             raw = 1.0 - (1.0 - x) * factor

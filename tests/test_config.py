@@ -12,7 +12,6 @@ import yaml
 
 from pbt_rl.config import (
     MAX_YAML_DEPTH,
-    AgentConfig,
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -23,6 +22,7 @@ from pbt_rl.config import (
     parse_override,
     read_yaml,
     tunable_agent_fields,
+    validate,
 )
 
 POPULATION = {
@@ -115,6 +115,24 @@ def test_overrides_do_not_mutate_the_input():
          "pbt.search_space.lr.low: log_uniform needs low > 0"),
         ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2, "factors": [1.2, -1]}}}},
          "pbt.search_space.lr.factors: every factor must be > 0"),
+        # How a parameter relates to its agent field: the name and the kind's type come first ...
+        ({"pbt": {"search_space": {"learning_rate": {"kind": "uniform"}}}},
+         "pbt.search_space.learning_rate: not an agent hyperparameter PBT can change"),
+        ({"pbt": {"search_space": {"lr": {"kind": "int", "low": 1e-4, "high": 1e-2}}}},
+         "pbt.search_space.lr.kind: lr is a real number; use uniform or log_uniform"),
+        ({"pbt": {"search_space": {"unroll_length": {"kind": "categorical", "choices": [5, 7.5]}}}},
+         "pbt.search_space.unroll_length.choices[1]: expected an integer, got 7.5"),
+        # ... and bounds and choices lie inside the range the agent field allows.
+        ({"pbt": {"search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 2.0}}}},
+         "pbt.search_space.lr.high: 2.0 is out of range; must be <= 1.0"),
+        ({"pbt": {"search_space": {"lr": {"kind": "uniform", "low": 0.0, "high": 0.1}}}},
+         "pbt.search_space.lr.low: 0.0 is out of range; must be > 0.0"),
+        ({"pbt": {"search_space": {"unroll_length": {"kind": "int", "low": 0, "high": 10}}}},
+         "pbt.search_space.unroll_length.low: 0 is out of range; must be >= 1"),
+        ({"pbt": {"search_space": {"rmsprop_alpha": {"kind": "uniform", "low": 0.9, "high": 1.0}}}},
+         "pbt.search_space.rmsprop_alpha.high: 1.0 is out of range; must be < 1.0"),
+        ({"pbt": {"search_space": {"gamma": {"kind": "categorical", "choices": [0.99, 1.5]}}}},
+         "pbt.search_space.gamma.choices[1]: 1.5 is out of range; must be <= 1.0"),
     ],
 )
 def test_bad_values_name_the_key(data, expected):
@@ -172,28 +190,64 @@ def test_round_trip_through_yaml(tmp_path):
     assert again == config
 
 
-def test_pbt_may_evolve_only_fields_that_take_effect_in_a_running_learner():
-    tunable = tunable_agent_fields()
-    assert tunable["lr"] is float and tunable["unroll_length"] is int
-    # Fixed when the learner is built: changing them later would do nothing.
-    for fixed in ("log_std_init", "algo", "hidden_sizes", "device", "network", "normalize_returns"):
-        assert fixed not in tunable
-    base = {"pbt": {"population_size": 2}}
+# The agent fields PBT may evolve, with their types, and the setting each needs to matter.
+TUNABLE = {
+    "lr": float, "optimizer_eps": float, "rmsprop_alpha": float, "rmsprop_momentum": float,
+    "adam_beta1": float, "adam_beta2": float, "max_grad_norm": float, "entropy_cost": float,
+    "value_cost": float, "gamma": float, "td_lambda": float, "unroll_length": int,
+    "vtrace_rho_clip": float, "vtrace_c_clip": float, "vtrace_pg_rho_clip": float,
+    "learner_batch_unrolls": int, "queue_size": int, "num_epochs": int, "num_minibatches": int,
+    "ppo_clip": float,
+}
+ONLY_WITH = {  # field: (setting, value it needs, another value)
+    "rmsprop_alpha": ("optimizer", "rmsprop", "adam"),
+    "rmsprop_momentum": ("optimizer", "rmsprop", "adam"),
+    "adam_beta1": ("optimizer", "adam", "rmsprop"),
+    "adam_beta2": ("optimizer", "adam", "rmsprop"),
+    "vtrace_rho_clip": ("algo", "impala", "a2c"),
+    "vtrace_c_clip": ("algo", "impala", "a2c"),
+    "vtrace_pg_rho_clip": ("algo", "impala", "a2c"),
+    "learner_batch_unrolls": ("algo", "impala", "a2c"),
+    "queue_size": ("algo", "impala", "a2c"),
+}
 
-    def space(name, low, high, **agent):
-        raw = {**base, "agent": agent, "pbt": {**base["pbt"], "search_space": {name: {"kind": "uniform", "low": low, "high": high}}}}
-        return from_dict(raw)
 
-    with pytest.raises(ConfigError, match="log_std_init: not an agent hyperparameter PBT can change"):
-        space("log_std_init", -1.0, 0.0)
-    with pytest.raises(ConfigError, match=r"adam_beta1 has no effect with agent.optimizer=rmsprop \(only with optimizer: adam\)"):
-        space("adam_beta1", 0.8, 0.95)
-    assert space("adam_beta1", 0.8, 0.95, optimizer="adam").pbt.search_space[0].name == "adam_beta1"
-    with pytest.raises(ConfigError, match="vtrace_rho_clip has no effect with agent.algo=a2c"):
-        space("vtrace_rho_clip", 0.5, 2.0)
-    assert space("vtrace_rho_clip", 0.5, 2.0, algo="impala").pbt.search_space
-    with pytest.raises(ConfigError, match="rmsprop_alpha has no effect with agent.optimizer=adam"):
-        space("rmsprop_alpha", 0.9, 0.99, optimizer="adam")
+def one_parameter_space(name, **agent):
+    """A config whose search space is ``name`` over a small range inside its field's range."""
+    low, high = (1, 2) if TUNABLE.get(name) is int else (0.1, 0.2)
+    kind = "int" if TUNABLE.get(name) is int else "uniform"
+    return from_dict({"agent": agent, "pbt": {"population_size": 2,
+                                              "search_space": {name: {"kind": kind, "low": low, "high": high}}}})
+
+
+def test_pbt_may_evolve_exactly_the_fields_that_take_effect_in_a_running_learner():
+    assert tunable_agent_fields() == TUNABLE
+    # Fixed when the learner is built (changing them later would do nothing), or not numbers.
+    for fixed in ("log_std_init", "algo", "hidden_sizes", "device", "network", "normalize_returns", "normalize_advantages"):
+        with pytest.raises(ConfigError, match=f"pbt.search_space.{fixed}: not an agent hyperparameter PBT can change"):
+            one_parameter_space(fixed)
+
+
+@pytest.mark.parametrize("name", sorted(TUNABLE))
+def test_a_tunable_field_is_refused_only_without_the_setting_it_needs(name):
+    if name not in ONLY_WITH:
+        assert one_parameter_space(name).pbt.search_space[0].name == name
+        assert one_parameter_space(name, algo="impala", optimizer="adam").pbt.search_space[0].name == name
+        return
+    setting, needed, other = ONLY_WITH[name]
+    assert one_parameter_space(name, **{setting: needed}).pbt.search_space[0].name == name
+    with pytest.raises(ConfigError) as info:
+        one_parameter_space(name, **{setting: other})
+    assert str(info.value) == (f"pbt.search_space.{name}: {name} has no effect with agent.{setting}={other} "
+                               f"(only with {setting}: {needed}); remove it from the search space")
+
+
+def test_validate_refuses_a_parameter_declared_twice():
+    # A YAML mapping cannot repeat a name (read_yaml refuses it); a config built in code can.
+    config = from_dict(POPULATION)
+    twice = dataclasses.replace(config.pbt, search_space=config.pbt.search_space + config.pbt.search_space[:1])
+    with pytest.raises(ConfigError, match=r"^pbt.search_space.lr: declared twice$"):
+        validate(dataclasses.replace(config, pbt=twice))
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pbt_rl.config import from_dict
 from pbt_rl.scheduler import Continue, Exploit, MemberState, Scheduler, truncation_count, welch_p_value_greater
+from space_checks import inside_search_space
 
 SEARCH_SPACE = {
     "lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2},
@@ -145,6 +146,19 @@ def test_exploit_carries_the_donor_checkpoint_and_explored_hyperparameters():
     assert decision.new_hyperparameters["unroll_length"] != donor_values["unroll_length"]
     json.dumps(decision.to_dict(), allow_nan=False)
     assert decision.to_dict()["decision"] == "exploit"
+
+
+def test_exploit_explores_with_the_configured_factors_and_resample_probability():
+    pop = population([1.0, 5.0])
+    donor_lr = hyperparameters(1)["lr"]
+    perturbed = Scheduler(config(explore="perturb", perturb_factors=[0.5]), seed=0).decide(0, pop)
+    assert perturbed.new_hyperparameters["lr"] == pytest.approx(0.5 * donor_lr)
+    assert perturbed.operations["lr"] == "*0.5"
+    for probability, expected in ((0.0, set()), (1.0, {"lr", "unroll_length", "gamma"})):
+        cfg = config(explore="perturb_or_resample", resample_probability=probability)
+        for seed in range(5):
+            decision = Scheduler(cfg, seed=seed).decide(0, pop)
+            assert {name for name, op in decision.operations.items() if op == "resample"} == expected
 
 
 # ---------------------------------------------------------------------------- tournament and t-test
@@ -547,7 +561,7 @@ def test_decision_invariants(pop, strategy, seed, margin):
                 assert math.isfinite(decision.donor_score)
                 assert decision.donor_checkpoint == donor.checkpoint_id is not None
                 assert len(pop[member_id].episode_returns) >= 1
-                assert scheduler.search_space.contains(decision.new_hyperparameters)
+                assert inside_search_space(scheduler.config.search_space, decision.new_hyperparameters)
                 assert decision.old_hyperparameters == pop[member_id].hyperparameters
 
 
@@ -617,7 +631,7 @@ def test_reseed_takes_a_best_eligible_member_and_none_only_when_there_is_none(po
     own = scheduler.fitness(pop[member_id])
     assert decision.member_score == own or (math.isnan(decision.member_score) and math.isnan(own))
     assert decision.old_hyperparameters == pop[member_id].hyperparameters
-    assert scheduler.search_space.contains(decision.new_hyperparameters)
+    assert inside_search_space(scheduler.config.search_space, decision.new_hyperparameters)
     json.dumps(decision.to_dict(), allow_nan=False)
 
 
@@ -693,7 +707,7 @@ def test_reseed_explores_the_donors_values_inside_the_bounds(seed, explore, lr, 
     pop[1] = dataclasses.replace(pop[1], hyperparameters=donor_values)
     scheduler = Scheduler(config(population_size=2, explore=explore), seed=seed)
     decision = scheduler.reseed(0, pop)
-    assert scheduler.search_space.contains(decision.new_hyperparameters)
+    assert inside_search_space(scheduler.config.search_space, decision.new_hyperparameters)
     assert decision.new_hyperparameters["algo"] == "impala"  # keys outside the space come from the donor
     assert set(decision.operations) == {"lr", "unroll_length", "gamma"}
     if explore == "resample":
@@ -759,7 +773,7 @@ def test_initial_hyperparameters_are_reproducible_and_overlay_the_base():
     assert len(members) == 5 and len({m["lr"] for m in members}) == 5
     for values in members:
         assert values["entropy_cost"] == 0.02 and values["value_cost"] == 0.5 and values["algo"] == "a2c"
-        assert Scheduler(cfg, seed=0).search_space.contains(values)
+        assert inside_search_space(cfg.search_space, values)
     assert base["lr"] == 7e-4  # not mutated
 
 

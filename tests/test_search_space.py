@@ -1,4 +1,4 @@
-"""Search space: priors, perturbation, resampling, explore modes, bounds."""
+"""Search space: the rules of a parameter, priors, perturbation, resampling, explore modes, bounds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pbt_rl.config import ConfigError, ParamSpec, from_dict
 from pbt_rl.search_space import SearchSpace
+from space_checks import inside_search_space
 
 SPECS = (
     ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2),
@@ -20,7 +21,8 @@ SPECS = (
     ParamSpec(name="gamma", kind="uniform", low=0.9, high=0.999, perturb="one_minus"),
     ParamSpec(name="value_cost", kind="categorical", choices=(0.25, 0.5, 1.0)),
 )
-SPACE = SearchSpace(SPECS)
+FACTORS = (0.8, 1.2)
+SPACE = SearchSpace(SPECS, default_factors=FACTORS)
 INT_NAMES = ("unroll_length", "learner_batch_unrolls")
 
 
@@ -28,8 +30,21 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def space_of(*specs, factors=(0.8, 1.2)):
+def space_of(*specs, factors=FACTORS):
     return SearchSpace(specs, default_factors=factors)
+
+
+def inside(values, specs=SPECS):
+    return inside_search_space(specs, values)
+
+
+def perturb(space, values, generator):
+    """explore in mode perturb (where the resample probability plays no part)."""
+    return space.explore(values, generator, "perturb", resample_probability=0.0)
+
+
+def resample(space, values, generator):
+    return space.explore(values, generator, "resample", resample_probability=0.0)
 
 
 # ---------------------------------------------------------------------------- priors
@@ -39,7 +54,7 @@ def space_of(*specs, factors=(0.8, 1.2)):
 @given(seed=st.integers(0, 2**32 - 1))
 def test_samples_lie_inside_the_space_with_the_field_types(seed):
     values = SPACE.sample(rng(seed))
-    assert SPACE.contains(values)
+    assert inside(values)
     assert set(values) == set(SPACE.names)
     for name in INT_NAMES:
         assert type(values[name]) is int
@@ -84,8 +99,9 @@ def test_init_overrides_sampling_but_not_resampling():
                      ParamSpec(name="value_cost", kind="categorical", choices=(0.25, 0.5), init=0.5))
     generator = rng(4)
     assert all(space.sample(generator) == {"lr": 3e-4, "value_cost": 0.5} for _ in range(20))
-    redrawn = {space.resample({"lr": 3e-4, "value_cost": 0.5}, generator, 1.0)[0]["lr"] for _ in range(20)}
-    assert len(redrawn) == 20
+    redrawn = [resample(space, {"lr": 3e-4, "value_cost": 0.5}, generator)[0] for _ in range(40)]
+    assert len({values["lr"] for values in redrawn}) == 40
+    assert {values["value_cost"] for values in redrawn} == {0.25, 0.5}
 
 
 def test_same_generator_state_gives_the_same_values():
@@ -99,21 +115,21 @@ def test_same_generator_state_gives_the_same_values():
 
 def test_multiply_perturbation_and_its_operation_string():
     space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2), factors=(1.2,))
-    new, ops = space.perturb({"lr": 1e-3, "other": "kept"}, rng())
+    new, ops = perturb(space, {"lr": 1e-3, "other": "kept"}, rng())
     assert new == {"lr": pytest.approx(1.2e-3), "other": "kept"}
     assert ops == {"lr": "*1.2"}
 
 
 def test_perturbation_is_clamped_and_says_so():
     space = space_of(ParamSpec(name="lr", kind="log_uniform", low=1e-4, high=1e-2), factors=(1.2,))
-    new, ops = space.perturb({"lr": 9e-3}, rng())
+    new, ops = perturb(space, {"lr": 9e-3}, rng())
     assert new["lr"] == 1e-2
     assert ops == {"lr": "*1.2 clamped"}
 
 
 def test_one_minus_perturbs_the_complement():
     space = space_of(ParamSpec(name="gamma", kind="uniform", low=0.9, high=0.999, perturb="one_minus"), factors=(1.2,))
-    new, ops = space.perturb({"gamma": 0.99}, rng())
+    new, ops = perturb(space, {"gamma": 0.99}, rng())
     assert new["gamma"] == pytest.approx(1 - 0.01 * 1.2)
     assert ops == {"gamma": "1-x *1.2"}
 
@@ -121,7 +137,7 @@ def test_one_minus_perturbs_the_complement():
 def test_factors_are_picked_uniformly_from_the_parameter_factors():
     space = space_of(ParamSpec(name="lr", kind="uniform", low=0.0, high=100.0, factors=(0.5, 2.0)))
     generator = rng(6)
-    results = [space.perturb({"lr": 10.0}, generator)[0]["lr"] for _ in range(1000)]
+    results = [perturb(space, {"lr": 10.0}, generator)[0]["lr"] for _ in range(1000)]
     assert set(results) == {5.0, 20.0}
     assert results.count(20.0) / len(results) == pytest.approx(0.5, abs=0.05)
 
@@ -131,7 +147,7 @@ def test_default_factors_come_from_the_config():
                                 "search_space": {"value_cost": {"kind": "uniform", "low": 0.0, "high": 1.0},
                                                  "entropy_cost": {"kind": "uniform", "low": 0.0, "high": 1.0, "factors": [1.5]}}}})
     space = SearchSpace.from_config(config.pbt)
-    new, ops = space.perturb({"value_cost": 0.4, "entropy_cost": 0.4}, rng())
+    new, ops = perturb(space, {"value_cost": 0.4, "entropy_cost": 0.4}, rng())
     assert new == {"value_cost": pytest.approx(0.2), "entropy_cost": pytest.approx(0.6)}
     assert ops == {"value_cost": "*0.5", "entropy_cost": "*1.5"}
 
@@ -147,21 +163,21 @@ def test_default_factors_come_from_the_config():
 ])
 def test_integer_perturbation_rounds_and_always_moves_when_it_can(value, factor, expected, operation):
     space = space_of(ParamSpec(name="unroll_length", kind="int", low=1, high=20), factors=(factor,))
-    new, ops = space.perturb({"unroll_length": value}, rng())
+    new, ops = perturb(space, {"unroll_length": value}, rng())
     assert new["unroll_length"] == expected and type(new["unroll_length"]) is int
     assert ops["unroll_length"] == operation
 
 
 def test_integer_zero_steps_in_the_factor_direction():
     space = space_of(ParamSpec(name="unroll_length", kind="int", low=0, high=5), factors=(1.2,))
-    assert space.perturb({"unroll_length": 0}, rng()) == ({"unroll_length": 1}, {"unroll_length": "*1.2 step +1"})
+    assert perturb(space, {"unroll_length": 0}, rng()) == ({"unroll_length": 1}, {"unroll_length": "*1.2 step +1"})
 
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), value=st.integers(1, 64))
 def test_integer_perturbation_moves_unless_a_bound_stops_it(seed, value):
     space = space_of(ParamSpec(name="queue_size", kind="log_int", low=1, high=64))
-    new, ops = space.perturb({"queue_size": value}, rng(seed))
+    new, ops = perturb(space, {"queue_size": value}, rng(seed))
     if new["queue_size"] == value:
         assert value in (1, 64) and ops["queue_size"].endswith("clamped")
     assert abs(new["queue_size"] - value) <= max(1, math.ceil(value * 0.2))
@@ -169,114 +185,162 @@ def test_integer_perturbation_moves_unless_a_bound_stops_it(seed, value):
 
 def test_categorical_steps_to_a_neighbour():
     generator = rng(7)
-    middle = [SPACE.perturb({**SPACE.sample(generator), "value_cost": 0.5}, generator) for _ in range(200)]
+    middle = [perturb(SPACE, {**SPACE.sample(generator), "value_cost": 0.5}, generator) for _ in range(200)]
     assert {new["value_cost"] for new, _ in middle} == {0.25, 1.0}
     assert {ops["value_cost"] for _, ops in middle} == {"neighbour -1", "neighbour +1"}
     for new, ops in middle:
         assert ops["value_cost"] == ("neighbour -1" if new["value_cost"] == 0.25 else "neighbour +1")
     # At an end the only neighbour.
     for _ in range(20):
-        assert SPACE.perturb({**SPACE.sample(generator), "value_cost": 0.25}, generator)[0]["value_cost"] == 0.5
-        assert SPACE.perturb({**SPACE.sample(generator), "value_cost": 1.0}, generator)[0]["value_cost"] == 0.5
+        assert perturb(SPACE, {**SPACE.sample(generator), "value_cost": 0.25}, generator)[0]["value_cost"] == 0.5
+        assert perturb(SPACE, {**SPACE.sample(generator), "value_cost": 1.0}, generator)[0]["value_cost"] == 0.5
 
 
 def test_categorical_with_one_choice_stays():
     space = space_of(ParamSpec(name="value_cost", kind="categorical", choices=(0.5,)))
-    assert space.perturb({"value_cost": 0.5}, rng()) == ({"value_cost": 0.5}, {"value_cost": "neighbour none"})
+    assert perturb(space, {"value_cost": 0.5}, rng()) == ({"value_cost": 0.5}, {"value_cost": "neighbour none"})
 
 
 # ---------------------------------------------------------------------------- resample / explore
 
 
-def test_resample_probability_zero_and_one():
-    values = SPACE.sample(rng(8))
-    assert SPACE.resample(values, rng(), 0.0) == (values, {})
-    new, ops = SPACE.resample(values, rng(), 1.0)
-    assert ops == {name: "resample" for name in SPACE.names}
-    assert SPACE.contains(new)
-
-
 def test_explore_modes():
     values = {**SPACE.sample(rng(10)), "algo": "a2c"}
     generator = rng(11)
-    perturbed, ops = SPACE.explore(values, generator, "perturb")
+    # Modes perturb and resample ignore the resample probability.
+    perturbed, ops = SPACE.explore(values, generator, "perturb", resample_probability=1.0)
     assert set(ops) == set(SPACE.names) and "resample" not in ops.values()
-    resampled, ops = SPACE.explore(values, generator, "resample")
-    assert set(ops.values()) == {"resample"} and set(ops) == set(SPACE.names)
+    resampled, ops = SPACE.explore(values, generator, "resample", resample_probability=0.0)
+    assert ops == {name: "resample" for name in SPACE.names}
     assert perturbed["algo"] == resampled["algo"] == "a2c"
-    _, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=0.0)
-    assert "resample" not in ops.values()
-    _, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=1.0)
-    assert set(ops.values()) == {"resample"}
+    assert inside(perturbed) and inside(resampled)
+    never, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=0.0)
+    assert set(ops) == set(SPACE.names) and "resample" not in ops.values()
+    always, ops = SPACE.explore(values, generator, "perturb_or_resample", resample_probability=1.0)
+    assert ops == {name: "resample" for name in SPACE.names}
+    assert inside(never) and inside(always) and never["algo"] == always["algo"] == "a2c"
     with pytest.raises(ValueError, match="explore mode"):
-        SPACE.explore(values, generator, "mutate")
+        SPACE.explore(values, generator, "mutate", resample_probability=0.0)
 
 
-def test_perturb_or_resample_resamples_each_parameter_with_the_probability():
+@pytest.mark.parametrize("probability", [0.25, 0.6])
+def test_perturb_or_resample_resamples_each_parameter_with_the_probability(probability):
     values = SPACE.sample(rng(12))
     generator = rng(13)
-    resampled = [SPACE.explore(values, generator, "perturb_or_resample", 0.25)[1] for _ in range(800)]
+    explored = [SPACE.explore(values, generator, "perturb_or_resample", probability)[1] for _ in range(800)]
     for name in SPACE.names:
-        share = sum(ops[name] == "resample" for ops in resampled) / len(resampled)
-        assert share == pytest.approx(0.25, abs=0.05)
+        share = sum(ops[name] == "resample" for ops in explored) / len(explored)
+        assert share == pytest.approx(probability, abs=0.05)
+    # Independently per parameter: all six at once about probability**6 of the time.
+    all_at_once = sum(set(ops.values()) == {"resample"} for ops in explored) / len(explored)
+    assert all_at_once == pytest.approx(probability ** len(SPACE), abs=0.03)
 
 
 def test_missing_search_space_value_is_a_key_error():
-    with pytest.raises(KeyError, match="gamma"):
-        SPACE.perturb({name: v for name, v in SPACE.sample(rng()).items() if name != "gamma"}, rng())
+    for mode in ("perturb", "resample", "perturb_or_resample"):
+        with pytest.raises(KeyError, match="gamma"):
+            SPACE.explore({name: v for name, v in SPACE.sample(rng()).items() if name != "gamma"}, rng(), mode, 0.5)
 
 
 # ---------------------------------------------------------------------------- bounds
 
-operation = st.sampled_from(["perturb", "resample", "explore_perturb", "explore_resample", "explore_mixed"])
+# (mode, resample probability) of one explore step
+step = st.sampled_from([("perturb", 0.0), ("resample", 0.0), ("perturb_or_resample", 0.25), ("perturb_or_resample", 0.5)])
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), operations=st.lists(operation, min_size=1, max_size=40),
+@given(seed=st.integers(0, 2**32 - 1), steps=st.lists(step, min_size=1, max_size=40),
        factors=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=3))
-def test_values_stay_inside_the_bounds_under_any_sequence(seed, operations, factors):
+def test_values_stay_inside_the_bounds_under_any_sequence(seed, steps, factors):
     space = SearchSpace(SPECS, default_factors=factors)
     generator = rng(seed)
     values = space.sample(generator)
-    for name in operations:
-        if name == "perturb":
-            values, _ = space.perturb(values, generator)
-        elif name == "resample":
-            values, _ = space.resample(values, generator, 0.5)
-        else:
-            mode = {"explore_perturb": "perturb", "explore_resample": "resample", "explore_mixed": "perturb_or_resample"}[name]
-            values, _ = space.explore(values, generator, mode, 0.25)
-        assert space.contains(values), (name, values)
+    for mode, probability in steps:
+        values, _ = space.explore(values, generator, mode, probability)
+        assert inside(values), (mode, values)
         assert all(type(values[n]) is int for n in INT_NAMES)
 
 
-def test_contains_rejects_out_of_bounds_wrong_type_and_missing():
-    good = SPACE.sample(rng(14))
-    assert SPACE.contains(good)
-    assert not SPACE.contains({**good, "lr": 0.5})
-    assert not SPACE.contains({**good, "gamma": 0.5})
-    assert not SPACE.contains({**good, "unroll_length": 2.5})
-    assert not SPACE.contains({**good, "unroll_length": 0})
-    assert not SPACE.contains({**good, "value_cost": 0.3})
-    assert not SPACE.contains({**good, "lr": math.nan})
-    assert not SPACE.contains({**good, "lr": "0.001"})
-    assert not SPACE.contains({k: v for k, v in good.items() if k != "lr"})
-
-
-def test_clamp_pulls_values_inside():
+def test_a_factor_of_one_only_pulls_values_inside_the_bounds():
+    space = SearchSpace(SPECS, default_factors=(1.0,))
     values = {"lr": 1.0, "entropy_cost": -1.0, "unroll_length": 7.6, "learner_batch_unrolls": 500,
               "gamma": 0.5, "value_cost": 0.8, "algo": "a2c"}
-    clamped = SPACE.clamp(values)
-    assert clamped == {"lr": 1e-2, "entropy_cost": 0.0, "unroll_length": 8, "learner_batch_unrolls": 64,
-                       "gamma": 0.9, "value_cost": 1.0, "algo": "a2c"}
-    assert SPACE.contains(clamped)
-    assert SPACE.clamp(clamped) == clamped
+    pulled, ops = perturb(space, values, rng())
+    # Integers round half up; a categorical value that is no choice steps from the nearest one (1.0).
+    assert pulled == {"lr": 1e-2, "entropy_cost": 0.0, "unroll_length": 8, "learner_batch_unrolls": 64,
+                      "gamma": 0.9, "value_cost": 0.5, "algo": "a2c"}
+    assert ops == {"lr": "*1 clamped", "entropy_cost": "*1 clamped", "unroll_length": "*1",
+                   "learner_batch_unrolls": "*1 clamped", "gamma": "1-x *1 clamped", "value_cost": "neighbour -1"}
+    assert inside(pulled)
+    # Values inside stay where they are.
+    again, ops = perturb(space, pulled, rng())
+    assert {k: v for k, v in again.items() if k != "value_cost"} == {k: v for k, v in pulled.items() if k != "value_cost"}
+    assert not any(op.endswith("clamped") for op in ops.values())
 
 
-def test_constructor_rejects_bad_specs():
-    with pytest.raises(ConfigError, match="declared twice"):
-        space_of(SPECS[0], SPECS[0])
-    with pytest.raises(ConfigError, match="inverted"):
-        space_of(ParamSpec(name="lr", kind="uniform", low=1.0, high=0.0))
-    with pytest.raises(ConfigError, match="factors"):
-        space_of(ParamSpec(name="lr", kind="uniform", low=0.0, high=1.0), factors=(0.0,))
+def test_the_bounds_check_of_the_tests_rejects_out_of_bounds_wrong_type_and_missing():
+    # tests/space_checks.py is what every bounds test relies on: it must be able to fail.
+    good = {"lr": 1e-3, "entropy_cost": 0.0, "unroll_length": 20, "learner_batch_unrolls": 1,
+            "gamma": 0.999, "value_cost": 0.25, "algo": "a2c"}
+    assert inside(good)
+    for name, bad in [("lr", 0.5), ("lr", 9e-5), ("gamma", 0.5), ("entropy_cost", -1e-9), ("unroll_length", 2.5),
+                      ("unroll_length", 5.0), ("unroll_length", 0), ("learner_batch_unrolls", 65),
+                      ("value_cost", 0.3), ("lr", math.nan), ("lr", math.inf), ("lr", "0.001"), ("unroll_length", True)]:
+        assert not inside({**good, name: bad}), (name, bad)
+    assert not inside({k: v for k, v in good.items() if k != "lr"})
+
+
+# ---------------------------------------------------------------------------- rules of a parameter
+
+
+def spec(**fields):
+    return ParamSpec(**{"name": "lr", "kind": "uniform", "low": 0.1, "high": 0.5, **fields})
+
+
+@pytest.mark.parametrize("specs,factors,key,message", [
+    ((spec(kind="gaussian"),), FACTORS, "pbt.search_space.lr.kind", "'gaussian' is not one of"),
+    ((spec(perturb="add"),), FACTORS, "pbt.search_space.lr.perturb", "'add' is not one of"),
+    ((spec(factors=(1.2, 0.0)),), FACTORS, "pbt.search_space.lr.factors", "every factor must be > 0"),
+    ((spec(factors=(-0.8,)),), FACTORS, "pbt.search_space.lr.factors", "every factor must be > 0"),
+    ((spec(factors=(math.inf,)),), FACTORS, "pbt.search_space.lr.factors", "finite"),
+    ((spec(),), (0.8, 0.0), "pbt.perturb_factors", "every factor must be > 0"),
+    ((spec(factors=(1.2,)),), (), "pbt.perturb_factors", "at least one factor"),
+    ((spec(kind="categorical", low=None, high=None),), FACTORS, "pbt.search_space.lr.choices", "non-empty"),
+    ((spec(kind="categorical", choices=(0.1, 0.2)),), FACTORS, "pbt.search_space.lr", "takes choices, not low/high"),
+    ((spec(choices=(0.1, 0.2)),), FACTORS, "pbt.search_space.lr.choices", "only a categorical"),
+    ((spec(high=None),), FACTORS, "pbt.search_space.lr", "needs both low and high"),
+    ((spec(low=None),), FACTORS, "pbt.search_space.lr", "needs both low and high"),
+    ((spec(name="unroll_length", kind="int", low=1.5, high=5),), FACTORS, "pbt.search_space.unroll_length.low", "integer"),
+    ((spec(name="queue_size", kind="log_int", low=1, high=5.5),), FACTORS, "pbt.search_space.queue_size.high", "integer"),
+    ((spec(low=0.5, high=0.1),), FACTORS, "pbt.search_space.lr", "inverted bounds"),
+    ((spec(kind="log_uniform", low=0.0),), FACTORS, "pbt.search_space.lr.low", "log_uniform needs low > 0"),
+    ((spec(name="queue_size", kind="log_int", low=0, high=4),), FACTORS, "pbt.search_space.queue_size.low", "log_int needs low > 0"),
+    ((spec(name="gamma", low=0.9, high=1.0, perturb="one_minus"),), FACTORS, "pbt.search_space.gamma.perturb", "[0, 1)"),
+    ((spec(name="gamma", low=-0.1, high=0.9, perturb="one_minus"),), FACTORS, "pbt.search_space.gamma.perturb", "[0, 1)"),
+    ((spec(init=0.6),), FACTORS, "pbt.search_space.lr.init", "outside its bounds"),
+    ((spec(init=0.05),), FACTORS, "pbt.search_space.lr.init", "outside its bounds"),
+    ((spec(name="unroll_length", kind="int", low=1, high=20, init=4.5),), FACTORS, "pbt.search_space.unroll_length.init", "integer"),
+    ((spec(kind="categorical", low=None, high=None, choices=(0.1, 0.2), init=0.3),), FACTORS, "pbt.search_space.lr.init",
+     "not one of the choices"),
+    ((spec(), spec(low=0.2)), FACTORS, "pbt.search_space.lr", "declared twice"),
+])
+def test_a_parameter_that_breaks_a_rule_is_refused_naming_its_key(specs, factors, key, message):
+    with pytest.raises(ConfigError) as info:
+        SearchSpace(specs, default_factors=factors)
+    assert str(info.value).startswith(f"{key}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edge", [
+    spec(low=0.3, high=0.3),
+    spec(kind="log_uniform", low=1e-300, high=1.0),
+    spec(name="gamma", low=0.0, high=0.999, perturb="one_minus"),
+    spec(name="unroll_length", kind="int", low=0, high=20, init=20),
+    spec(name="unroll_length", kind="int", low=1.0, high="20"),
+    spec(init=0.1),
+    spec(init=0.5),
+    spec(kind="categorical", low=None, high=None, choices=(0.2,), init=0.2),
+])
+def test_parameters_at_the_edges_of_the_rules_are_accepted(edge):
+    space = SearchSpace((edge,), default_factors=FACTORS)
+    assert inside_search_space((edge,), space.sample(rng()))
