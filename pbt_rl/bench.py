@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
 from pbt_rl.runtime.resources import machine_threads
+from pbt_rl.runtime.run_format import MetricsRow
+from pbt_rl.runtime.store import RunStore
 
 
 def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: float = 3.0) -> dict[str, Any]:
@@ -166,14 +168,16 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
     The window starts ``warmup_seconds`` after the last member's first report (process start-up,
     CUDA initialisation and the first updates stay out of it) and ends at the earliest last
     report. Each member's env-step count is interpolated linearly in wall time, so members that
-    report at different moments are compared over the same window.
+    report at different moments are compared over the same window. The rows are read while the run
+    may still be writing them: a torn last line is left out.
     """
+    store = RunStore(run_dir)
     series = []
-    all_rows = []
-    for path in sorted((run_dir / "members").glob("*/metrics.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    all_rows: list[MetricsRow] = []
+    for member in store.member_ids():
+        rows = [row for row in store.read_metrics(member) if row.wall_seconds is not None]
         all_rows.extend(rows)
-        points = sorted((row["wall_seconds"], row["env_steps"]) for row in rows)
+        points = sorted((row.wall_seconds, row.env_steps) for row in rows)
         if len(points) >= 2:
             series.append(np.array(points, dtype=np.float64))
     if not series:
@@ -184,15 +188,15 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
         raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
     steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
     return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series),
-            "time_fractions": time_fractions(row for row in all_rows if start < row["wall_seconds"] <= end)}
+            "time_fractions": time_fractions(row for row in all_rows if start < row.wall_seconds <= end)}
 
 
-def time_fractions(rows: Any) -> dict[str, float] | None:
+def time_fractions(rows: Iterable[MetricsRow]) -> dict[str, float] | None:
     """Where the members' training time went, summed over metrics rows: each ``timing_seconds``
     part as a fraction of their ``wall`` seconds (None when the rows carry no timing)."""
     totals: dict[str, float] = {}
     for row in rows:
-        for key, value in (row.get("timing_seconds") or {}).items():
+        for key, value in (row.timing_seconds or {}).items():
             totals[key] = totals.get(key, 0.0) + float(value)
     wall = totals.pop("wall", 0.0)
     if wall <= 0:
@@ -216,8 +220,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         with _MachineSampler() as sampler:
             train(bench_config, console=False)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
-        lineage = bench_config.run_dir / "lineage.jsonl"
-        exploits = len(lineage.read_text().splitlines()) if lineage.exists() else 0
+        exploits = len(RunStore(bench_config.run_dir).read_lineage())
     return {
         "env": config.env.id,
         "algo": config.agent.algo,

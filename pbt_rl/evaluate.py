@@ -28,7 +28,6 @@ is checked before the checkpoint is loaded (:func:`check_video_path`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -37,7 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 from pbt_rl.config import ConfigError, ExperimentConfig, abbreviate
-from pbt_rl.report import checkpoints, load_run, resolve_member
+from pbt_rl.lineage import resolve_member
+from pbt_rl.runtime.store import CheckpointError, RunStore, load_run
 
 MAX_VIDEO_FRAMES = 5_000
 MAX_EPISODE_STEPS = 1_000_000  # a policy that never ends an episode must not hang eval
@@ -45,21 +45,21 @@ MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
 VIDEO_SUFFIXES = (".gif", ".mp4")
 
 
-def verified_latest_checkpoint(run_dir: Path, member: int) -> tuple[int, Path]:
-    """The newest checkpoint of ``member`` with a matching ``.sha256``; ConfigError if none."""
-    found = checkpoints(run_dir, member)
-    if not found:
-        raise ConfigError(f"member {member} has no checkpoint in {Path(run_dir) / 'members' / str(member) / 'checkpoints'}")
-    for env_steps, path in reversed(found):
-        checksum_path = path.with_name(path.name + ".sha256")
-        if not checksum_path.is_file():
-            continue  # written after the checkpoint: an interrupted write
-        expected = checksum_path.read_text(encoding="utf-8").strip().split()[0] if checksum_path.stat().st_size else ""
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != expected:
-            raise ConfigError(f"checkpoint {path} is corrupt: its SHA-256 does not match {checksum_path.name}")
-        return env_steps, path
-    raise ConfigError(f"member {member} has no complete checkpoint (every .pt lacks its .sha256 file)")
+def load_latest_checkpoint(store: RunStore, member: int) -> tuple[str, dict]:
+    """(id, payload) of ``member``'s newest checkpoint whose ``.sha256`` matches (the store's rule);
+    ConfigError if it has none or the newest complete one is corrupt."""
+    try:
+        if not store.list_checkpoints(member):
+            raise ConfigError(f"member {member} has no checkpoint in {store.checkpoint_dir(member)}")
+        checkpoint = store.newest_verified_checkpoint(member)
+        if checkpoint is None:
+            raise ConfigError(f"member {member} has no complete checkpoint (every .pt lacks its .sha256 file)")
+        payload = store.load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(payload, dict) or "learner" not in payload:
+        raise ConfigError(f"checkpoint {store.path(checkpoint)} holds no learner state")
+    return checkpoint, payload
 
 
 def check_video_path(video: Path) -> None:
@@ -136,11 +136,10 @@ def evaluate(
     import torch
 
     run = load_run(run_dir)
+    store = RunStore(run.root)
     member_id = resolve_member(run, member)
-    checkpoint_steps, checkpoint_path = verified_latest_checkpoint(run.run_dir, member_id)
-    payload = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "learner" not in payload:
-        raise ConfigError(f"checkpoint {checkpoint_path} holds no learner state")
+    checkpoint, payload = load_latest_checkpoint(store, member_id)
+    checkpoint_steps = store.checkpoint_env_steps(checkpoint)
 
     config = _eval_config(run.config)
     factory = learner_factory or _default_factory()
@@ -164,7 +163,7 @@ def evaluate(
     std = float(np.std(returns))
     result = {
         "member": member_id,
-        "checkpoint": str(checkpoint_path.relative_to(run.run_dir)),
+        "checkpoint": checkpoint,
         "checkpoint_env_steps": checkpoint_steps,
         "episodes": episodes,
         "returns": returns,

@@ -4,7 +4,7 @@ PBT discovers a *schedule*, not a constant. Replay asks whether that schedule al
 population's weight copying) trains a good agent: a fresh learner trains for the run's budget
 (``run.total_env_steps``) and switches hyperparameters wherever the member's schedule does.
 
-The schedule is :func:`pbt_rl.report.schedule_of`: the hyperparameters behind the member's final
+The schedule is :func:`pbt_rl.lineage.schedule_of`: the hyperparameters behind the member's final
 weights, along its ancestry. Its env steps are *ancestry env steps*: training of a donor before an
 exploit counts for the replayed agent's timeline (the member's weights carried it), and the
 member's own steps before its last exploit do not (its weights were replaced). Example: member 1
@@ -22,14 +22,15 @@ function returns), ``curve.jsonl`` (one row per training chunk) and ``returns.pn
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from pbt_rl.report import final_fitness, load_run, member_env_steps, resolve_member, schedule_of
-from pbt_rl.runtime.store import RunStore
+from pbt_rl.lineage import final_fitness, member_env_steps, resolve_member, schedule_of
+from pbt_rl.runtime.file_io import atomic_write_json, rewrite_jsonl
+from pbt_rl.runtime.run_format import RunSnapshot
+from pbt_rl.runtime.store import RunStore, load_run
 
 CHUNKS_PER_RUN = 50  # training chunks per replay: the resolution of the returns curve
 
@@ -78,14 +79,14 @@ def replay(
         finished).
     """
     run = load_run(run_dir)
+    store = RunStore(run.root)
     member_id = resolve_member(run, member)
     schedule = schedule_of(run, member_id)
     config = run.config
     seed = default_replay_seed(config.run.seed, member_id, set(run.seeds.values())) if seed is None else int(seed)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / f"replay-{member_id}"
+    out = Path(out_dir).absolute() if out_dir is not None else store.replay_dir(member_id)
     # Writing into the run directory: hold its lock, so a live controller's directory is refused.
-    store = RunStore(run.run_dir)
-    if out.absolute().is_relative_to(store.root):
+    if out.is_relative_to(store.root):
         store.acquire("replay")
     try:
         return _replay(run, member_id, schedule, seed, out, console, device, learner_factory or _default_factory())
@@ -93,7 +94,7 @@ def replay(
         store.release()
 
 
-def _replay(run, member_id: int, schedule: list, seed: int, out: Path, console: bool, device: str | None,
+def _replay(run: RunSnapshot, member_id: int, schedule: list, seed: int, out: Path, console: bool, device: str | None,
             factory: Callable[..., Any]) -> dict:
     config = run.config
     budget = int(config.run.total_env_steps)
@@ -148,10 +149,8 @@ def _replay(run, member_id: int, schedule: list, seed: int, out: Path, console: 
         "wall_seconds": time.perf_counter() - started,
         "out_dir": str(out),
     }
-    (out / "replay.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    with open(out / "curve.jsonl", "w", encoding="utf-8") as handle:
-        for row in curve:
-            handle.write(json.dumps(row) + "\n")
+    atomic_write_json(out / "replay.json", summary)
+    rewrite_jsonl(out / "curve.jsonl", curve)
     _plot(run, member_id, curve, followed, out / "returns.png")
     if console:
         pbt = "-" if pbt_score is None else f"{pbt_score:.2f}"
@@ -165,7 +164,7 @@ def _describe(values: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
 
 
-def _plot(run, member: int, curve: list[dict], followed: list[dict], path: Path) -> None:
+def _plot(run: RunSnapshot, member: int, curve: list[dict], followed: list[dict], path: Path) -> None:
     from pbt_rl.report import pyplot_agg
 
     plt = pyplot_agg()
@@ -173,9 +172,9 @@ def _plot(run, member: int, curve: list[dict], followed: list[dict], path: Path)
     xs = [row["env_steps"] for row in curve if row["score"] is not None]
     ys = [row["score"] for row in curve if row["score"] is not None]
     ax.plot(xs, ys, color="crimson", linewidth=2, label="replay (fresh agent, same schedule)")
-    pbt_rows = [r for r in run.metrics.get(member, []) if r.get("fitness") is not None]
+    pbt_rows = [r for r in run.metrics.get(member, ()) if r.fitness is not None]
     if pbt_rows:
-        ax.plot([r["env_steps"] for r in pbt_rows], [r["fitness"] for r in pbt_rows], color="0.3",
+        ax.plot([r.env_steps for r in pbt_rows], [r.fitness for r in pbt_rows], color="0.3",
                 linestyle="--", label=f"PBT member {member} (its own env steps)")
     for switch in followed[1:]:
         ax.axvline(switch["applied_env_steps"], color="0.6", linewidth=0.8, alpha=0.6)

@@ -33,10 +33,12 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from pbt_rl.config import ExperimentConfig, to_dict
+from pbt_rl.runtime.run_format import EventRow, LineageRow, MetricsRow, Population
+from pbt_rl.runtime.store import RunStore
 
 JOB_TYPE = "pbt-member"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -79,7 +81,7 @@ def _artifact_name(experiment: str, member: int) -> str:
     return f"{safe}-member-{member}"
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
@@ -89,12 +91,15 @@ class WandbPopulationLogger:
     Args:
         config: the experiment; uses ``logging.wandb``, ``logging.wandb_project``,
             ``logging.wandb_entity`` and ``run.name`` (the W&B group).
-        run_dir: the run directory; W&B files go to ``<run_dir>/wandb/``.
+        run_dir: the run directory; W&B files go to its ``RunStore.wandb_dir``.
+
+    The rows it is given are the dicts the controller writes to the run files; each is read as
+    its typed row (``MetricsRow``, ``LineageRow``, ``EventRow``, ``Population``) first.
     """
 
     def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.store = RunStore(run_dir)
         self.requested_mode = config.logging.wandb
         self.mode = resolve_mode(self.requested_mode)
         self._run_ids: dict[int, str] = {}
@@ -115,16 +120,18 @@ class WandbPopulationLogger:
     # -- PopulationLogger -----------------------------------------------------------------
 
     def start(self, population: dict) -> None:
-        """Open (or, after load_state_dict, re-open) one W&B run per member."""
+        """Open (or, after load_state_dict, re-open) one W&B run per member (``population``: the
+        population.json content)."""
         if not self.enabled or self._started:
             return
         import wandb
 
         if self.requested_mode == "online" and self.mode == "offline":
             print("W&B: no credentials found (WANDB_API_KEY, ~/.netrc); logging offline to "
-                  f"{self.run_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr)
-        self._search_space = list(population.get("search_space") or self._search_space)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+                  f"{self.store.wandb_dir} (upload later with `wandb sync`)", file=sys.stderr)
+        members = Population.from_dict(population, where="population")
+        self._search_space = list(members.search_space or self._search_space)
+        self.store.root.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             console="off",  # stdout belongs to the controller's progress lines, not to one member
             x_disable_stats=True,  # one process, many runs: machine stats would repeat per member
@@ -132,14 +139,13 @@ class WandbPopulationLogger:
             disable_git=True,
         )
         experiment = to_dict(self.config)
-        for key, info in sorted(population["members"].items(), key=lambda kv: int(kv[0])):
-            member = int(key)
+        for member, info in members.members.items():
             run_config = self._run_configs.get(member) or {
                 "member": member,
-                "seed": info.get("seed"),
+                "seed": info.seed,
                 "parent": None,
                 "generation": 0,
-                "hp": dict(info.get("hyperparameters", {})),
+                "hp": dict(info.hyperparameters),
                 "experiment": experiment,
             }
             resuming = member in self._run_ids
@@ -149,7 +155,7 @@ class WandbPopulationLogger:
                 group=self.config.run.name,
                 job_type=JOB_TYPE,
                 name=f"member-{member}",
-                dir=str(self.run_dir),
+                dir=str(self.store.root),  # W&B writes under <dir>/wandb: RunStore.wandb_dir
                 mode=self.mode,
                 id=self._run_ids.get(member),
                 resume="allow" if resuming else None,
@@ -167,40 +173,44 @@ class WandbPopulationLogger:
 
     def log_progress(self, row: dict) -> None:
         """Log one metrics.jsonl row as a point of the member's time series at ``env_steps``."""
-        run = self._run(row)
+        if not self._started:
+            return
+        progress = MetricsRow.from_dict(row)
+        run = self._runs.get(progress.member)
         if run is None:
             return
-        data: dict[str, Any] = {"env_steps": int(row["env_steps"])}
-        if row.get("updates") is not None:
-            data["updates"] = row["updates"]
-        if row.get("fitness") is not None:
-            data["fitness"] = row["fitness"]
-        returns = row.get("episode_returns") or []
+        data: dict[str, Any] = {"env_steps": progress.env_steps}
+        if progress.updates is not None:
+            data["updates"] = progress.updates
+        if progress.fitness is not None:
+            data["fitness"] = progress.fitness
+        returns = progress.episode_returns
         if returns:
             data["episode_return/mean"] = _mean(returns)
             data["episode_return/max"] = max(returns)
             data["episode_return/min"] = min(returns)
         data["episodes_finished"] = len(returns)
-        lengths = row.get("episode_lengths") or []
-        if lengths:
-            data["episode_length/mean"] = _mean(lengths)
-        for name, value in (row.get("losses") or {}).items():
+        if progress.episode_lengths:
+            data["episode_length/mean"] = _mean(progress.episode_lengths)
+        for name, value in progress.losses.items():
             data[f"losses/{name}"] = value
-        if row.get("env_steps_per_second") is not None:
-            data["env_steps_per_second"] = row["env_steps_per_second"]
-        for name, value in (row.get("hyperparameters") or {}).items():
+        if progress.env_steps_per_second is not None:
+            data["env_steps_per_second"] = progress.env_steps_per_second
+        for name, value in progress.hyperparameters.items():
             data[f"hp/{name}"] = value
         run.log(data)
 
     def log_exploit(self, row: dict, checkpoint_path: Path) -> None:
         """Record an exploit of ``row["member"]`` (a lineage row); ``checkpoint_path`` = donor checkpoint."""
-        run = self._run(row)
+        if not self._started:
+            return
+        exploit = LineageRow.from_dict(row)
+        run = self._runs.get(exploit.member)
         if run is None:
             return
         import wandb
 
-        member, donor = int(row["member"]), int(row["donor"])
-        generation = int(row["generation"])
+        member, donor, generation = exploit.member, exploit.donor, exploit.generation
         checkpoint_path = Path(checkpoint_path)
         experiment = self.config.run.name
 
@@ -212,10 +222,10 @@ class WandbPopulationLogger:
                 _artifact_name(experiment, donor), type="model",
                 metadata={"member": donor, "parent": self._run_configs[donor].get("parent"),
                           "generation": self._run_configs[donor].get("generation", 0),
-                          "env_steps": int(row["donor_env_steps"])},
+                          "env_steps": exploit.donor_env_steps},
             )
             donor_artifact.add_file(str(checkpoint_path), name="checkpoint.pt")
-            donor_run.log_artifact(donor_artifact, aliases=[f"step-{int(row['donor_env_steps'])}"])
+            donor_run.log_artifact(donor_artifact, aliases=[f"step-{exploit.donor_env_steps}"])
             try:
                 donor_artifact.wait()
                 run.use_artifact(donor_artifact)
@@ -223,18 +233,18 @@ class WandbPopulationLogger:
             except Exception as exc:  # the graph edge is a nicety; never stop training for it
                 print(f"W&B: could not link member {member} to its donor's artifact: {exc}", file=sys.stderr)
         if donor_artifact_name is None:
-            donor_artifact_name = f"{_artifact_name(experiment, donor)} (step {int(row['donor_env_steps'])})"
+            donor_artifact_name = f"{_artifact_name(experiment, donor)} (step {exploit.donor_env_steps})"
 
-        new_hp = dict(row.get("new_hyperparameters") or {})
+        new_hp = dict(exploit.new_hyperparameters)
         config_update = {
             "parent": donor,
             "generation": generation,
             "hp": {**self._run_configs[member].get("hp", {}), **new_hp},
             "last_exploit": {
-                "env_steps": int(row["env_steps"]),
+                "env_steps": exploit.env_steps,
                 "donor": donor,
-                "donor_env_steps": int(row["donor_env_steps"]),
-                "donor_checkpoint": row.get("donor_checkpoint"),
+                "donor_env_steps": exploit.donor_env_steps,
+                "donor_checkpoint": exploit.donor_checkpoint,
                 "donor_artifact": donor_artifact_name,
             },
         }
@@ -242,17 +252,17 @@ class WandbPopulationLogger:
         self._run_configs[member] = {**self._run_configs[member], **config_update}
 
         table = self._tables[member]
-        table.add_data(*self._lineage_cells(row, donor_artifact_name))
+        table.add_data(*self._lineage_cells(exploit, donor_artifact_name))
         data: dict[str, Any] = {
-            "env_steps": int(row["env_steps"]),
+            "env_steps": exploit.env_steps,
             "exploit/donor": donor,
             "exploit/generation": generation,
             LINEAGE_TABLE_KEY: table,
         }
-        if row.get("member_score") is not None:
-            data["exploit/member_score"] = row["member_score"]
-        if row.get("donor_score") is not None:
-            data["exploit/donor_score"] = row["donor_score"]
+        if exploit.member_score is not None:
+            data["exploit/member_score"] = exploit.member_score
+        if exploit.donor_score is not None:
+            data["exploit/donor_score"] = exploit.donor_score
         for name, value in new_hp.items():
             data[f"hp/{name}"] = value  # the schedule steps at the exploit's env step
         run.log(data)
@@ -260,7 +270,7 @@ class WandbPopulationLogger:
         artifact = wandb.Artifact(
             _artifact_name(experiment, member), type="model",
             metadata={"member": member, "parent": donor, "generation": generation,
-                      "env_steps": int(row["env_steps"]), "donor_env_steps": int(row["donor_env_steps"]),
+                      "env_steps": exploit.env_steps, "donor_env_steps": exploit.donor_env_steps,
                       "hyperparameters": new_hp},
         )
         artifact.add_file(str(checkpoint_path), name="checkpoint.pt")
@@ -270,16 +280,16 @@ class WandbPopulationLogger:
         """An events.jsonl row: counted as ``events/<kind>`` in the member's run (all runs if no member)."""
         if not self._started:
             return
-        kind = str(row.get("event") or row.get("kind") or row.get("type") or "event")
-        member = row.get("member")
-        targets = [int(member)] if isinstance(member, int) and int(member) in self._runs else list(self._runs)
+        event = EventRow.from_dict(row)
+        kind = event.event
+        targets = [event.member] if event.member in self._runs else list(self._runs)
         for target in targets:
             run = self._runs[target]
             data: dict[str, Any] = {f"events/{kind}": 1}
-            if row.get("env_steps") is not None:
-                data["env_steps"] = int(row["env_steps"])
+            if event.env_steps is not None:
+                data["env_steps"] = int(event.env_steps)
             run.log(data)
-            run.summary[f"last_event/{kind}"] = json.dumps(row, default=str)
+            run.summary[f"last_event/{kind}"] = json.dumps(event.to_dict(), default=str)
 
     def state_dict(self) -> dict:
         """The W&B run ids and each run's current config (JSON-serialisable), for state.json."""
@@ -304,11 +314,6 @@ class WandbPopulationLogger:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _run(self, row: dict) -> Any:
-        if not self._started:
-            return None
-        return self._runs.get(int(row["member"]))
-
     def _lineage_columns(self) -> list[str]:
         columns = ["env_steps", "member", "generation", "donor", "donor_env_steps", "donor_checkpoint",
                    "donor_artifact", "member_score", "donor_score", "exploit"]
@@ -316,13 +321,9 @@ class WandbPopulationLogger:
             columns += [f"old/{name}", f"new/{name}", f"op/{name}"]
         return columns
 
-    def _lineage_cells(self, row: dict, donor_artifact: str) -> list[Any]:
-        cells = [int(row["env_steps"]), int(row["member"]), int(row["generation"]), int(row["donor"]),
-                 int(row["donor_env_steps"]), row.get("donor_checkpoint"), donor_artifact,
-                 row.get("member_score"), row.get("donor_score"), row.get("exploit")]
-        old = row.get("old_hyperparameters") or {}
-        new = row.get("new_hyperparameters") or {}
-        operations = row.get("operations") or {}
+    def _lineage_cells(self, row: LineageRow, donor_artifact: str) -> list[Any]:
+        cells = [row.env_steps, row.member, row.generation, row.donor, row.donor_env_steps, row.donor_checkpoint,
+                 donor_artifact, row.member_score, row.donor_score, row.exploit]
         for name in self._search_space:
-            cells += [old.get(name), new.get(name), operations.get(name)]
+            cells += [row.old_hyperparameters.get(name), row.new_hyperparameters.get(name), row.operations.get(name)]
         return cells

@@ -8,6 +8,7 @@ import pytest
 
 from pbt_rl.bench import _format_fractions, bench_raw_envpool, population_rate_from_metrics, time_fractions
 from pbt_rl.config import from_dict
+from pbt_rl.runtime.run_format import MetricsRow, RunDirError
 
 
 def write_metrics(run_dir, member, points):
@@ -27,6 +28,23 @@ def test_population_rate_interpolates_members_over_one_window(tmp_path):
     assert rate["members"] == 2
 
 
+def test_population_rate_leaves_out_a_torn_last_line(tmp_path):
+    # The bench reads metrics.jsonl files a controller may have been killed while appending to.
+    write_metrics(tmp_path, 0, [(0.0, 0), (4.0, 400), (10.0, 1000)])
+    write_metrics(tmp_path, 1, [(1.0, 300), (7.0, 2100), (9.0, 2700)])
+    with open(tmp_path / "members" / "1" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"wall_seconds": 12.0, "env_steps": 36')
+    rate = population_rate_from_metrics(tmp_path, warmup_seconds=1.0)
+    # The same window and rate as without the torn row (it would have moved the window's end to 10 s).
+    assert rate["window_seconds"] == pytest.approx(7.0)
+    assert rate["env_steps_per_second"] == pytest.approx(400.0)
+    # A damaged line that is not the last is an error, not a silently shorter series.
+    (tmp_path / "members" / "0" / "metrics.jsonl").write_text('{"wall_seconds": 0.0, "env_steps": 0}\n{"wall\n'
+                                                             '{"wall_seconds": 10.0, "env_steps": 1000}\n')
+    with pytest.raises(RunDirError, match="line 2 is not valid JSON"):
+        population_rate_from_metrics(tmp_path, warmup_seconds=1.0)
+
+
 def test_time_fractions_sum_timing_over_rows_in_the_window(tmp_path):
     rows = [
         {"wall_seconds": 2.0, "env_steps": 100, "timing_seconds": {"wall": 2.0, "act": 1.0, "env": 0.6, "inference": 0.3, "update": 1.0}},
@@ -41,11 +59,12 @@ def test_time_fractions_sum_timing_over_rows_in_the_window(tmp_path):
     # second row of member 0 lies inside it.
     fractions = population_rate_from_metrics(tmp_path, warmup_seconds=1.0)["time_fractions"]
     assert fractions == pytest.approx({"act": 0.7, "env": 0.5, "inference": 0.15, "update": 0.2})
-    assert time_fractions(rows[:2]) == pytest.approx({"act": 0.6, "env": 0.4, "inference": 0.15, "update": 0.35})
-    assert time_fractions([{"wall_seconds": 1.0}]) is None
-    line = _format_fractions("a2c", time_fractions(rows[:2]))
+    first_two = [MetricsRow.from_dict(row) for row in rows[:2]]
+    assert time_fractions(first_two) == pytest.approx({"act": 0.6, "env": 0.4, "inference": 0.15, "update": 0.35})
+    assert time_fractions([MetricsRow(env_steps=100, wall_seconds=1.0)]) is None
+    line = _format_fractions("a2c", time_fractions(first_two))
     assert line == "member time: acting 60% (env wait 40%, inference 15%), updating 35%, other 5%"
-    assert _format_fractions("impala", time_fractions(rows[:2])).endswith("learner thread updating 35%")
+    assert _format_fractions("impala", time_fractions(first_two)).endswith("learner thread updating 35%")
 
 
 def test_population_rate_needs_a_window(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from pbt_rl.agents import make_learner
 from pbt_rl.config import ConfigError
 from pbt_rl.evaluate import evaluate
+from pbt_rl.lineage import schedule_of
 from pbt_rl.replay import replay
-from pbt_rl.report import load_run, schedule_of
-from pbt_rl.runtime.store import RunStore
+from pbt_rl.runtime.store import RunStore, load_run
 from test_report import write_synthetic_run
 
 
@@ -41,7 +41,7 @@ def test_replay_follows_the_ancestry_schedule(tmp_path):
 
     summary = replay(run_dir, member="best", console=False, learner_factory=factory)
 
-    expected = schedule_of(run_dir, 1)  # (0, ...), (100, ...), (180, ...) across two exploits
+    expected = schedule_of(load_run(run_dir), 1)  # (0, ...), (100, ...), (180, ...) across two exploits
     assert len(expected) == 3
     # 2 envs x unroll 5 = 10 env steps per update, so the switches land exactly on schedule.
     assert calls == expected
@@ -57,7 +57,7 @@ def test_replay_follows_the_ancestry_schedule(tmp_path):
 
 def _save_checkpoint(run_dir, member: int, env_steps: int) -> str:
     """Train a tiny learner from the run's config and save it the way member processes do."""
-    config = load_run(run_dir).config
+    config = RunStore(run_dir).read_config()
     learner = make_learner(config, seed=5, device="cpu", num_threads=1)
     learner.train(env_steps)
     checkpoint = RunStore(run_dir).save_checkpoint(member, env_steps, {"learner": learner.state_dict(), "member": {}})
@@ -124,7 +124,7 @@ def test_report_replay_eval_and_wandb_on_a_real_population(tmp_path, monkeypatch
     assert (run_dir / "report" / "lineage.png").stat().st_size > 5_000
     assert (run_dir / "report" / "hp_lr.png").is_file() and (run_dir / "report" / "summary.md").is_file()
     best = summary["best_member"]
-    schedule = schedule_of(run_dir, "best")
+    schedule = schedule_of(load_run(run_dir), "best")
     exploited = [row for row in lineage if row["member"] == best]
     if exploited:
         assert schedule[-1][1] == exploited[-1]["new_hyperparameters"]

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from pbt_rl.config import ConfigError, dump_yaml, from_dict
-from pbt_rl.report import (
+from pbt_rl.lineage import (
     ancestry,
     best_fitness_over_time,
     best_member,
     first_time_reaching,
-    load_run,
+    member_env_steps,
     resolve_member,
     schedule_of,
-    time_table_interval,
-    write_report,
 )
+from pbt_rl.report import time_table_interval, write_report
+from pbt_rl.runtime.store import load_run
 
 SEARCH_SPACE = {
     "lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-1},
@@ -113,34 +113,34 @@ def write_synthetic_run(
 
 
 def test_schedule_follows_ancestry_across_two_exploits(tmp_path):
-    run_dir = write_synthetic_run(tmp_path / "run")
+    run = load_run(write_synthetic_run(tmp_path / "run"))
     # Member 1's final weights: member 0 from 0 to 100 (initial values), then member 2 from its
     # step 100 to 180 (exploit A's values), then member 1 from its step 200 to 300 (exploit B's).
-    assert schedule_of(run_dir, 1) == [
+    assert schedule_of(run, 1) == [
         (0, {"lr": 0.01, "entropy_cost": 0.1}),
         (100, {"lr": 0.012, "entropy_cost": 0.1}),
         (180, {"lr": 0.0144, "entropy_cost": 0.08}),
     ]
-    segments = ancestry(load_run(run_dir), 1)
+    segments = ancestry(run, 1)
     assert [(s.member, s.start, s.end, s.timeline_start) for s in segments] == [
         (0, 0, 100, 0), (2, 100, 180, 100), (1, 200, 300, 180),
     ]
     # Member 0 copied member 1 at 240 of member 1's steps: three exploits deep, 280 + 50 steps long.
-    assert schedule_of(run_dir, 0) == [
+    assert schedule_of(run, 0) == [
         (0, {"lr": 0.01, "entropy_cost": 0.1}),
         (100, {"lr": 0.012, "entropy_cost": 0.1}),
         (180, {"lr": 0.0144, "entropy_cost": 0.08}),
         (220, {"lr": 0.0173, "entropy_cost": 0.064}),
     ]
-    assert schedule_of(run_dir, "best") == schedule_of(run_dir, 1)
+    assert schedule_of(run, "best") == schedule_of(run, 1)
 
 
 def test_donor_checkpoint_predates_the_donors_own_exploit_at_that_step(tmp_path):
     # Member 2 is exploited at 100 and, at the same step, is the donor (checkpoint 100) for member 1:
     # that checkpoint holds member 2's weights from before its exploit.
     exploits = [(2, 100, 0, 100, {"lr": 0.05, "entropy_cost": 0.5}), (1, 150, 2, 100, {"lr": 0.06, "entropy_cost": 0.6})]
-    run_dir = write_synthetic_run(tmp_path / "run", exploits=exploits)
-    assert schedule_of(run_dir, 1) == [(0, INITIAL[2]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
+    run = load_run(write_synthetic_run(tmp_path / "run", exploits=exploits))
+    assert schedule_of(run, 1) == [(0, INITIAL[2]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
 
 
 def test_ancestry_follows_the_saver_of_the_copied_checkpoint(tmp_path):
@@ -148,27 +148,46 @@ def test_ancestry_follows_the_saver_of_the_copied_checkpoint(tmp_path):
     # before member 1 copied it at 200: member 1 got member 0's weights at member 0's step 100.
     exploits = [(2, 120, 0, 100, {"lr": 0.05, "entropy_cost": 0.5}),
                 (1, 200, 2, 100, {"lr": 0.06, "entropy_cost": 0.6}, 0)]
-    run_dir = write_synthetic_run(tmp_path / "run", exploits=exploits)
-    segments = ancestry(load_run(run_dir), 1)
+    run = load_run(write_synthetic_run(tmp_path / "run", exploits=exploits))
+    segments = ancestry(run, 1)
     assert [(s.member, s.start, s.end) for s in segments] == [(0, 0, 100), (1, 200, 300)]
-    assert schedule_of(run_dir, 1) == [(0, INITIAL[0]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
+    assert schedule_of(run, 1) == [(0, INITIAL[0]), (100, {"lr": 0.06, "entropy_cost": 0.6})]
 
 
 def test_schedule_without_exploits_is_the_initial_values(tmp_path):
-    run_dir = write_synthetic_run(tmp_path / "run", exploits=[])
+    run = load_run(write_synthetic_run(tmp_path / "run", exploits=[]))
     for member, hp in INITIAL.items():
-        assert schedule_of(run_dir, member) == [(0, hp)]
+        assert schedule_of(run, member) == [(0, hp)]
 
 
 def test_best_member_and_member_errors(tmp_path):
     run_dir = write_synthetic_run(tmp_path / "run", finished=False)
-    assert best_member(run_dir) == 1  # from metrics when summary.json is not written yet
+    assert best_member(load_run(run_dir)) == 1  # from metrics when summary.json is not written yet
     with pytest.raises(ConfigError, match="member 7 is not in this run"):
-        resolve_member(run_dir, 7)
+        resolve_member(load_run(run_dir), 7)
     with pytest.raises(ConfigError, match="run directory not found"):
         load_run(tmp_path / "missing")
     with pytest.raises(ConfigError, match="no config.yaml"):
         load_run(tmp_path)
+
+
+def test_best_member_is_summary_jsons_choice_else_the_same_rule_over_last_fitness(tmp_path):
+    # Before summary.json: the rule summary.json uses (highest finite score, lowest id on ties)
+    # over each member's last fitness, whatever fitness it had earlier.
+    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run", finished=False), {
+        0: [(10.0, 100, 50.0), (20.0, 200, 7.0)], 1: [(10.0, 100, 8.0)], 2: [(10.0, 100, 8.0)],
+    })
+    assert best_member(load_run(run_dir)) == 1
+    # Once written, summary.json's best member is the answer (it may know scores the logs do not).
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "best_member": 2}))
+    assert best_member(load_run(run_dir)) == 2 and resolve_member(load_run(run_dir), "best") == 2
+    # A failed run's summary has no best member: the rule over the logs again; none without fitness.
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "best_member": None}))
+    assert best_member(load_run(run_dir)) == 1
+    write_timed_metrics(run_dir, {0: [(10.0, 100, None)], 1: [], 2: []})
+    assert best_member(load_run(run_dir)) is None
+    with pytest.raises(ConfigError, match="no member has a fitness yet"):
+        resolve_member(load_run(run_dir), "best")
 
 
 def _assert_png(path: Path) -> None:
@@ -195,11 +214,30 @@ def test_report_writes_plots_and_summary(tmp_path):
 
 
 def test_report_on_a_run_in_progress_without_exploits(tmp_path):
+    # Two progress rows per member (50 and 100 env steps, at 50 s and 100 s), no summary.json, and
+    # the controller in the middle of appending member 2's next row.
     run_dir = write_synthetic_run(tmp_path / "run", exploits=[], end_steps=100, finished=False)
+    with open(run_dir / "members" / "2" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"time": 1000000150.0, "wall_seconds": 150.0, "member": 2, "env_steps": 15')
     out = write_report(run_dir)
-    for name in ("lineage.png", "hp_lr.png", "returns.png"):
+    for name in ("lineage.png", "hp_lr.png", "hp_entropy_cost.png", "returns.png"):
         _assert_png(out / name)
-    assert "in progress" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "- status: in progress (no summary.json yet)" in summary
+    assert "- members: 3, exploits: 0" in summary
+    # The best member is the one with the best last fitness (member 1: 40 * 100 / 300), on its own
+    # initial values since step 0.
+    assert "## Best member\n\n- member: 1\n- fitness: 13.33 " in summary
+    assert "- env steps: 100\n" in summary and "(ancestry): 100\n" in summary
+    assert "\nmember 1 [0, 100)\n" in summary
+    assert "| 0 | 100 | 1 | 0.02 | 0.2 |" in summary
+    # Everything covers the steps so far and no further: the torn row (150 s) is left out.
+    run = load_run(run_dir)
+    assert [member_env_steps(run, m) for m in run.members] == [100, 100, 100]
+    assert "| 0 | 100 | 5 | 0 |\n| 1 | 100 | 13.33 | 0 |\n| 2 | 100 | 7.333 | 0 |" in summary
+    table = summary.split("## Best fitness over wall time")[1].split("## Members")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| wall")]
+    assert rows == ["| 1:00 | - | - | - |", "| 1:40 | 13.33 | 1 | 100 |"]
 
 
 # Progress rows (wall_seconds, env_steps, fitness) per member, for the wall-time table. Member 0 peaks
@@ -226,8 +264,8 @@ def write_timed_metrics(run_dir: Path, timed_rows: dict = TIMED_ROWS) -> Path:
 
 
 def test_best_fitness_over_time_takes_each_members_latest_row(tmp_path):
-    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"))
-    table = best_fitness_over_time(run_dir, every_seconds=60.0)
+    run = load_run(write_timed_metrics(write_synthetic_run(tmp_path / "run")))
+    table = best_fitness_over_time(run, every_seconds=60.0)
     assert table == [
         # 60 s: member 2's 50 (40 s) beats member 0's 5 (50 s); member 1 has no fitness yet.
         {"wall_seconds": 60.0, "best_fitness": 50.0, "member": 2, "env_steps": 400},
@@ -238,39 +276,39 @@ def test_best_fitness_over_time_takes_each_members_latest_row(tmp_path):
         {"wall_seconds": 200.0, "best_fitness": 20.0, "member": 1, "env_steps": 1900},
     ]
     # Before any member has a fitness the entry is empty; an exact multiple gets no extra entry.
-    table = best_fitness_over_time(run_dir, every_seconds=20.0)
+    table = best_fitness_over_time(run, every_seconds=20.0)
     assert table[0] == {"wall_seconds": 20.0, "best_fitness": None, "member": None, "env_steps": None}
     assert [entry["wall_seconds"] for entry in table] == [20.0 * k for k in range(1, 11)]
     assert table[2] == {"wall_seconds": 60.0, "best_fitness": 50.0, "member": 2, "env_steps": 400}
     with pytest.raises(ValueError, match="every_seconds"):
-        best_fitness_over_time(run_dir, every_seconds=0.0)
+        best_fitness_over_time(run, every_seconds=0.0)
 
 
 def test_best_fitness_over_time_ties_and_empty_runs(tmp_path):
-    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"), {
+    run = load_run(write_timed_metrics(write_synthetic_run(tmp_path / "run"), {
         0: [(30.0, 300, 7.0)], 1: [(20.0, 200, 7.0)], 2: [],
-    })
-    assert best_fitness_over_time(run_dir, every_seconds=60.0) == [
+    }))
+    assert best_fitness_over_time(run, every_seconds=60.0) == [
         {"wall_seconds": 30.0, "best_fitness": 7.0, "member": 0, "env_steps": 300},  # tie: lowest member id
     ]
-    empty = write_timed_metrics(write_synthetic_run(tmp_path / "empty"), {0: [], 1: [], 2: []})
+    empty = load_run(write_timed_metrics(write_synthetic_run(tmp_path / "empty"), {0: [], 1: [], 2: []}))
     assert best_fitness_over_time(empty) == []
     assert first_time_reaching(empty, 0.0) is None
 
 
 def test_first_time_reaching_is_the_earliest_crossing_over_members(tmp_path):
-    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run"))
+    run = load_run(write_timed_metrics(write_synthetic_run(tmp_path / "run")))
     # Member 2's 50 at 40 s comes before member 0's 5 at 50 s and member 1's 12 at 100 s.
-    assert first_time_reaching(run_dir, 10.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
-    assert first_time_reaching(run_dir, 5.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
-    assert first_time_reaching(run_dir, 20.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
-    assert first_time_reaching(run_dir, 51.0) is None
+    assert first_time_reaching(run, 10.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run, 5.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run, 20.0) == {"wall_seconds": 40.0, "member": 2, "env_steps": 400, "fitness": 50.0}
+    assert first_time_reaching(run, 51.0) is None
     # Without member 2: member 1's 12 at 100 s is earlier than member 0's 30 at 130 s.
     rows = {m: r for m, r in TIMED_ROWS.items() if m != 2} | {2: []}
-    run_dir = write_timed_metrics(write_synthetic_run(tmp_path / "run2"), rows)
-    assert first_time_reaching(run_dir, 10.0) == {"wall_seconds": 100.0, "member": 1, "env_steps": 1000, "fitness": 12.0}
-    assert first_time_reaching(run_dir, 25.0) == {"wall_seconds": 130.0, "member": 0, "env_steps": 1300, "fitness": 30.0}
-    assert first_time_reaching(run_dir, 5.0) == {"wall_seconds": 50.0, "member": 0, "env_steps": 500, "fitness": 5.0}
+    run = load_run(write_timed_metrics(write_synthetic_run(tmp_path / "run2"), rows))
+    assert first_time_reaching(run, 10.0) == {"wall_seconds": 100.0, "member": 1, "env_steps": 1000, "fitness": 12.0}
+    assert first_time_reaching(run, 25.0) == {"wall_seconds": 130.0, "member": 0, "env_steps": 1300, "fitness": 30.0}
+    assert first_time_reaching(run, 5.0) == {"wall_seconds": 50.0, "member": 0, "env_steps": 500, "fitness": 5.0}
 
 
 def test_time_table_interval_keeps_the_table_short():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from pbt_rl.config import from_dict
+from pbt_rl.runtime.file_io import read_jsonl
 from pbt_rl.wandb_logger import WandbPopulationLogger, resolve_mode
 from test_report import experiment_dict, write_synthetic_run
 from wandb_records import find_log_files, read_records
@@ -47,10 +47,6 @@ def test_disabled_logger_never_opens_runs(tmp_path):
     logger.close()
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _history(records) -> list[dict]:
     rows = []
     for record in records:
@@ -67,8 +63,8 @@ def test_offline_logging_and_resume(wandb_env):
     run_dir = write_synthetic_run(wandb_env / "run", config_sections={"logging": {"wandb": "offline"}})
     config = from_dict(experiment_dict(run_dir, logging={"wandb": "offline"}))
     population = json.loads((run_dir / "population.json").read_text())
-    lineage = _rows(run_dir / "lineage.jsonl")
-    metrics = {m: _rows(run_dir / "members" / str(m) / "metrics.jsonl") for m in (0, 1, 2)}
+    lineage = read_jsonl(run_dir / "lineage.jsonl")
+    metrics = {m: read_jsonl(run_dir / "members" / str(m) / "metrics.jsonl") for m in (0, 1, 2)}
     for row in lineage:  # the donor checkpoint files the runtime would pass
         path = run_dir / row["donor_checkpoint"]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,11 @@
-"""The run directory: every file a run writes, and how each is written safely.
+"""The run directory of one run: the only code that knows where its files are.
 
-Layout and formats are in docs/design.md ("Run directory"). Three write disciplines:
-
-- whole files that must never be seen half-written (state.json, summary.json, checkpoints) are
-  written to a temporary file in the same directory, flushed, fsynced, renamed over the target,
-  and the directory is fsynced;
-- logs (lineage.jsonl, events.jsonl, metrics.jsonl) are appended one complete line per write and
-  fsynced, so after a kill -9 at most the last line is torn, which :func:`repair_jsonl` removes;
-- checkpoints carry a ``.sha256`` file written after the checkpoint itself; a checkpoint without
-  a matching checksum is treated as absent (:class:`CheckpointError`).
+``RunStore`` builds every path from :attr:`RunStore.root` (absolute: nothing depends on the
+working directory, so member processes and readers on other hosts can share it), creates the
+directory whole, holds its one-writer lock, writes files with the disciplines of
+:mod:`pbt_rl.runtime.file_io`, and reads them back as the typed rows of
+:mod:`pbt_rl.runtime.run_format` (:meth:`RunStore.snapshot` for readers: report, replay, eval).
+Layout and formats: docs/design.md ("Run directory", "File formats").
 
 Member processes write their own checkpoints; everything else is written by the controller.
 """
@@ -16,153 +13,63 @@ Member processes write their own checkpoints; everything else is written by the 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
-import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection
 
-from pbt_rl.config import ConfigError
+from pbt_rl.config import ExperimentConfig, abbreviate, load_config
+from pbt_rl.runtime.file_io import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    read_jsonl,
+    repair_jsonl,
+    rewrite_jsonl,
+    sha256_bytes,
+)
+from pbt_rl.runtime.run_format import (
+    CHECKPOINT_PATTERN,
+    CHECKPOINTS_DIR,
+    CHECKSUM_SUFFIX,
+    CONFIG_FILE,
+    EVENTS_FILE,
+    LINEAGE_FILE,
+    MEMBERS_DIR,
+    METRICS_FILE,
+    POPULATION_FILE,
+    REPLAY_DIR_PREFIX,
+    REPORT_DIR,
+    STATE_FILE,
+    SUMMARY_FILE,
+    WANDB_DIR,
+    CheckpointError,
+    EventRow,
+    LineageRow,
+    MetricsRow,
+    Population,
+    RunDirError,
+    RunSnapshot,
+    checkpoint_env_steps,
+    checkpoint_id,
+    checkpoint_member,
+    json_bytes,
+)
 
-CHECKPOINT_PATTERN = re.compile(r"^(\d{12})\.pt$")
-
-
-class RunDirError(ConfigError):
-    """The run directory cannot be used (unwritable, full, not a run, not empty): one line for the user."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or fails its SHA-256 check."""
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and tuples reach the logs through hyperparameters and returns.
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: a missing score is null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def to_json(row: Any) -> str:
-    return json.dumps(_finite_or_none(row), default=_json_default, allow_nan=False)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# The runtime imports these from here: this module is the run directory's API.
+__all__ = ["CheckpointError", "RunDirError", "RunStore", "json_bytes", "load_run", "read_jsonl", "repair_jsonl",
+           "rewrite_jsonl"]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
-    _fsync_dir(path.parent)
-
-
-def json_bytes(obj: Any) -> bytes:
-    """How the run directory's whole JSON files are encoded (NaN as null, numpy unwrapped)."""
-    return (json.dumps(_finite_or_none(obj), default=_json_default, indent=1) + "\n").encode()
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one row as one line, durably (a single write, then fsync)."""
-    line = (to_json(row) + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (kill -9 during a write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number >= len(lines) - 2:  # the last, unterminated line
-                break
-            raise RunDirError(f"{path}: line {number + 1} is not valid JSON") from None
-    return rows
-
-
-def rewrite_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Replace a JSONL file atomically (used only by resume to drop rows past a checkpoint)."""
-    atomic_write_bytes(path, "".join(to_json(r) + "\n" for r in rows).encode())
-
-
-def repair_jsonl(path: Path) -> bool:
-    """Cut a torn last line so the next append starts a fresh line; True if something was cut."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return False
-    keep = data.rfind(b"\n") + 1
-    with open(path, "r+b") as handle:
-        handle.truncate(keep)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return True
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def load_run(run_dir: Path | str) -> RunSnapshot:
+    """A run directory as its readers see it (report, replay, eval): ``RunStore(run_dir).snapshot()``."""
+    return RunStore(run_dir).snapshot()
 
 
 class RunStore:
-    """Paths and safe I/O for one run directory."""
+    """Paths, safe writes and typed reads for one run directory."""
 
     def __init__(self, run_dir: Path | str):
         self.root = Path(run_dir).absolute()
@@ -171,59 +78,64 @@ class RunStore:
     # -- paths ------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG_FILE
 
     @property
     def state_path(self) -> Path:
-        return self.root / "state.json"
+        return self.root / STATE_FILE
 
     @property
     def population_path(self) -> Path:
-        return self.root / "population.json"
+        return self.root / POPULATION_FILE
 
     @property
     def lineage_path(self) -> Path:
-        return self.root / "lineage.jsonl"
+        return self.root / LINEAGE_FILE
 
     @property
     def events_path(self) -> Path:
-        return self.root / "events.jsonl"
+        return self.root / EVENTS_FILE
 
     @property
     def summary_path(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / REPORT_DIR
+
+    @property
+    def wandb_dir(self) -> Path:
+        """Where W&B's files end up when W&B is given ``root`` as its directory."""
+        return self.root / WANDB_DIR
+
+    def replay_dir(self, member: int) -> Path:
+        return self.root / f"{REPLAY_DIR_PREFIX}{member}"
 
     def member_dir(self, member: int) -> Path:
-        return self.root / "members" / str(member)
+        return self.root / MEMBERS_DIR / str(member)
 
     def metrics_path(self, member: int) -> Path:
-        return self.member_dir(member) / "metrics.jsonl"
+        return self.member_dir(member) / METRICS_FILE
 
     def checkpoint_dir(self, member: int) -> Path:
-        return self.member_dir(member) / "checkpoints"
+        return self.member_dir(member) / CHECKPOINTS_DIR
 
-    @staticmethod
-    def checkpoint_id(member: int, env_steps: int) -> str:
-        """Checkpoint ids are paths relative to the run directory (docs/design.md)."""
-        return f"members/{member}/checkpoints/{env_steps:012d}.pt"
-
-    @staticmethod
-    def checkpoint_env_steps(checkpoint_id: str) -> int:
-        match = CHECKPOINT_PATTERN.match(Path(checkpoint_id).name)
-        if not match:
-            raise CheckpointError(f"not a checkpoint id: {checkpoint_id}")
-        return int(match.group(1))
-
-    @staticmethod
-    def checkpoint_member(checkpoint_id: str) -> int:
-        """The member whose env-step clock names the checkpoint (the one that saved it)."""
-        parts = Path(checkpoint_id).parts
-        if len(parts) != 4 or parts[0] != "members" or parts[2] != "checkpoints" or not parts[1].isdigit():
-            raise CheckpointError(f"not a checkpoint id: {checkpoint_id}")
-        return int(parts[1])
+    checkpoint_id = staticmethod(checkpoint_id)
+    checkpoint_env_steps = staticmethod(checkpoint_env_steps)
+    checkpoint_member = staticmethod(checkpoint_member)
 
     def path(self, relative: str) -> Path:
+        """The absolute path of a run-relative id (a checkpoint id)."""
         return self.root / relative
+
+    def checksum_path(self, checkpoint: str) -> Path:
+        path = self.path(checkpoint)
+        return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+    def initial_files(self, config_yaml: str, population: dict, state: dict) -> dict[str, bytes]:
+        """What a fresh run directory holds before any member starts, for :meth:`create`."""
+        return {CONFIG_FILE: config_yaml.encode(), POPULATION_FILE: json_bytes(population), STATE_FILE: json_bytes(state)}
 
     # -- creation and the one-writer lock ----------------------------------------------------
     def _partial_path(self) -> Path:
@@ -283,7 +195,7 @@ class RunStore:
             if isinstance(exc, RunDirError):
                 raise
             raise RunDirError(f"cannot create run directory {self.root}: {exc.strerror or exc}") from None
-        _fsync_dir(self.root.parent)
+        fsync_dir(self.root.parent)
         lock.path = self.root / lock.path.name
         self.lock = lock
 
@@ -333,51 +245,106 @@ class RunStore:
     def append(self, path: Path, row: dict) -> None:
         append_jsonl(path, row)
 
+    # -- typed reads ------------------------------------------------------------------------
+    def require_run(self) -> None:
+        """RunDirError (one line) unless ``root`` is a run directory."""
+        try:
+            found, is_run = self.root.is_dir(), self.config_path.is_file()
+        except OSError as exc:  # e.g. a path longer than the OS allows
+            raise RunDirError(f"run directory {abbreviate(str(self.root))}: {exc.strerror or exc}") from None
+        if not found:
+            raise RunDirError(f"run directory not found: {self.root}")
+        if not is_run:
+            raise RunDirError(f"{self.root} is not a pbt-rl run directory (no {CONFIG_FILE})")
+
+    def read_config(self) -> ExperimentConfig:
+        return load_config(self.config_path)
+
+    def read_population(self) -> Population:
+        return Population.from_dict(self.read_json(self.population_path), where=str(self.population_path))
+
+    def read_summary(self) -> dict | None:
+        """summary.json, or None while the run is in progress (it is written when the run stops)."""
+        if not self.summary_path.is_file():
+            return None
+        summary = self.read_json(self.summary_path)
+        if not isinstance(summary, dict):
+            raise RunDirError(f"{self.summary_path}: not a JSON object")
+        return summary
+
+    def read_lineage(self) -> list[LineageRow]:
+        return _rows(self.lineage_path, LineageRow)
+
+    def read_events(self) -> list[EventRow]:
+        return _rows(self.events_path, EventRow)
+
+    def read_metrics(self, member: int) -> list[MetricsRow]:
+        return _rows(self.metrics_path(member), MetricsRow)
+
+    def member_ids(self) -> list[int]:
+        """Members that have a folder under members/, in id order."""
+        folder = self.root / MEMBERS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit())
+
+    def snapshot(self) -> RunSnapshot:
+        """Read the whole run for a reader (finished or in progress); RunDirError if it is not one."""
+        self.require_run()
+        config = self.read_config()
+        population = self.read_population()
+        lineage = tuple(self.read_lineage())
+        folders = self.member_ids()
+        metrics = {m: tuple(self.read_metrics(m)) for m in folders}
+        steps = {m: tuple(checkpoint_env_steps(c) for c in self.list_checkpoints(m))
+                 for m in sorted(set(folders) | set(population.members))}
+        return RunSnapshot(root=self.root, config=config, population=population, lineage=lineage, metrics=metrics,
+                           checkpoint_steps=steps, summary=self.read_summary())
+
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, member: int, env_steps: int, payload: dict) -> str:
-        """Write a checkpoint and its checksum atomically; return its id."""
+        """Write a checkpoint, then its checksum, each atomically; return its id."""
         import torch
 
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         data = buffer.getvalue()
-        checkpoint_id = self.checkpoint_id(member, env_steps)
-        path = self.path(checkpoint_id)
+        checkpoint = checkpoint_id(member, env_steps)
+        path = self.path(checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
-        atomic_write_bytes(path.with_name(path.name + ".sha256"), (sha256_bytes(data) + "\n").encode())
-        return checkpoint_id
+        atomic_write_bytes(self.checksum_path(checkpoint), (sha256_bytes(data) + "\n").encode())
+        return checkpoint
 
-    def read_checkpoint_bytes(self, checkpoint_id: str) -> bytes:
-        """The checkpoint's bytes, after checking them against the ``.sha256`` file."""
-        path = self.path(checkpoint_id)
-        checksum_path = path.with_name(path.name + ".sha256")
+    def read_checkpoint_bytes(self, checkpoint: str) -> bytes:
+        """The checkpoint's bytes, after checking them against its ``.sha256`` file (the one rule)."""
         try:
-            data = path.read_bytes()
+            data = self.path(checkpoint).read_bytes()
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {checkpoint_id} not found in {self.root}") from None
+            raise CheckpointError(f"checkpoint {checkpoint} not found in {self.root}") from None
         try:
-            expected = checksum_path.read_text().strip()
+            words = self.checksum_path(checkpoint).read_text(encoding="utf-8").split()
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {checkpoint_id} has no .sha256 file (incomplete write)") from None
+            raise CheckpointError(f"checkpoint {checkpoint} has no .sha256 file (incomplete write)") from None
+        expected = words[0] if words else ""  # also accepts `sha256sum` output: "<hash>  <name>"
         actual = sha256_bytes(data)
         if actual != expected:
             raise CheckpointError(
-                f"checkpoint {checkpoint_id} is corrupt: SHA-256 {actual[:12]}... does not match {expected[:12]}..."
+                f"checkpoint {checkpoint} is corrupt: SHA-256 {actual[:12]}... does not match {expected[:12]}..."
             )
         return data
 
-    def verify_checkpoint(self, checkpoint_id: str) -> bool:
+    def verify_checkpoint(self, checkpoint: str) -> bool:
         try:
-            self.read_checkpoint_bytes(checkpoint_id)
+            self.read_checkpoint_bytes(checkpoint)
         except CheckpointError:
             return False
         return True
 
-    def load_checkpoint(self, checkpoint_id: str, map_location: Any = "cpu") -> dict:
+    def load_checkpoint(self, checkpoint: str, map_location: Any = "cpu") -> dict:
         import torch
 
-        data = self.read_checkpoint_bytes(checkpoint_id)
+        data = self.read_checkpoint_bytes(checkpoint)
         # Our own files: they hold numpy RNG states and plain Python objects besides tensors.
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
 
@@ -387,20 +354,44 @@ class RunStore:
         if not directory.is_dir():
             return []
         steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
-        return [self.checkpoint_id(member, s) for s in steps]
+        return [checkpoint_id(member, s) for s in steps]
+
+    def newest_verified_checkpoint(self, member: int, *, at_most_env_steps: int | None = None,
+                                   exclude: Collection[str] = (), skip_corrupt: bool = False) -> str | None:
+        """The member's newest checkpoint whose ``.sha256`` matches: what eval loads and what resume
+        falls back to. One without its ``.sha256`` is an interrupted write and is passed over; one
+        whose checksum does not match raises :class:`CheckpointError`, unless ``skip_corrupt`` (resume,
+        which records the damage as an event). None if no checkpoint qualifies."""
+        for checkpoint in reversed(self.list_checkpoints(member)):
+            if checkpoint in exclude or (at_most_env_steps is not None
+                                         and checkpoint_env_steps(checkpoint) > at_most_env_steps):
+                continue
+            if not self.checksum_path(checkpoint).is_file():
+                continue
+            try:
+                self.read_checkpoint_bytes(checkpoint)
+            except CheckpointError:
+                if skip_corrupt:
+                    continue
+                raise
+            return checkpoint
+        return None
 
     def prune_checkpoints(self, member: int, keep: int, pinned: set[str]) -> list[str]:
         """Delete all but the newest ``keep`` checkpoints of a member, never a pinned one."""
         ids = self.list_checkpoints(member)
         removed = []
-        for checkpoint_id in ids[: max(0, len(ids) - keep)]:
-            if checkpoint_id in pinned:
+        for checkpoint in ids[: max(0, len(ids) - keep)]:
+            if checkpoint in pinned:
                 continue
-            path = self.path(checkpoint_id)
-            for victim in (path.with_name(path.name + ".sha256"), path):
+            for victim in (self.checksum_path(checkpoint), self.path(checkpoint)):
                 try:
                     victim.unlink()
                 except FileNotFoundError:
                     pass
-            removed.append(checkpoint_id)
+            removed.append(checkpoint)
         return removed
+
+
+def _rows(path: Path, row_type: type) -> list:
+    return [row_type.from_dict(raw, where=f"{path}: row {number}") for number, raw in enumerate(read_jsonl(path), start=1)]
