@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pbt_rl.config import ConfigError, abbreviate
+from pbt_rl.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -133,16 +133,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _existing_run_dir(path: str) -> Path:
-    run_dir = Path(path)
-    try:
-        found, is_run = run_dir.is_dir(), (run_dir / "config.yaml").is_file()
-    except OSError as exc:  # e.g. a path longer than the OS allows
-        raise ConfigError(f"run directory {abbreviate(path)}: {exc.strerror or exc}") from None
-    if not found:
-        raise ConfigError(f"run directory not found: {run_dir}")
-    if not is_run:
-        raise ConfigError(f"{run_dir} is not a pbt-rl run directory (no config.yaml)")
-    return run_dir
+    from pbt_rl.runtime.store import RunStore
+
+    RunStore(path).require_run()
+    return Path(path)
 
 
 def _member_arg(text: str) -> str | int:

@@ -30,7 +30,7 @@ import torch
 
 from pbt_rl.config import dump_yaml, from_dict, tunable_agent_fields
 from pbt_rl.runtime.backend import LocalProcessBackend
-from pbt_rl.runtime.run_lock import LOCK_NAME
+from pbt_rl.runtime.run_format import LOCK_FILE
 from pbt_rl.runtime.store import read_jsonl
 
 FAKE = "runtime_support:make_fake_learner"
@@ -181,7 +181,7 @@ def check_lineage_consistent(run_dir: Path, population: int) -> list[dict]:
 
 def run_files(run_dir: Path) -> dict[Path, bytes]:
     """Every file of a run directory and its bytes, but the lock (whose content names its holder)."""
-    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
 
 def check_metrics_grow(run_dir: Path, population: int) -> None:

@@ -39,7 +39,7 @@ from pbt_rl.runtime.records import MemberRecord, parse_state, STATE_FORMAT
 from pbt_rl.runtime.recovery import apply_lineage_row, reconcile
 from pbt_rl.runtime.loggers import Loggers
 from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
-from pbt_rl.runtime.store import RunDirError, RunStore, json_bytes, read_jsonl
+from pbt_rl.runtime.store import RunDirError, RunStore
 from pbt_rl.runtime.summary import build_summary
 from pbt_rl.runtime.watchdog import SilenceWatch
 from pbt_rl.scheduler import Continue, Exploit, Scheduler
@@ -113,8 +113,7 @@ class Controller:
 
     def initial_files(self) -> dict[str, bytes]:
         """What a fresh run directory holds before any member starts (RunStore.create writes it whole)."""
-        return {"config.yaml": dump_yaml(self.config).encode(), "population.json": json_bytes(self.population_info),
-                "state.json": json_bytes(self._state())}
+        return self.store.initial_files(dump_yaml(self.config), self.population_info, self._state())
 
     def _load_state(self, state: Any) -> None:
         """Parse and check everything first (RunDirError, nothing written), then reconcile."""
@@ -445,7 +444,7 @@ class Controller:
         for member_id, handle in list(self.handles.items()):
             handle.send(protocol.Stop())
         self._save_state()
-        summary = build_summary(self.records, self._fitness, len(read_jsonl(self.store.lineage_path)),
+        summary = build_summary(self.records, self._fitness, len(self.store.read_lineage()),
                                 self.wall_seconds())
         self.store.write_json(self.store.summary_path, summary)
         self.console.print_table(self.wall_seconds(), self._table(), final=True)

@@ -84,9 +84,8 @@ def reconcile(store: RunStore, records: dict[int, MemberRecord], pending: dict[i
 
 
 def _newest_good(store: RunStore, member_id: int, at_most_steps: int, skip: str | None) -> str | None:
-    older = [c for c in store.list_checkpoints(member_id)
-             if c != skip and RunStore.checkpoint_env_steps(c) <= at_most_steps]
-    return next((c for c in reversed(older) if store.verify_checkpoint(c)), None)
+    return store.newest_verified_checkpoint(member_id, at_most_env_steps=at_most_steps,
+                                            exclude={skip} if skip else (), skip_corrupt=True)
 
 
 def _verify_final_checkpoint(store: RunStore, record: MemberRecord, event: Event) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
-from pbt_rl.config import ExperimentConfig, load_config
+from pbt_rl.config import ExperimentConfig
 from pbt_rl.runtime.backend import Backend
 from pbt_rl.runtime.controller import Controller
 from pbt_rl.runtime.loggers import default_loggers
@@ -50,11 +50,8 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
     and the logs are checked whole before anything in the directory changes.
     """
     store = RunStore(run_dir)
-    if not store.root.is_dir():
-        raise RunDirError(f"run directory not found: {store.root}")
-    if not store.config_path.is_file():
-        raise RunDirError(f"{store.root} is not a pbt-rl run directory (no config.yaml)")
-    config = load_config(store.config_path)
+    store.require_run()
+    config = store.read_config()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
     check_devices(config)
     store.acquire("resume")

@@ -36,6 +36,7 @@ CHECKSUM_SUFFIX = ".sha256"
 REPORT_DIR = "report"
 WANDB_DIR = "wandb"  # W&B creates it itself under the directory it is given
 REPLAY_DIR_PREFIX = "replay-"  # replay-<member>/
+LOCK_FILE = ".lock"  # flock'ed by the one writer of the run (run_lock.py)
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{12})\.pt$")
 

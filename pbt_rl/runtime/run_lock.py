@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pbt_rl.runtime.store import RunDirError
+from pbt_rl.runtime.run_format import LOCK_FILE, RunDirError
 
-LOCK_NAME = ".lock"
 
 
 def _describe_holder(path: Path) -> str:
@@ -39,7 +38,7 @@ class RunLock:
     """An exclusive, process-lifetime lock on one run directory (see the module docstring)."""
 
     def __init__(self, root: Path, command: str):
-        self.path = Path(root) / LOCK_NAME
+        self.path = Path(root) / LOCK_FILE
         self.command = command
         self._fd: int | None = None
 
@@ -90,7 +89,7 @@ class RunLock:
 
 def is_locked(root: Path) -> bool:
     """True when some live process holds ``root``'s lock (used to tell stale leftovers apart)."""
-    path = Path(root) / LOCK_NAME
+    path = Path(root) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -106,5 +105,5 @@ def is_locked(root: Path) -> bool:
 
 def in_use_error(root: Path) -> RunDirError:
     """The one line for a run directory another live process holds."""
-    return RunDirError(f"run directory {root} is in use by {_describe_holder(Path(root) / LOCK_NAME)}; "
+    return RunDirError(f"run directory {root} is in use by {_describe_holder(Path(root) / LOCK_FILE)}; "
                        "wait for it to end or stop it first")
