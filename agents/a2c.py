@@ -2,7 +2,7 @@
 
 One update per unroll: step all ``num_envs`` envs ``T = unroll_length`` times with the current
 policy, then learn from the ``[T, num_envs]`` batch (one gradient step, or PPO-style epochs of
-minibatch steps: :meth:`~pbt_rl.agents.base.Learner._update`) with λ-return targets
+minibatch steps: ``Learner._update`` in :mod:`pbt_rl.agents.base`) with λ-return targets
 (``td_lambda = 1`` gives the n-step returns of the paper). Terminations stop the return,
 truncations bootstrap from the value of the cut episode's last observation, and auto-reset
 steps are left out of the loss (see :mod:`pbt_rl.agents.returns`).
@@ -22,9 +22,11 @@ import time
 import numpy as np
 from torch import Tensor
 
-from pbt_rl.agents.base import CallStats, Learner, TrainReport, Unroll
+from pbt_rl.agents.base import Learner
 from pbt_rl.agents.returns import lambda_returns
-from pbt_rl.config import ExperimentConfig
+from pbt_rl.agents.rollout import Unroll
+from pbt_rl.agents.train_report import CallStats, TrainReport
+from pbt_rl.config import AgentConfig, EnvConfig
 from pbt_rl.envs.factory import StepBatch
 
 
@@ -33,9 +35,9 @@ class A2CLearner(Learner):
 
     algo = "a2c"
 
-    def __init__(self, config: ExperimentConfig, seed: int, device: str | None = None,
+    def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
-        super().__init__(config, seed, device, num_threads, fixed_env_groups=True)
+        super().__init__(env, agent, seed, device, num_threads, fixed_env_groups=True)
         self._obs: np.ndarray | None = None  # [num_envs, ...] prepared observations to act on next
         self._unroll: Unroll | None = None  # reused rollout buffer, reallocated when T changes
         self._in_flight: list[object] = []  # sync env: the step results not yet "received"
@@ -107,6 +109,7 @@ class A2CLearner(Learner):
         size = env.batch_size
         groups = env.num_envs // size
         length = self.agent_cfg.unroll_length
+        model, updates = self.model, self.updates  # both fixed while collecting
         unroll = None
         for t in range(length + 1):
             for group in range(groups):
@@ -123,14 +126,14 @@ class A2CLearner(Learner):
                 if t == length:
                     continue
                 started = time.perf_counter()
-                actions, env_actions, log_probs = self._policy_step(self.model, self._obs[cols])
+                actions, env_actions, log_probs = self._policy_step(model, self._obs[cols])
                 stats.inference_seconds += time.perf_counter() - started
                 if unroll is None:
                     unroll = self._buffer(actions)
                 unroll.obs[t, cols] = self._obs[cols]
                 unroll.actions[t, cols] = actions
                 unroll.behaviour_log_probs[t, cols] = log_probs
-                unroll.policy_updates[t, cols] = self.updates
+                unroll.policy_updates[t, cols] = updates
                 self._send(group, env_actions, stats)
         unroll.obs[length] = self._obs
         return unroll

@@ -1,7 +1,7 @@
 """Throughput of one learner (``pbt-rl bench agent CONFIG``): env steps/s and learner samples/s.
 
 After a warm-up (a few updates: allocations, first-call overheads, CUDA kernel selection), the
-learner trains in short :meth:`~pbt_rl.agents.base.Learner.train` calls until ``seconds`` of wall
+learner trains in short ``Learner.train`` calls until ``seconds`` of wall
 time have passed. Reported rates:
 
 - ``env_steps_per_second``: env steps / wall seconds, the rate a PBT member trains at;
@@ -29,14 +29,17 @@ _WARMUP_UPDATES = 3
 def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = None) -> dict[str, Any]:
     """Measure one learner built from ``config`` (seed ``run.seed``) for ``seconds`` after a warm-up."""
     from pbt_rl.agents import make_learner
+    from pbt_rl.runtime.host import configure_process
 
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    agent, env = config.agent, config.env
+    agent, env, run = config.agent, config.env, config.run
     # The whole machine is this one learner's: env threads (env.num_threads or all cores), and
-    # on CPU as many torch threads.
-    learner = make_learner(config, seed=config.run.seed, device=device,
-                           num_threads=config.env.num_threads or os.cpu_count() or 1)
+    # on CPU as many torch threads (configure_process decides).
+    threads = env.num_threads or os.cpu_count() or 1
+    configure_process(device if device is not None else agent.device, num_threads=threads,
+                      torch_threads=run.torch_threads, gpu_wait=run.gpu_wait)
+    learner = make_learner(config, seed=run.seed, device=device, num_threads=threads)
     try:
         unrolls_per_update = agent.learner_batch_unrolls if agent.algo == "impala" else 1
         batch_envs = env.async_batch_size or env.num_envs

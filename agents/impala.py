@@ -13,6 +13,10 @@ Two threads per learner:
   gradient step (or, with ``num_epochs`` / ``num_minibatches``, several PPO-clipped ones, the
   targets recomputed for each), then publishes the new weights to the actor.
 
+Each thread has its own random stream: the actor samples actions only from the learner's acting
+generator (on the learner's device), the learner thread permutes minibatches only from the update
+generator (CPU), so neither thread's draws shift the other's (:mod:`pbt_rl.agents.state`).
+
 How unrolls are cut (synchronous and asynchronous envs alike). Every env id keeps its own
 trajectory: the observations it was acted on, and its completed steps (action, behaviour
 log-prob, reward, end flags, the update count of the acting weights). An env step of env ``e``
@@ -50,9 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pbt_rl.agents.base import CallStats, Learner, TrainReport, Unroll
+from pbt_rl.agents.base import Learner
+from pbt_rl.agents.rollout import Unroll
+from pbt_rl.agents.train_report import CallStats, TrainReport
 from pbt_rl.agents.vtrace import vtrace
-from pbt_rl.config import ExperimentConfig
+from pbt_rl.config import AgentConfig, EnvConfig
 
 _ACTOR_JOIN_SECONDS = 30.0
 
@@ -135,9 +141,9 @@ class ImpalaLearner(Learner):
 
     algo = "impala"
 
-    def __init__(self, config: ExperimentConfig, seed: int, device: str | None = None,
+    def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
-        super().__init__(config, seed, device, num_threads)
+        super().__init__(env, agent, seed, device, num_threads)
         self._cond = threading.Condition()
         # Everything below is guarded by self._cond.
         self._queue: collections.deque[Unroll] = collections.deque()
@@ -304,7 +310,7 @@ class ImpalaLearner(Learner):
                 self._cond.notify_all()
 
     def _actor_loop(self) -> None:
-        env = self.env
+        env, state = self.env, self.state
         trajectories = _EnvTrajectories(env.num_envs)
         version = self._policy_version
         loaded_count = -1
@@ -313,7 +319,7 @@ class ImpalaLearner(Learner):
         obs = None  # prepared observations of `batch`
         while True:
             with self._cond:
-                while not self._stop and (not self._actor_may_run or self.env_steps >= self._target_env_steps):
+                while not self._stop and (not self._actor_may_run or state.env_steps >= self._target_env_steps):
                     if not self._actor_idle:
                         self._actor_idle = True
                         self._cond.notify_all()
@@ -340,10 +346,10 @@ class ImpalaLearner(Learner):
             stepping = time.perf_counter()
             if env.is_async:
                 env.send(env_actions, batch.env_ids)
-                self._env_steps += batch.batch_size
+                state.env_steps += batch.batch_size
                 batch = env.recv()
             else:
-                self._env_steps += batch.batch_size
+                state.env_steps += batch.batch_size
                 batch = env.step(env_actions)
             stepped = time.perf_counter()
             obs = self._receive(trajectories, batch)

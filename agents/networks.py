@@ -168,8 +168,6 @@ class ActorCritic(nn.Module):
     ``D``) it is a diagonal Gaussian with a learnable state-independent ``log_std`` ``[D]``
     initialised to ``log_std_init``. Actions are ``int64 [N]`` (Discrete) or ``float32 [N, D]``
     (Box, unclipped; see the module docstring and :meth:`env_actions`).
-
-    :meth:`act` does not disable autograd; rollout code calls it under ``torch.no_grad()``.
     """
 
     def __init__(self, torso: nn.Module, action_space: gym.Space, log_std_init: float = 0.0) -> None:
@@ -219,37 +217,30 @@ class ActorCritic(nn.Module):
         entropy = distribution.entropy()
         return entropy.sum(-1) if self.is_continuous else entropy
 
-    def act(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample actions for a batch of observations.
-
-        Returns ``(action, log_prob [N], value [N])`` with ``action`` ``int64 [N]`` or
-        ``float32 [N, D]`` (unclipped). ``deterministic`` takes the mode (argmax / mean), for
-        evaluation and replay; the log-prob is then that of the mode.
-        """
-        dist_params, value = self(obs)
-        distribution = self.distribution(dist_params)
-        if deterministic:
-            action = dist_params.argmax(-1) if not self.is_continuous else dist_params
-        else:
-            action = distribution.sample()
-        return action, self._log_prob(distribution, action), value
-
-    def act_packed(self, obs: Tensor, deterministic: bool = False) -> Tensor:
-        """:meth:`act` for rollouts, built to need one device-to-host copy and no other sync.
+    def act_packed(self, obs: Tensor, deterministic: bool = False,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """Sample actions for a batch of observations ``[N, ...]``, with one device-to-host copy
+        needed and no other sync.
 
         Returns float64 ``[N, k + 1]`` rows ``(action..., log_prob)``: ``k = 1`` (the action index)
-        for Discrete, ``k = D`` (unclipped) for Box; float64 holds both exactly. The sampled
-        distributions are :meth:`act`'s (categorical by the Gumbel-max trick, Gaussian by
-        reparameterisation), but nothing is validated on the device: a check of the parameters
-        would cost a sync per call, and a categorical sampler that asserts on NaN
-        probabilities would kill the CUDA context. Non-finite parameters give non-finite
-        entries in the rows instead (the log-probability or the Gaussian action), for the caller
-        to check on the host.
+        for Discrete, ``k = D`` (unclipped) for Box; float64 holds both exactly. The actions follow
+        :meth:`distribution` (categorical by the Gumbel-max trick, Gaussian by reparameterisation),
+        with every random number drawn from ``generator`` (on the device of ``obs``; None = torch's
+        default generator). ``deterministic`` takes the mode (argmax / mean) and draws nothing, for
+        evaluation and replay; the log-prob is then that of the mode. Nothing is validated on the
+        device: a check of the parameters would cost a sync per call, and a categorical sampler
+        that asserts on NaN probabilities would kill the CUDA context. Non-finite parameters give
+        non-finite entries in the rows instead (the log-probability or the Gaussian action), for
+        the caller to check on the host. Autograd is not disabled here; rollouts call it under
+        ``torch.no_grad()``.
         """
         dist_params, _value = self(obs)
         if self.is_continuous:
             log_std = self.log_std.expand_as(dist_params)
-            noise = torch.zeros_like(dist_params) if deterministic else torch.randn_like(dist_params)
+            if deterministic:
+                noise = torch.zeros_like(dist_params)
+            else:  # randn_like's one kernel, drawing from the given generator
+                noise = torch.empty_like(dist_params).normal_(generator=generator)
             action = dist_params + torch.exp(log_std) * noise
             log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
             columns = action
@@ -258,7 +249,8 @@ class ActorCritic(nn.Module):
             if deterministic:
                 action = log_probs.argmax(-1)
             else:
-                uniform = torch.rand_like(log_probs).clamp_(min=torch.finfo(log_probs.dtype).tiny)
+                uniform = torch.empty_like(log_probs).uniform_(generator=generator)  # rand_like's kernel
+                uniform.clamp_(min=torch.finfo(log_probs.dtype).tiny)
                 action = (log_probs - torch.log(-torch.log(uniform))).argmax(-1)
             log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
             columns = action.unsqueeze(-1)

@@ -1,5 +1,5 @@
-"""Running mean and variance of a stream of batches (numpy, float64), for observation and
-return normalisation on the host before data goes to the device.
+"""Observation and return normalisation on the host, before data goes to the device: running mean
+and variance of a stream of batches (numpy, float64), and the reward scaler built on them.
 
 Batches are merged with the parallel-variance formula of Chan, Golub & LeVeque (1979): for
 statistics (mean_a, var_a, n_a) and a batch (mean_b, var_b, n_b), with δ = mean_b - mean_a and
@@ -13,8 +13,12 @@ which is exact (population variance of everything seen so far) and stable in flo
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+
+from pbt_rl.config import AgentConfig
 
 
 def _to_float64_array(value) -> np.ndarray:
@@ -89,3 +93,42 @@ class RunningMeanStd:
         if mean.shape != self.shape or var.shape != self.shape:
             raise ValueError(f"state has shape {mean.shape}/{var.shape}, this normaliser has {self.shape}")
         self.mean, self.var, self.count = mean, var, float(state["count"])
+
+
+def uses_observation_normalization(agent: AgentConfig, env_family: str) -> bool:
+    """'on', or 'auto' for MuJoCo envs (vector observations of very different scales)."""
+    return agent.normalize_observations == "on" or (agent.normalize_observations == "auto" and env_family == "mujoco")
+
+
+class RewardScaler:
+    """Divides rewards by a running standard deviation of each env's discounted return.
+
+    The discounted return ``R <- gamma * R + r`` is tracked per env id and restarted at the end
+    of every learning episode (terminated or truncated); auto-reset steps (reward 0) are not
+    counted. Only the scale changes, never the sign or the mean, so the optimal policy is the same.
+    """
+
+    def __init__(self, num_envs: int) -> None:
+        # Shape (1,) rather than (): RunningMeanStd's 0-d statistics decay to numpy scalars.
+        self.statistics = RunningMeanStd((1,))
+        self.discounted_returns = np.zeros(num_envs, dtype=np.float64)  # [num_envs]
+
+    def __call__(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                 is_first: np.ndarray, env_ids: np.ndarray, gamma: float) -> np.ndarray:
+        """Scaled rewards float32 ``[B]`` (clipped to +-10) for one batch; updates the statistics."""
+        counted = ~np.asarray(is_first, dtype=bool)
+        ids = np.asarray(env_ids, dtype=np.int64)[counted]
+        self.discounted_returns[ids] = gamma * self.discounted_returns[ids] + rewards[counted]
+        self.statistics.update(self.discounted_returns[ids, None])
+        ended = ids[(np.asarray(terminated) | np.asarray(truncated))[counted]]
+        self.discounted_returns[ended] = 0.0
+        return self.statistics.scale(rewards)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"statistics": self.statistics.state_dict(), "discounted_returns": torch.from_numpy(self.discounted_returns.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.statistics.load_state_dict(state["statistics"])
+        returns = torch.as_tensor(state["discounted_returns"]).cpu().numpy().astype(np.float64)
+        if returns.shape == self.discounted_returns.shape:
+            self.discounted_returns[:] = returns

@@ -6,6 +6,14 @@ import pytest
 
 from pbt_rl.agents import make_learner
 from pbt_rl.config import ExperimentConfig
+from pbt_rl.runtime.host import configure_process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_process():
+    """The test process hosts learners the way a member process does, with one core's share:
+    one torch intra-op thread (learners leave the process's settings alone)."""
+    configure_process("cpu", num_threads=1)
 
 
 @pytest.fixture

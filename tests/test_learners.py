@@ -3,39 +3,19 @@ state round trips, hyperparameter changes, divergence, reports and the IMPALA ac
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from learner_support import (assert_same_tensors, cartpole_unroll, make_config, parameters, record_updates,
+                             round_trip)
 from pbt_rl.agents import TrainingDiverged
-from pbt_rl.agents.base import Unroll
-from pbt_rl.config import AgentConfig, EnvConfig, ExperimentConfig, tunable_agent_fields
+from pbt_rl.agents.rollout import Unroll
+from pbt_rl.config import AgentConfig, tunable_agent_fields
 
 ALGOS = ["a2c", "impala"]
-
-
-def make_config(algo: str, env_id: str = "CartPole-v1", num_envs: int = 4, async_batch_size: int = 0,
-                **agent: object) -> ExperimentConfig:
-    return ExperimentConfig(
-        env=EnvConfig(id=env_id, num_envs=num_envs, async_batch_size=async_batch_size),
-        agent=AgentConfig(algo=algo, device="cpu", **agent),
-    )
-
-
-def record_updates(learner) -> list[Unroll]:
-    """Spy on the learner's gradient steps: the unroll batch of every update, in order."""
-    seen: list[Unroll] = []
-    original = learner._update
-
-    def update(unroll: Unroll):
-        seen.append(unroll)
-        return original(unroll)
-
-    learner._update = update
-    return seen
 
 
 def record_episodes(learner) -> list[float]:
@@ -52,16 +32,6 @@ def record_episodes(learner) -> list[float]:
 
         setattr(env, name, wrapped)
     return returns
-
-
-def parameters(learner) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -244,16 +214,49 @@ def test_optimizer_constants_change_in_place_without_losing_statistics(learners)
     learner = learners(make_config("a2c", rmsprop_momentum=0.0))
     learner.train(200)
     square_avg = {id(p): s["square_avg"].clone() for p, s in learner.optimizer.state.items()}
-    learner.set_hyperparameters({"rmsprop_momentum": 0.9, "rmsprop_alpha": 0.95, "optimizer_eps": 1e-4})
+    learner.set_hyperparameters({"rmsprop_momentum": 0.9, "rmsprop_alpha": 0.95, "optimizer_eps": 1e-4, "lr": 2e-3})
     group = learner.optimizer.param_groups[0]
-    assert (group["momentum"], group["alpha"], group["eps"]) == (0.9, 0.95, 1e-4)
+    assert (group["momentum"], group["alpha"], group["eps"], group["lr"]) == (0.9, 0.95, 1e-4, 2e-3)
     assert all(torch.equal(s["square_avg"], square_avg[id(p)]) for p, s in learner.optimizer.state.items())
-    learner.train(400)  # momentum buffers exist although the run started without momentum
+
+    # The next steps are RMSProp with momentum (Tieleman & Hinton 2012; Graves 2013) with the new
+    # constants, continuing the kept square averages, momentum buffers starting at zero:
+    # v <- a v + (1 - a) g^2,  b <- m b + g / (sqrt(v) + eps),  theta <- theta - lr b.
+    momentum = {id(p): torch.zeros_like(p) for p in learner.model.parameters()}
+    for seed in range(2):  # the second step carries the first one's momentum
+        before = {id(p): (p.detach().clone(), learner.optimizer.state[p]["square_avg"].clone())
+                  for p in learner.model.parameters()}
+        learner._update(cartpole_unroll(5, 4, seed))
+        for name, p in learner.model.named_parameters():
+            theta, v = before[id(p)]
+            v = 0.95 * v + 0.05 * p.grad**2
+            momentum[id(p)] = 0.9 * momentum[id(p)] + p.grad / (v.sqrt() + 1e-4)
+            torch.testing.assert_close(p.detach(), theta - 2e-3 * momentum[id(p)], rtol=1e-5, atol=1e-7, msg=name)
+            state = learner.optimizer.state[p]
+            torch.testing.assert_close(state["square_avg"], v, msg=name)
+            torch.testing.assert_close(state["momentum_buffer"], momentum[id(p)], msg=name)
+        assert any(b.abs().max() > 0 for b in momentum.values())
 
     adam = learners(make_config("a2c", optimizer="adam"))
+    adam.train(200)
+    moments = {id(p): (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), int(s["step"]))
+               for p, s in adam.optimizer.state.items()}
     adam.set_hyperparameters({"adam_beta1": 0.5, "adam_beta2": 0.9})
     assert adam.optimizer.param_groups[0]["betas"] == (0.5, 0.9)
-    adam.train(200)
+    # Adam (Kingma & Ba 2015) with the new betas, continuing the kept moments and step count t:
+    # m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
+    # theta <- theta - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+    before = {id(p): p.detach().clone() for p in adam.model.parameters()}
+    adam._update(cartpole_unroll(5, 4))
+    lr, eps = AgentConfig().lr, AgentConfig().optimizer_eps
+    for name, p in adam.model.named_parameters():
+        m, v, step = moments[id(p)]
+        t = step + 1
+        m = 0.5 * m + 0.5 * p.grad
+        v = 0.9 * v + 0.1 * p.grad**2
+        expected = before[id(p)] - lr * (m / (1 - 0.5**t)) / ((v / (1 - 0.9**t)).sqrt() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(adam.optimizer.state[p]["exp_avg"], m, msg=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,13 +303,6 @@ def test_nan_weights_raise_training_diverged_and_stay_as_they_were(learners):
 # ----------------------------------------------------------------------------------------
 
 
-def round_trip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("algo", ALGOS)
 def test_save_load_gives_the_same_next_actions(learners, algo):
     # Continuous actions (Pendulum) make "same actions" mean same weights, normaliser and RNG.
@@ -317,12 +313,13 @@ def test_save_load_gives_the_same_next_actions(learners, algo):
     saved.set_hyperparameters({"lr": 2e-3, "unroll_length": 6})
     state = round_trip(saved.state_dict())
     obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
-    expected = saved.act(obs)
+    expected = [saved.act(obs) for _ in range(3)]
 
     other = learners(config, seed=2)
     other.train(1500)
     other.load_state_dict(state)
-    assert np.array_equal(other.act(obs), expected)
+    for step, actions in enumerate(expected):  # the same future, draw after draw
+        np.testing.assert_array_equal(other.act(obs), actions, err_msg=f"draw {step}")
     assert other.env_steps == state["env_steps"] and other.updates == state["updates"]
     assert other.hyperparameters() == saved.hyperparameters()
     assert other.optimizer.param_groups[0]["lr"] == 2e-3
@@ -358,10 +355,121 @@ def test_exploit_load_keeps_own_counters(learners, algo):
     donor.train(1000)
     member = learners(make_config(algo), seed=2)
     member.train(300)
-    steps, updates = member.env_steps, member.updates
+    steps, updates, streams = member.env_steps, member.updates, member.state_dict()["rng"]
     member.load_state_dict(donor.state_dict(), resume=False)
     assert (member.env_steps, member.updates) == (steps, updates)
     assert_same_tensors(parameters(member), parameters(donor))
+    assert_same_streams(member.state_dict()["rng"], streams)  # its own random streams, not the donor's
+
+
+def assert_same_streams(a: dict, b: dict) -> None:
+    """Two learners' saved generator states (``state_dict()["rng"]``) are equal."""
+    assert a.keys() == b.keys() == {"acting", "update"}
+    for name in a:
+        assert a[name]["device"] == b[name]["device"], name
+        assert torch.equal(a[name]["state"], b[name]["state"]), name
+
+
+# ----------------------------------------------------------------------------------------
+# Random streams: a learner's own, and the process's untouched
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_building_a_second_learner_does_not_change_the_first_ones_future(learners, algo):
+    """Two learners of the same seed, built and used interleaved, act each as one learner alone."""
+    config = make_config(algo, "Pendulum-v1", num_envs=4, unroll_length=5)
+    obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    alone = learners(config, seed=1)
+    expected = [alone.act(obs) for _ in range(3)]
+
+    process_stream = torch.get_rng_state()
+    first = learners(config, seed=1)
+    first_actions = [first.act(obs)]
+    second = learners(config, seed=1)  # a learner that seeded the process would restart first's stream here
+    second_actions = [second.act(obs)]
+    first_actions.append(first.act(obs))
+    second_actions.append(second.act(obs))
+    first_actions.append(first.act(obs))
+    for step, actions in enumerate(expected[:2]):
+        np.testing.assert_array_equal(second_actions[step], actions, err_msg=f"second learner, draw {step}")
+    for step, actions in enumerate(expected):
+        np.testing.assert_array_equal(first_actions[step], actions, err_msg=f"first learner, draw {step}")
+    assert torch.equal(torch.get_rng_state(), process_stream)  # nobody drew from the process's generator
+
+
+def test_interleaved_a2c_training_equals_training_alone(learners):
+    config = make_config("a2c", num_envs=4, unroll_length=5)
+    alone = learners(config, seed=4)
+    alone.train(500)
+    alone.train(1000)
+
+    process_stream = torch.get_rng_state()
+    first = learners(config, seed=4)
+    first.train(500)
+    second = learners(config, seed=4)
+    second.train(700)
+    first.train(1000)
+    assert_same_tensors(parameters(first), parameters(alone))
+    assert torch.equal(torch.get_rng_state(), process_stream)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_acting_and_update_draw_from_separate_generators(learners, algo):
+    """Acting (IMPALA: the actor thread) draws only from the acting generator, minibatch
+    permutations (IMPALA: the learner thread) only from the update generator: more permutations
+    leave the acting stream where it was, and the update stream advances by exactly the
+    permutations of the update."""
+    num_envs, epochs, minibatches = 4, 2, 2
+    one_step = learners(make_config(algo, num_envs=num_envs), seed=5)
+    permuting = learners(make_config(algo, num_envs=num_envs, num_epochs=epochs, num_minibatches=minibatches,
+                                     ppo_clip=0.2), seed=5)
+    initial = permuting.state_dict()["rng"]
+    assert_same_streams(one_step.state_dict()["rng"], initial)  # same seed, same streams
+
+    one_step.train(1200)
+    report = permuting.train(1200)
+    after = permuting.state_dict()["rng"]
+    assert one_step.env_steps == permuting.env_steps
+    assert torch.equal(after["acting"]["state"], one_step.state_dict()["rng"]["acting"]["state"])
+    assert not torch.equal(after["acting"]["state"], initial["acting"]["state"])
+    assert torch.equal(one_step.state_dict()["rng"]["update"]["state"], initial["update"]["state"])  # no permutation
+
+    batches = report.updates // (epochs * minibatches)
+    assert batches > 0
+    expected = torch.Generator()
+    expected.set_state(initial["update"]["state"])
+    for _ in range(batches * epochs):
+        torch.randperm(num_envs, generator=expected)
+    assert torch.equal(after["update"]["state"], expected.get_state())
+
+
+def non_plain_values(value, where: str = "state") -> list[str]:
+    """Where a nested state holds anything but tensors and plain Python values (or non-str/int keys)."""
+    if isinstance(value, dict):
+        keys = [f"{where}: key {key!r}" for key in value if not isinstance(key, (str, int))]
+        return keys + [path for key, item in value.items() for path in non_plain_values(item, f"{where}/{key}")]
+    if isinstance(value, (list, tuple)):
+        return [path for i, item in enumerate(value) for path in non_plain_values(item, f"{where}/{i}")]
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return []
+    return [f"{where}: {type(value).__name__}"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_learner_state_loads_with_weights_only(learners, algo, optimizer):
+    config = make_config(algo, "Pendulum-v1", normalize_observations="on", normalize_returns=True,
+                         optimizer=optimizer, num_minibatches=2)
+    learner = learners(config, seed=1)
+    learner.train(400)
+    state = learner.state_dict()
+    assert non_plain_values(state) == []
+    loaded = round_trip(state)  # torch.load(..., weights_only=True)
+    other = learners(config, seed=2)
+    other.load_state_dict(loaded)
+    assert_same_tensors(parameters(other), parameters(learner))
+    assert_same_streams(other.state_dict()["rng"], state["rng"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -466,28 +574,42 @@ class _FakeDriver:
         return 0
 
 
+def use_driver(monkeypatch, driver) -> list[str]:
+    """Make ``driver`` the CUDA driver library; returns the list of times it was loaded."""
+    from pbt_rl.agents import device
+
+    loads: list[str] = []
+
+    def load():
+        loads.append("libcuda")
+        return driver
+
+    monkeypatch.setattr(device, "load_cuda_driver", load)
+    return loads
+
+
 @pytest.mark.parametrize("mode, flags", [("block", 0x04), ("yield", 0x02), ("spin", 0x01)])
-def test_set_gpu_wait_sets_the_primary_context_scheduling_flag(mode, flags):
-    from pbt_rl.agents.base import set_gpu_wait
+def test_set_gpu_wait_sets_the_primary_context_scheduling_flag(monkeypatch, mode, flags):
+    from pbt_rl.agents.device import set_gpu_wait
 
     driver = _FakeDriver()
-    assert set_gpu_wait(torch.device("cuda:1"), mode, loader=lambda name: driver)
+    use_driver(monkeypatch, driver)
+    assert set_gpu_wait(torch.device("cuda:1"), mode)
     assert driver.calls == [("init", 0), ("device", 1), ("flags", flags)]
 
 
-def test_set_gpu_wait_changes_nothing_without_a_usable_driver():
-    from pbt_rl.agents.base import set_gpu_wait
+def test_set_gpu_wait_changes_nothing_without_a_usable_driver(monkeypatch):
+    from pbt_rl.agents.device import set_gpu_wait
 
-    def missing(name):
-        raise OSError(name)
-
-    loaded = []
-    assert not set_gpu_wait(torch.device("cpu"), "block", loader=loaded.append)
-    assert not set_gpu_wait(torch.device("cuda"), "auto", loader=loaded.append)
-    assert loaded == []  # a CPU learner, or CUDA's own choice, never touches the driver
-    assert not set_gpu_wait(torch.device("cuda"), "block", loader=missing)
-    old_driver = _FakeDriver(with_v2=False)
-    assert not set_gpu_wait(torch.device("cuda"), "block", loader=lambda name: old_driver)
+    loads = use_driver(monkeypatch, _FakeDriver())
+    assert not set_gpu_wait(torch.device("cpu"), "block")
+    assert not set_gpu_wait(torch.device("cuda"), "auto")
+    assert loads == []  # a CPU learner, or CUDA's own choice, never touches the driver
+    use_driver(monkeypatch, None)  # no libcuda.so.1
+    assert not set_gpu_wait(torch.device("cuda"), "block")
+    use_driver(monkeypatch, _FakeDriver(with_v2=False))
+    assert not set_gpu_wait(torch.device("cuda"), "block")
     failing = _FakeDriver(init_status=100)  # CUDA_ERROR_NO_DEVICE
-    assert not set_gpu_wait(torch.device("cuda"), "block", loader=lambda name: failing)
+    use_driver(monkeypatch, failing)
+    assert not set_gpu_wait(torch.device("cuda"), "block")
     assert ("flags", 0x04) not in failing.calls

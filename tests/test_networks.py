@@ -60,17 +60,24 @@ def test_mlp_torso_shape_and_tanh_range():
     assert features.abs().max() <= 1.0
 
 
+def sample(model: ActorCritic, obs: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(actions, log_probs)`` from :meth:`ActorCritic.act_packed`'s rows (int64 / float32 actions)."""
+    with torch.no_grad():
+        packed = model.act_packed(obs, **kwargs)
+    actions = packed[:, :-1].float() if model.is_continuous else packed[:, 0].long()
+    return actions, packed[:, -1]
+
+
 def test_discrete_head_shapes_and_consistent_log_probs():
     model = ActorCritic(MLPTorso(5, (16,)), gym.spaces.Discrete(6))
     obs = torch.randn(9, 5)
     logits, value = model(obs)
     assert logits.shape == (9, 6) and value.shape == (9,)
-    action, log_prob, act_value = model.act(obs)
-    assert action.shape == (9,) and action.dtype == torch.int64
-    assert log_prob.shape == (9,)
+    action, log_prob = sample(model, obs)
+    assert action.shape == (9,) and log_prob.shape == (9,)
     eval_log_prob, entropy, eval_value = model.evaluate(obs, action)
-    torch.testing.assert_close(eval_log_prob, log_prob)
-    torch.testing.assert_close(eval_value, act_value)
+    torch.testing.assert_close(eval_log_prob.double(), log_prob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_value, value)
     assert entropy.shape == (9,)
     # policy head gain 0.01: the initial policy is close to uniform
     torch.testing.assert_close(entropy, torch.full((9,), math.log(6)), atol=1e-2, rtol=0)
@@ -83,22 +90,23 @@ def test_gaussian_head_log_std_init_shapes_and_log_probs():
     torch.testing.assert_close(model.log_std.detach(), torch.full((3,), -0.5))
     assert isinstance(model.log_std, nn.Parameter)
     obs = torch.randn(4, 5)
-    action, log_prob, value = model.act(obs)
-    assert action.shape == (4, 3) and log_prob.shape == (4,) and value.shape == (4,)
-    eval_log_prob, entropy, _ = model.evaluate(obs, action)
-    torch.testing.assert_close(eval_log_prob, log_prob)
+    action, log_prob = sample(model, obs)
+    assert action.shape == (4, 3) and log_prob.shape == (4,)
+    eval_log_prob, entropy, value = model.evaluate(obs, action)
+    assert value.shape == (4,)
+    torch.testing.assert_close(eval_log_prob.double(), log_prob, atol=1e-5, rtol=0)
     # entropy of a diagonal Gaussian summed over dims: D * (0.5 log(2πe) + log σ)
     expected_entropy = 3 * (0.5 * math.log(2 * math.pi * math.e) - 0.5)
     torch.testing.assert_close(entropy, torch.full((4,), expected_entropy))
     # the log-prob is of the unclipped sample
     mean, _ = model(obs)
     manual = torch.distributions.Normal(mean, math.exp(-0.5)).log_prob(action).sum(-1)
-    torch.testing.assert_close(log_prob, manual)
+    torch.testing.assert_close(log_prob.float(), manual.detach(), atol=1e-5, rtol=0)
 
 
 def test_gaussian_env_actions_are_clipped_to_bounds():
     model = ActorCritic(MLPTorso(5, (16,)), BOX_ACTIONS, log_std_init=2.0)  # σ ≈ 7.4: many out of bounds
-    action, _, _ = model.act(torch.randn(256, 5))
+    action, _ = sample(model, torch.randn(256, 5))
     env_actions = model.env_actions(action)
     assert env_actions.shape == (256, 3) and env_actions.dtype == np.float32
     assert (env_actions >= BOX_ACTIONS.low).all() and (env_actions <= BOX_ACTIONS.high).all()
@@ -107,11 +115,23 @@ def test_gaussian_env_actions_are_clipped_to_bounds():
     np.testing.assert_array_equal(env_actions[inside], action.numpy()[inside])
 
 
-def test_deterministic_act_takes_the_mode():
-    model = ActorCritic(MLPTorso(5, (16,)), BOX_ACTIONS)
-    obs = torch.randn(3, 5)
-    action, _, _ = model.act(obs, deterministic=True)
-    torch.testing.assert_close(action, model(obs)[0])
+@pytest.mark.parametrize("space", [gym.spaces.Discrete(4), BOX_ACTIONS], ids=["discrete", "box"])
+def test_sampling_draws_only_from_the_given_generator(space):
+    model = ActorCritic(MLPTorso(5, (16,)), space, log_std_init=-0.5)
+    obs = torch.randn(64, 5)
+    process_stream = torch.get_rng_state()
+    first, second = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    actions, log_probs = sample(model, obs, generator=first)
+    again, again_log_probs = sample(model, obs, generator=second)
+    assert torch.equal(actions, again) and torch.equal(log_probs, again_log_probs)
+    assert not torch.equal(sample(model, obs, generator=first)[0], actions)  # the generator moved on
+    assert torch.equal(torch.get_rng_state(), process_stream)  # the process's generator was not drawn from
+    state = first.get_state()
+    mode, _ = sample(model, obs, deterministic=True, generator=first)
+    assert torch.equal(first.get_state(), state)  # the mode draws nothing
+    logits_or_mean, _ = model(obs)
+    expected_mode = logits_or_mean.argmax(-1) if not model.is_continuous else logits_or_mean.detach()
+    torch.testing.assert_close(mode, expected_mode)
 
 
 def test_packed_discrete_sampling_follows_the_softmax_and_reports_its_log_probs():

@@ -1,60 +1,26 @@
 """Multi-epoch, minibatched, PPO-clipped updates (agent.num_epochs, num_minibatches, ppo_clip,
 normalize_advantages): the clipped surrogate against the PPO paper's definition, the defaults
-against the classic single A2C / IMPALA step, minibatch bookkeeping, the unweighted V-trace
-advantage of APPO. The CartPole learning check with these updates is in tests/test_learning.py."""
+against a naive per-step computation of the classic single A2C / IMPALA step, minibatch
+bookkeeping, the unweighted V-trace advantage of APPO against the naive V-trace. The CartPole learning check with these updates is in tests/test_learning.py."""
 
 from __future__ import annotations
 
-import io
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from learner_support import assert_same_tensors, cartpole_unroll, make_config, parameters, round_trip
 from pbt_rl.agents import TrainingDiverged
-from pbt_rl.agents.base import Unroll, actor_critic_loss, masked_mean, normalized_advantages
+from pbt_rl.agents.losses import actor_critic_loss, masked_mean, normalized_advantages
+from pbt_rl.agents.rollout import Unroll
 from pbt_rl.agents.vtrace import vtrace
 from pbt_rl.config import AgentConfig, ConfigError, from_dict
-from test_learners import make_config
-from test_vtrace import naive_vtrace, random_off_policy_unroll
+from references import naive_lambda_returns, naive_vtrace, random_off_policy_unroll
 
 ALGOS = ["a2c", "impala"]
-
-
-def cartpole_unroll(length: int, num_envs: int, seed: int = 0) -> Unroll:
-    """An off-policy CartPole-shaped unroll: random observations, behaviour probabilities in
-    [0.2, 0.8] (so ratios to a ~0.5 policy get clipped), a termination, a truncation and the
-    auto-reset steps after them."""
-    rng = np.random.default_rng(seed)
-    unroll = Unroll.empty(length, num_envs, (4,), np.float32, (), np.int64)
-    unroll.obs[:] = rng.normal(size=unroll.obs.shape)
-    unroll.actions[:] = rng.integers(0, 2, size=(length, num_envs))
-    unroll.behaviour_log_probs[:] = np.log(rng.uniform(0.2, 0.8, size=(length, num_envs)))
-    unroll.rewards[:] = rng.normal(size=(length, num_envs))
-    unroll.valid[:] = True
-    unroll.terminated[1, 0] = True
-    unroll.truncated[2, num_envs - 1] = True
-    unroll.valid[2, 0] = unroll.valid[3, num_envs - 1] = False
-    unroll.rewards[2, 0] = unroll.rewards[3, num_envs - 1] = 0.0
-    return unroll
-
-
-def parameters(learner) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
-
-
-def assert_same_parameters(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-
-
-def round_trip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,46 +109,90 @@ def test_normalized_advantages_have_mean_zero_and_std_one_over_valid_steps():
 # ----------------------------------------------------------------------------------------
 
 
-def classic_update(learner, unroll: Unroll) -> dict[str, float]:
-    """The single A2C / IMPALA gradient step as it was before epochs and minibatches existed."""
-    batch = learner._batch_tensors(unroll)
-    length, num_envs = unroll.length, unroll.num_envs
-    actions = torch.cat([batch["actions"], batch["actions"][-1:]], dim=0)
-    log_probs, entropy, values = learner.model.evaluate(batch["obs"].flatten(0, 1), actions.flatten(0, 1))
-    log_probs = log_probs.view(length + 1, num_envs)[:length]
-    entropy = entropy.view(length + 1, num_envs)[:length]
-    values = values.view(length + 1, num_envs)
-    bootstrap_value = values[length].detach()
-    values = values[:length]
-    advantages, value_targets = learner._targets(batch, log_probs, values, bootstrap_value)
-    mask = batch["valid"].float()
-    agent = learner.agent_cfg
-    policy_loss = -masked_mean(advantages.detach() * log_probs, mask)
-    value_loss = masked_mean((value_targets.detach() - values) ** 2, mask)
-    mean_entropy = masked_mean(entropy, mask)
-    total = policy_loss + agent.value_cost * value_loss - agent.entropy_cost * mean_entropy
-    grad_norm = learner._gradient_step(total)
-    learner.updates += 1
-    parts = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy, "total_loss": total}
-    return {**{name: value.item() for name, value in parts.items()}, "grad_norm": grad_norm.item()}
+class NaiveClassicStep:
+    """The classic A2C / IMPALA gradient step from the papers' definitions, one env step at a time.
+
+    Per step: ``log pi(a|x)``, ``H(pi(.|x))`` and ``V(x)`` from a copy of the network, one
+    observation at a time; targets ``G`` and advantages ``A`` (A2C: λ-returns, ``A = G - V``;
+    IMPALA: V-trace's ``v_s`` and ``min(ρ̄_pg, π/μ) (r + d q - V)``, ``π/μ = 1`` at auto-reset
+    steps) from the naive references; the loss
+    ``-mean(A log pi) + value_cost mean((G - V)^2) - entropy_cost mean(H)`` over the valid steps,
+    its gradient clipped to the global norm ``max_grad_norm``, and an RMSProp step
+    ``v <- a v + (1 - a) g^2, theta <- theta - lr g / (sqrt(v) + eps)``.
+    """
+
+    def __init__(self, learner) -> None:
+        self.model = copy.deepcopy(learner.model)
+        self.agent = learner.agent_cfg
+        self.algo = learner.algo
+        self.square_avg = [torch.zeros_like(p) for p in self.model.parameters()]
+
+    def step(self, weights: dict[str, torch.Tensor], unroll: Unroll) -> dict[str, float]:
+        """One step from ``weights`` (this reference keeps its own square averages)."""
+        self.model.load_state_dict(weights)
+        agent, (T, B) = self.agent, unroll.rewards.shape
+        log_pi, entropy, value = {}, {}, {}
+        for t in range(T + 1):
+            for b in range(B):
+                logits, v = self.model(torch.as_tensor(unroll.obs[t, b])[None])
+                value[t, b] = v[0]
+                if t < T:
+                    log_softmax = logits[0] - torch.logsumexp(logits[0], dim=0)
+                    log_pi[t, b] = log_softmax[int(unroll.actions[t, b])]
+                    entropy[t, b] = -(log_softmax.exp() * log_softmax).sum()
+        values = np.array([[value[t, b].item() for b in range(B)] for t in range(T)])
+        bootstrap = np.array([value[T, b].item() for b in range(B)])
+        discounts = agent.gamma * (1.0 - unroll.terminated)
+        if self.algo == "a2c":
+            targets = naive_lambda_returns(unroll.rewards, values, bootstrap, discounts, unroll.truncated,
+                                           agent.td_lambda)
+            advantages = targets - values
+        else:
+            log_rhos = [[log_pi[t, b].item() - float(unroll.behaviour_log_probs[t, b]) if unroll.valid[t, b] else 0.0
+                         for b in range(B)] for t in range(T)]
+            targets, advantages, _ = naive_vtrace(log_rhos, unroll.rewards, values, bootstrap, discounts,
+                                                  unroll.truncated, agent.vtrace_rho_clip, agent.vtrace_c_clip,
+                                                  agent.vtrace_pg_rho_clip, agent.td_lambda)
+        valid = [(t, b) for t in range(T) for b in range(B) if unroll.valid[t, b]]
+        policy_loss = -sum(float(advantages[i]) * log_pi[i] for i in valid) / len(valid)
+        value_loss = sum((float(targets[i]) - value[i]) ** 2 for i in valid) / len(valid)
+        mean_entropy = sum(entropy[i] for i in valid) / len(valid)
+        total = policy_loss + agent.value_cost * value_loss - agent.entropy_cost * mean_entropy
+
+        params = list(self.model.parameters())
+        grads = torch.autograd.grad(total, params)
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+        scale = min(1.0, agent.max_grad_norm / (norm + 1e-6))
+        with torch.no_grad():
+            for p, g, v in zip(params, grads, self.square_avg):
+                g = g * scale
+                v.mul_(agent.rmsprop_alpha).add_((1.0 - agent.rmsprop_alpha) * g**2)
+                p.sub_(agent.lr * g / (v.sqrt() + agent.optimizer_eps))
+        parts = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy, "total_loss": total}
+        return {**{name: float(part.detach()) for name, part in parts.items()}, "grad_norm": norm}
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_defaults_give_bit_identical_weights_to_the_classic_single_step(learners, algo):
+def test_defaults_are_the_classic_single_gradient_step(learners, algo):
     config = make_config(algo, num_envs=4)
     assert (config.agent.num_epochs, config.agent.num_minibatches, config.agent.ppo_clip) == (1, 1, 0.0)
-    assert not config.agent.normalize_advantages
-    new, classic = learners(config, seed=3), learners(config, seed=3)
-    unrolls = [cartpole_unroll(6, 4, seed) for seed in range(3)]
-    for unroll in unrolls:
-        rng_before = torch.get_rng_state()
-        stats = new._update(unroll)
-        assert torch.equal(torch.get_rng_state(), rng_before)  # no permutation was drawn
-        expected = classic_update(classic, unroll)
-        assert {name: stats[name] for name in expected} == expected
-        assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] > 0  # off-policy unroll
-    assert_same_parameters(parameters(new), parameters(classic))
-    assert new.updates == classic.updates == 3
+    assert not config.agent.normalize_advantages and config.agent.optimizer == "rmsprop"
+    learner = learners(config, seed=3)
+    reference = NaiveClassicStep(learner)
+    for seed in range(3):  # RMSProp's square averages carry over from step to step
+        unroll = cartpole_unroll(6, 4, seed)
+        before = parameters(learner)
+        update_stream = learner.state_dict()["rng"]["update"]["state"]
+        expected = reference.step(learner.model.state_dict(), unroll)
+        stats = learner._update(unroll)
+        assert learner.updates == seed + 1  # one gradient step per batch
+        assert torch.equal(learner.state_dict()["rng"]["update"]["state"], update_stream)  # no permutation drawn
+        for name, value in expected.items():
+            assert stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] > 0  # off-policy unroll, nothing clipped
+        for name, p in reference.model.named_parameters():
+            torch.testing.assert_close(parameters(learner)[name] - before[name], p.detach() - before[name],
+                                       rtol=1e-3, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -228,7 +238,7 @@ def test_more_minibatches_than_envs_takes_one_env_per_step(learners):
     assert widths == [1] * 6 and learner.updates == 6
 
 
-def test_minibatch_order_comes_from_the_saved_torch_rng(learners):
+def test_minibatch_order_comes_from_the_saved_update_generator(learners):
     config = make_config("impala", num_envs=4, num_epochs=2, num_minibatches=4, ppo_clip=0.1)
     unroll = cartpole_unroll(6, 4)
     reference = learners(config, seed=1)
@@ -239,7 +249,7 @@ def test_minibatch_order_comes_from_the_saved_torch_rng(learners):
     torch.manual_seed(12345)
     resumed.load_state_dict(state)
     resumed._update(unroll)
-    assert_same_parameters(parameters(resumed), parameters(reference))
+    assert_same_tensors(parameters(resumed), parameters(reference))
 
 
 def test_a_diverged_minibatch_step_is_not_applied_but_earlier_ones_are(learners):
@@ -263,7 +273,7 @@ def test_a_diverged_minibatch_step_is_not_applied_but_earlier_ones_are(learners)
     with pytest.raises(TrainingDiverged, match="non-finite loss"):
         learner._update(cartpole_unroll(6, 4))
     assert len(after_each_step) == 1 and learner.updates == 1
-    assert_same_parameters(parameters(learner), after_each_step[0])
+    assert_same_tensors(parameters(learner), after_each_step[0])
     assert any(not torch.equal(before[name], value) for name, value in after_each_step[0].items())
 
 
@@ -286,18 +296,8 @@ def test_unweighted_vtrace_advantage_matches_naive_reference(pg_rho_clip, lam):
     for seed in range(3):
         behaviour, target, rewards, values, bootstrap, discounts, cut = random_off_policy_unroll(7, 3, seed)
         out = vtrace(behaviour, target, rewards, values, bootstrap, discounts, cut, 1.0, 1.0, pg_rho_clip, lam)
-        vs, _ = naive_vtrace(target - behaviour, rewards, values, bootstrap, discounts, cut, 1.0, 1.0, pg_rho_clip, lam)
-        T, B = rewards.shape
-        expected = np.zeros((T, B))
-        for s in range(T):
-            for b in range(B):
-                if s == T - 1:
-                    q_next = float(bootstrap[b])
-                elif cut[s, b]:
-                    q_next = float(values[s + 1, b])
-                else:
-                    q_next = vs[s + 1, b]
-                expected[s, b] = float(rewards[s, b]) + float(discounts[s, b]) * q_next - float(values[s, b])
+        _, _, expected = naive_vtrace(target - behaviour, rewards, values, bootstrap, discounts, cut, 1.0, 1.0,
+                                      pg_rho_clip, lam)
         np.testing.assert_allclose(out.advantages.numpy(), expected, rtol=1e-10, atol=1e-10)
         pg_rhos = torch.clamp(torch.exp(target - behaviour), max=pg_rho_clip)
         torch.testing.assert_close(out.advantages, out.pg_advantages / pg_rhos, rtol=1e-12, atol=1e-12)
@@ -305,21 +305,24 @@ def test_unweighted_vtrace_advantage_matches_naive_reference(pg_rho_clip, lam):
 
 @pytest.mark.parametrize("ppo_clip", [0.0, 0.2])
 def test_impala_uses_the_unweighted_advantage_only_with_the_clip(learners, ppo_clip):
+    """IMPALA's targets are V-trace's (eq. 1 of the paper, naive reference) with π/μ = 1 at
+    auto-reset steps; the advantage is the weighted ``min(ρ̄_pg, π/μ) (r + d q - V)`` without the
+    PPO clip and the unweighted ``r + d q - V`` with it (APPO)."""
     learner = learners(make_config("impala", num_envs=3, ppo_clip=ppo_clip, vtrace_pg_rho_clip=0.8))
-    batch = learner._batch_tensors(cartpole_unroll(5, 3))
+    unroll = cartpole_unroll(5, 3)
+    batch = learner._batch_tensors(unroll)
     gen = torch.Generator().manual_seed(0)
     log_probs = torch.log(torch.rand(5, 3, generator=gen) * 0.9 + 0.05)
     values, bootstrap = torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen)
     advantages, value_targets = learner._targets(batch, log_probs, values, bootstrap)
 
-    valid = batch["valid"]
-    behaviour = torch.where(valid, batch["behaviour_log_probs"], log_probs)
-    discounts = 0.99 * (1.0 - batch["terminated"].float())
-    expected = vtrace(behaviour, log_probs, batch["rewards"], values, bootstrap, discounts, trace_cut=batch["truncated"],
-                      pg_rho_clip=0.8)
-    torch.testing.assert_close(value_targets, expected.vs)
-    torch.testing.assert_close(advantages, expected.advantages if ppo_clip > 0 else expected.pg_advantages)
-    assert not torch.allclose(expected.advantages, expected.pg_advantages)
+    log_rhos = np.where(unroll.valid, log_probs.numpy() - unroll.behaviour_log_probs, 0.0)
+    discounts = 0.99 * (1.0 - unroll.terminated)
+    vs, weighted, unweighted = naive_vtrace(log_rhos, unroll.rewards, values.numpy(), bootstrap.numpy(), discounts,
+                                            unroll.truncated, 1.0, 1.0, 0.8, 1.0)
+    np.testing.assert_allclose(value_targets.numpy(), vs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(advantages.numpy(), unweighted if ppo_clip > 0 else weighted, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(weighted, unweighted, rtol=1e-3)  # the two choices differ on this unroll
 
 
 # ----------------------------------------------------------------------------------------

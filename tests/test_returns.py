@@ -8,51 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbt_rl.agents.returns import gae, lambda_returns, n_step_returns, reverse_linear_scan
-
-
-def random_unroll(T: int, B: int, seed: int, gamma: float = 0.9, p_end: float = 0.2):
-    """Random [T, B] float64 unroll with terminations and truncations inside it."""
-    gen = torch.Generator().manual_seed(seed)
-    rewards = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    values = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    bootstrap = torch.randn(B, generator=gen, dtype=torch.float64)
-    terminated = torch.rand(T, B, generator=gen) < p_end
-    truncated = torch.rand(T, B, generator=gen) < p_end
-    discounts = gamma * (~terminated).double()
-    return rewards, values, bootstrap, discounts, truncated
-
-
-def naive_lambda_returns(rewards, values, bootstrap, discounts, cut, lam):
-    """Forward-view λ-return as an explicit weighted sum of n-step returns, per env.
-
-    G_t = sum_n w_n G_t^(n): within an episode segment that ends (termination, truncation or the
-    unroll end) at step e, G_t = (1-λ) sum_{n=1}^{e-t} λ^{n-1} G^(n)_t + λ^{e-t} G^(e-t+1)_t,
-    where G^(n)_t is the n-step return bootstrapped from V(x_{t+n}).
-    """
-    r, v, boot, d, c = (np.asarray(x, dtype=np.float64) for x in (rewards, values, bootstrap, discounts, cut))
-    T, B = r.shape
-    next_v = np.concatenate([v[1:], boot[None]], axis=0)
-    out = np.zeros((T, B))
-    for b in range(B):
-        for t in range(T):
-            # last step whose target may follow from t: the trace stops after a cut or at T-1;
-            # a termination needs no special case because its discount zeroes everything later.
-            end = t
-            while end < T - 1 and not c[end, b]:
-                end += 1
-
-            def n_step(n):  # return using steps t..t+n-1, bootstrapped from V(x_{t+n})
-                total, scale = 0.0, 1.0
-                for k in range(t, t + n):
-                    total += scale * r[k, b]
-                    scale *= d[k, b]
-                return total + scale * next_v[t + n - 1, b]
-
-            horizon = end - t + 1
-            total = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, horizon))
-            out[t, b] = total + lam ** (horizon - 1) * n_step(horizon)
-    return out
+from pbt_rl.agents.returns import lambda_returns, reverse_linear_scan
+from references import naive_gae, naive_lambda_returns, random_unroll
 
 
 def test_hand_computed_three_step_example():
@@ -63,7 +20,6 @@ def test_hand_computed_three_step_example():
     discounts = torch.full((3, 1), 0.5)
     returns = lambda_returns(rewards, values, bootstrap, discounts, torch.zeros(3, 1, dtype=torch.bool), 1.0)
     assert returns[:, 0].tolist() == [5.25, 4.5, 5.0]
-    assert torch.equal(n_step_returns(rewards, values, bootstrap, discounts), returns)
 
 
 def test_termination_zeroes_the_bootstrap_and_later_rewards():
@@ -122,11 +78,13 @@ def test_matches_forward_view_reference(T, B, lam):
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
-def test_gae_equals_lambda_returns_minus_values(lam):
-    rewards, values, bootstrap, discounts, cut = random_unroll(9, 5, seed=7)
-    advantages = gae(rewards, values, bootstrap, discounts, cut, lam)
-    returns = lambda_returns(rewards, values, bootstrap, discounts, cut, lam)
-    torch.testing.assert_close(advantages, returns - values, rtol=1e-12, atol=1e-12)
+def test_advantages_equal_generalised_advantage_estimates(lam):
+    """``lambda_returns - values`` is GAE (Schulman et al. 2016), the TD-error form of the same sum."""
+    for seed in range(3):
+        rewards, values, bootstrap, discounts, cut = random_unroll(9, 5, seed=7 + seed)
+        returns = lambda_returns(rewards, values, bootstrap, discounts, cut, lam)
+        expected = naive_gae(rewards, values, bootstrap, discounts, cut, lam)
+        np.testing.assert_allclose((returns - values).numpy(), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_no_gradient_flows_into_targets():

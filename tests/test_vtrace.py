@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from pbt_rl.agents.returns import lambda_returns
 from pbt_rl.agents.vtrace import VTraceReturns, from_importance_weights, vtrace
-
-
-def naive_vtrace(log_rhos, rewards, values, bootstrap, discounts, cut, rho_clip, c_clip, pg_rho_clip, lam):
-    """Eq. (1) of Espeholt et al. (2018) as an explicit double sum, python floats only.
-
-    v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} d_i c_i) δ_t with c_i = 0 at a cut step,
-    and the pg advantage ρ^pg_s (r_s + d_s q_{s+1} - V(x_s)).
-    """
-    log_rhos, rewards, values, discounts, cut = (np.asarray(x, dtype=np.float64) for x in (log_rhos, rewards, values, discounts, cut))
-    bootstrap = np.asarray(bootstrap, dtype=np.float64)
-    T, B = rewards.shape
-    vs = np.zeros((T, B))
-    pg = np.zeros((T, B))
-    for b in range(B):
-        def value(t):
-            return bootstrap[b] if t == T else values[t, b]
-
-        def rho(t):
-            return min(rho_clip, math.exp(log_rhos[t, b]))
-
-        def c(i):
-            return 0.0 if cut[i, b] else lam * min(c_clip, math.exp(log_rhos[i, b]))
-
-        def delta(t):
-            return rho(t) * (rewards[t, b] + discounts[t, b] * value(t + 1) - value(t))
-
-        for s in range(T):
-            total = value(s)
-            for t in range(s, T):
-                weight = 1.0
-                for i in range(s, t):
-                    weight *= discounts[i, b] * c(i)
-                total += weight * delta(t)
-            vs[s, b] = total
-        for s in range(T):
-            if s == T - 1:
-                q_next = bootstrap[b]
-            elif cut[s, b]:
-                q_next = values[s + 1, b]
-            else:
-                q_next = vs[s + 1, b]
-            pg_rho = min(pg_rho_clip, math.exp(log_rhos[s, b]))
-            pg[s, b] = pg_rho * (rewards[s, b] + discounts[s, b] * q_next - values[s, b])
-    return vs, pg
-
-
-def random_off_policy_unroll(T, B, seed, gamma=0.95, p_end=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    behaviour = torch.log(torch.rand(T, B, generator=gen, dtype=torch.float64) * 0.9 + 0.05)
-    target = torch.log(torch.rand(T, B, generator=gen, dtype=torch.float64) * 0.9 + 0.05)
-    rewards = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    values = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    bootstrap = torch.randn(B, generator=gen, dtype=torch.float64)
-    terminated = torch.rand(T, B, generator=gen) < p_end
-    truncated = torch.rand(T, B, generator=gen) < p_end
-    discounts = gamma * (~terminated).double()
-    return behaviour, target, rewards, values, bootstrap, discounts, truncated
+from references import naive_vtrace, random_off_policy_unroll
 
 
 @pytest.mark.parametrize("T,B", [(1, 1), (4, 2), (10, 3)])
@@ -79,9 +21,11 @@ def test_matches_naive_double_sum(T, B, rho_clip, c_clip, pg_rho_clip, lam):
         behaviour, target, rewards, values, bootstrap, discounts, cut = random_off_policy_unroll(T, B, seed)
         out = vtrace(behaviour, target, rewards, values, bootstrap, discounts, cut, rho_clip, c_clip, pg_rho_clip, lam)
         log_rhos = target - behaviour
-        vs, pg = naive_vtrace(log_rhos, rewards, values, bootstrap, discounts, cut, rho_clip, c_clip, pg_rho_clip, lam)
+        vs, pg, advantages = naive_vtrace(log_rhos, rewards, values, bootstrap, discounts, cut, rho_clip, c_clip,
+                                          pg_rho_clip, lam)
         np.testing.assert_allclose(out.vs.numpy(), vs, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(out.pg_advantages.numpy(), pg, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(out.advantages.numpy(), advantages, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out.log_rhos, log_rhos)
         torch.testing.assert_close(out.clipped_rhos, torch.clamp(torch.exp(log_rhos), max=rho_clip))
 
@@ -94,8 +38,8 @@ def test_random_clips_and_float32_inputs_match_reference():
         behaviour, target, rewards, values, bootstrap, discounts, cut = random_off_policy_unroll(7, 3, seed + 100)
         out = vtrace(*(x.float() for x in (behaviour, target, rewards, values, bootstrap, discounts)), cut,
                      float(rho_clip), float(c_clip), float(pg_rho_clip), lam)
-        vs, pg = naive_vtrace(target - behaviour, rewards, values, bootstrap, discounts, cut,
-                              rho_clip, c_clip, pg_rho_clip, lam)
+        vs, pg, _ = naive_vtrace(target - behaviour, rewards, values, bootstrap, discounts, cut,
+                                 rho_clip, c_clip, pg_rho_clip, lam)
         assert out.vs.dtype == torch.float32
         np.testing.assert_allclose(out.vs.numpy(), vs, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(out.pg_advantages.numpy(), pg, rtol=1e-4, atol=1e-4)

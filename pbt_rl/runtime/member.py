@@ -287,13 +287,15 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_fact
 
     # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if spec.device in (None, "cpu"):
-        import torch
-
-        torch.set_num_threads(1)  # env threads are the parallelism; N members share the cores
     learner = None
 
     try:
+        from pbt_rl.runtime.host import configure_process
+
+        # Process-wide settings (torch threads, CUDA flags, GPU wait) once, before the learner.
+        run = spec.config.run
+        configure_process(spec.device if spec.device is not None else spec.config.agent.device,
+                          num_threads=spec.num_threads, torch_threads=run.torch_threads, gpu_wait=run.gpu_wait)
         learner = load_factory(learner_factory)(spec.config, seed=spec.seed, device=spec.device,
                                                 num_threads=spec.num_threads)
         MemberWorker(spec, learner, connection.send, connection.recv).run()

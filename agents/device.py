@@ -1,0 +1,79 @@
+"""Devices and the CUDA driver: which device a learner runs on, how host arrays reach it, and how
+a process's threads wait for a GPU.
+
+Nothing here is called per learner to change the process: :func:`set_gpu_wait` is applied once
+per process by its host (:func:`pbt_rl.runtime.host.configure_process`), before any learner is built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pbt_rl.config import ConfigError
+
+
+def resolve_device(requested: str | torch.device | None) -> torch.device:
+    """``'auto'`` / None -> CUDA when available, else CPU; otherwise the named device."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"agent.device: {str(requested)!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array as a tensor on ``device``, keeping its dtype (uint8 frames stay uint8).
+
+    For CUDA the copy goes through pinned memory and does not block the host.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+_CU_CTX_SCHED = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}
+"""CUDA driver context flags CU_CTX_SCHED_AUTO, _SPIN, _YIELD and _BLOCKING_SYNC."""
+
+
+def load_cuda_driver() -> Any | None:
+    """The CUDA driver library (``libcuda.so.1`` through ctypes), or None when it cannot be loaded."""
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def set_gpu_wait(device: torch.device, mode: str) -> bool:
+    """How this process's threads wait for ``device`` (``run.gpu_wait``); True if it was set.
+
+    CUDA's default (``'auto'``) spins while a process has fewer contexts than the machine has
+    cores, so every synchronising copy of a member busy-waits, on a core that env threads could
+    use, for as long as the GPU is busy with the other members' work. ``'block'`` makes a
+    waiting thread sleep until the GPU signals, ``'yield'`` spin but yield the core to other
+    runnable threads. The flag is the primary context's CU_CTX_SCHED_* flag, set through the
+    driver API (``cuDevicePrimaryCtxSetFlags_v2``, which also applies to an already active
+    context) of the library :func:`load_cuda_driver` returns. ``'auto'`` and CPU devices change
+    nothing and return False, as does a missing driver library or call.
+
+    Measured on the H100 machine (README, Performance): for Pong A2C, 'block' lowered the
+    population's rate (0.76 of raw envpool, against 0.82 spinning in the same lease): the
+    wake-up latency on busy cores cost more than the freed core time.
+    """
+    if device.type != "cuda" or mode == "auto":
+        return False
+    driver = load_cuda_driver()
+    set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None)
+    if set_flags is None:
+        return False
+    handle = ctypes.c_int()
+    ordinal = device.index if device.index is not None else 0
+    if driver.cuInit(0) != 0 or driver.cuDeviceGet(ctypes.byref(handle), ordinal) != 0:
+        return False
+    return set_flags(handle, ctypes.c_uint(_CU_CTX_SCHED[mode])) == 0

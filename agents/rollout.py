@@ -1,0 +1,64 @@
+"""Rollout storage: :class:`Unroll`, ``T`` consecutive env steps of ``B`` envs as host arrays.
+
+A2C fills one reused unroll in place per update; IMPALA's actor cuts one from each env's
+trajectory and the learner concatenates several side by side. Arrays stay on the host (numpy)
+until the update copies them to the device in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Unroll:
+    """``T`` consecutive env steps of ``B`` envs, as host (numpy) arrays.
+
+    ``obs[t]`` is the (normalised) observation action ``actions[t]`` was chosen on; ``obs[T]``
+    is the bootstrap observation after the last step. ``valid[t]`` is False for auto-reset
+    steps (their action was ignored); those are left out of every loss term.
+    """
+
+    obs: np.ndarray  # [T + 1, B, *obs_shape] uint8 or float32
+    actions: np.ndarray  # [T, B, *action_shape] as sampled (before clipping to the bounds)
+    behaviour_log_probs: np.ndarray  # [T, B] float32 log mu(a_t | x_t) of the acting policy
+    rewards: np.ndarray  # [T, B] float32 reward to learn from (scaled when normalize_returns)
+    terminated: np.ndarray  # [T, B] bool
+    truncated: np.ndarray  # [T, B] bool
+    valid: np.ndarray  # [T, B] bool, not is_first
+    policy_updates: np.ndarray  # [T, B] int64 learner update count of the weights that acted
+    policy_version: int = 0  # IMPALA: experience from an older version is dropped
+
+    @property
+    def length(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_envs(self) -> int:
+        return int(self.rewards.shape[1])
+
+    @classmethod
+    def empty(cls, length: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
+              action_shape: tuple[int, ...], action_dtype: np.dtype) -> "Unroll":
+        return cls(
+            obs=np.zeros((length + 1, num_envs, *obs_shape), dtype=obs_dtype),
+            actions=np.zeros((length, num_envs, *action_shape), dtype=action_dtype),
+            behaviour_log_probs=np.zeros((length, num_envs), dtype=np.float32),
+            rewards=np.zeros((length, num_envs), dtype=np.float32),
+            terminated=np.zeros((length, num_envs), dtype=bool),
+            truncated=np.zeros((length, num_envs), dtype=bool),
+            valid=np.zeros((length, num_envs), dtype=bool),
+            policy_updates=np.zeros((length, num_envs), dtype=np.int64),
+        )
+
+    @classmethod
+    def concatenate(cls, unrolls: list["Unroll"]) -> "Unroll":
+        """Unrolls of equal length side by side: ``[T, B1 + B2 + ...]``."""
+        if len(unrolls) == 1:
+            return unrolls[0]
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "policy_version"]
+        return cls(**{name: np.concatenate([getattr(u, name) for u in unrolls], axis=1) for name in names},
+                   policy_version=min(u.policy_version for u in unrolls))
