@@ -7,26 +7,12 @@ may not hold is refused here with the same message.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from pbt_rl.config import AgentConfig, tunable_agent_fields
-
-_AGENT_FIELD_METADATA = {f.name: f.metadata for f in dataclasses.fields(AgentConfig)}
-
-
-def check_agent_value(name: str, value: int | float) -> None:
-    """Raise :class:`~pbt_rl.config.ConfigError` (a ValueError) naming ``agent.<name>`` when
-    ``value`` is outside the range the config allows for that field."""
-    # TODO(config): call pbt_rl.config.check_agent_value(name, value) once the config module
-    # offers it; until then its private rule is called here, so that the rule stays in one place.
-    from pbt_rl.config import _check_range
-
-    _check_range(value, _AGENT_FIELD_METADATA[name], f"agent.{name}")
-
+from pbt_rl.config import check_agent_value, tunable_agent_fields
 
 def coerce_hyperparameters(values: dict[str, Any]) -> dict[str, int | float]:
     """New hyperparameter values as the agent config's types, after checking names, types and ranges.

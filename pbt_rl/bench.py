@@ -93,6 +93,7 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     pool.close()
     return {
         "env_steps_per_second": steps / elapsed,
+        "env_steps": steps,
         "total_envs": total_envs,
         "batch_size": batch_size,
         "threads": min(threads, batch_size),

@@ -296,6 +296,12 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; must be < {meta['lt']}")
 
 
+def check_agent_value(name: str, value: int | float) -> None:
+    """The config's range rule for one agent field (what a learner checks a new PBT value with)."""
+    field_ = next(f for f in dataclasses.fields(AgentConfig) if f.name == name)
+    _check_range(value, field_.metadata, f"agent.{name}")
+
+
 def _close_matches(word: str, options: list[str]) -> str:
     import difflib
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from pbt_rl.config import ConfigError, ExperimentConfig, abbreviate
 from pbt_rl.lineage import resolve_member
+from pbt_rl.runtime.host import configure_process
 from pbt_rl.runtime.store import CheckpointError, RunStore, load_run
 
 MAX_VIDEO_FRAMES = 5_000
@@ -133,7 +134,6 @@ def evaluate(
         raise ConfigError(f"seed: must be from 0 to 2**64 - 1, got {seed}")
     if video is not None:
         check_video_path(Path(video))
-    import torch
 
     run = load_run(run_dir)
     store = RunStore(run.root)
@@ -143,10 +143,12 @@ def evaluate(
 
     config = _eval_config(run.config)
     factory = learner_factory or _default_factory()
+    configure_process("cpu", num_threads=1, torch_threads=config.run.torch_threads, gpu_wait=config.run.gpu_wait)
     learner = factory(config, seed, device="cpu", num_threads=1)
     try:
-        learner.load_state_dict(payload["learner"])
-        torch.manual_seed(seed)  # only used when sampling; after loading, which restores RNG states
+        # resume=False: the checkpoint's weights and normalisers, but the learner's own random
+        # streams, seeded from ``seed`` (they decide sampled actions).
+        learner.load_state_dict(payload["learner"], resume=False)
 
         def policy(obs: np.ndarray) -> np.ndarray:
             return learner.act(obs, deterministic=deterministic)

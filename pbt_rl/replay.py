@@ -30,6 +30,7 @@ from typing import Any, Callable
 from pbt_rl.lineage import final_fitness, member_env_steps, resolve_member, schedule_of
 from pbt_rl.runtime.file_io import atomic_write_json, rewrite_jsonl
 from pbt_rl.runtime.run_format import RunSnapshot
+from pbt_rl.runtime.host import configure_process
 from pbt_rl.runtime.store import RunStore, load_run
 
 CHUNKS_PER_RUN = 50  # training chunks per replay: the resolution of the returns curve
@@ -106,6 +107,8 @@ def _replay(run: RunSnapshot, member_id: int, schedule: list, seed: int, out: Pa
     followed: list[dict] = []
     chunk = max(1, budget // CHUNKS_PER_RUN)
     started = time.perf_counter()
+    configure_process(device if device is not None else config.agent.device, num_threads=0,
+                      torch_threads=config.run.torch_threads, gpu_wait=config.run.gpu_wait)
     learner = factory(config, seed, device=device, num_threads=0)
     try:
         points = [(step, values) for step, values in schedule if step < budget] or schedule[:1]

@@ -6,7 +6,7 @@ inherit it.
 
 Fault injection through the environment (inherited by member processes):
 ``PBT_RL_TEST_CRASH=member:env_steps:marker[:diverge]`` makes that member raise once (the marker
-file records that it did); ``PBT_RL_TEST_STOP=member:env_steps:marker`` makes that member stop
+file records that it did); ``PBT_RL_TEST_KILL=member:env_steps:marker`` makes it die by SIGKILL once; ``PBT_RL_TEST_STOP=member:env_steps:marker`` makes that member stop
 its own process with SIGSTOP once (alive, silent, pipe open: a hang); ``PBT_RL_TEST_BROKEN=ids``
 makes the listed members (comma-separated seeds) fail as soon as they are built, every time;
 ``PBT_RL_TEST_SLEEP`` slows each call (seconds), ``PBT_RL_TEST_SLOW=member:seconds`` one member's
@@ -84,6 +84,12 @@ class FakeLearner:
         return FakeReport(self.env_steps, returns, [200] * len(returns), {"total_loss": 0.5}, updates, 1e5)
 
     def _maybe_crash(self):
+        kill = os.environ.get("PBT_RL_TEST_KILL")
+        if kill:
+            member, steps, marker = kill.split(":")
+            if self.seed == int(member) and self.env_steps >= int(steps) and not Path(marker).exists():
+                Path(marker).write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
         stop = os.environ.get("PBT_RL_TEST_STOP")
         if stop:
             member, steps, marker = stop.split(":")

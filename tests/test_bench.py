@@ -82,4 +82,8 @@ def test_raw_envpool_counts_env_steps_at_the_population_size():
     })
     result = bench_raw_envpool(config, seconds=0.2, warmup_seconds=0.05)
     assert result["total_envs"] == 8 and result["batch_size"] == 4 and result["mode"] == "async"
-    assert result["env_steps_per_second"] > 0
+    assert result["threads"] == 2
+    # Whole batches of the population's batch size, counted over the measured window only.
+    steps = result["env_steps"]
+    assert steps >= 4 and steps % 4 == 0 and result["seconds"] >= 0.2
+    assert result["env_steps_per_second"] == pytest.approx(steps / result["seconds"])

@@ -15,7 +15,7 @@ def threads_per_member(population_size: int, total_threads: int = 0, env_threads
     threads (``run.total_threads`` or the core count) divided among members, at least 1.
 
     Members never ask for more threads than their share, so N members do not oversubscribe
-    the cores (each member process also runs torch with one intra-op thread on CPU).
+    the cores (on CPU a member's torch also keeps to that share: runtime/host.py).
     """
     if env_threads > 0:
         return env_threads

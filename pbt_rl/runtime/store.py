@@ -345,8 +345,8 @@ class RunStore:
         import torch
 
         data = self.read_checkpoint_bytes(checkpoint)
-        # Our own files: they hold numpy RNG states and plain Python objects besides tensors.
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        # Tensors and plain containers only (learner states keep their RNG states as tensors).
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
     def list_checkpoints(self, member: int) -> list[str]:
         """Checkpoint ids of a member, oldest first (complete or not)."""
