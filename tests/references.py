@@ -39,13 +39,7 @@ def random_off_policy_unroll(T: int, B: int, seed: int, gamma: float = 0.95, p_e
     gen = torch.Generator().manual_seed(seed)
     behaviour = torch.log(torch.rand(T, B, generator=gen, dtype=torch.float64) * 0.9 + 0.05)
     target = torch.log(torch.rand(T, B, generator=gen, dtype=torch.float64) * 0.9 + 0.05)
-    rewards = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    values = torch.randn(T, B, generator=gen, dtype=torch.float64)
-    bootstrap = torch.randn(B, generator=gen, dtype=torch.float64)
-    terminated = torch.rand(T, B, generator=gen) < p_end
-    truncated = torch.rand(T, B, generator=gen) < p_end
-    discounts = gamma * (~terminated).double()
-    return behaviour, target, rewards, values, bootstrap, discounts, truncated
+    return (behaviour, target, *random_unroll(T, B, seed + 1, gamma, p_end))
 
 
 def naive_lambda_returns(rewards, values, bootstrap, discounts, cut, lam) -> np.ndarray:

@@ -270,9 +270,9 @@ def test_real_a2c_population_exploits_on_cartpole(tmp_path):
 
 def test_progress_rows_carry_update_diagnostics_and_timing():
     """The member's accumulator: loss parts plus finite update diagnostics, and summed timings."""
-    from pbt_rl.runtime.member import _Accumulator
+    from pbt_rl.runtime.member import ProgressAccumulator
 
-    pending = _Accumulator()
+    pending = ProgressAccumulator()
     extra = {"grad_norm": 0.4, "clip_fraction": 0.1, "approx_kl": float("nan"), "act_seconds": 1.0,
              "env_seconds": 0.7, "inference_seconds": 0.2, "update_seconds": 0.5}
     pending.add(FakeReport(100, [1.0], [10], {"total_loss": 0.5}, 2, 0.0, extra), steps=100, seconds=2.0)

@@ -134,7 +134,7 @@ gradient updates. IMPALA acts and updates in parallel threads, A2C in turn."""
 DIAGNOSTICS = ("grad_norm", "clip_fraction", "approx_kl")
 
 
-class _Accumulator:
+class ProgressAccumulator:
     """Episode returns and losses gathered since the last message to the controller."""
 
     def __init__(self) -> None:
@@ -218,7 +218,7 @@ class MemberWorker:
         self.last_checkpoint_steps = steps
         return checkpoint
 
-    def _report(self, kind: type, pending: _Accumulator, **extra: Any) -> Any:
+    def _report(self, kind: type, pending: ProgressAccumulator, **extra: Any) -> Any:
         return kind(env_steps=self.env_steps, updates=self.updates, hyperparameters=self.learner.hyperparameters(),
                     **pending.take(), **extra)
 
@@ -232,7 +232,7 @@ class MemberWorker:
         self.last_checkpoint_steps = self.env_steps
         self.send(protocol.Started(self.env_steps, restore.checkpoint, self.learner.hyperparameters(),
                                    self._fingerprint()))
-        pending = _Accumulator()
+        pending = ProgressAccumulator()
         last_sent = time.monotonic()
         while True:
             target = min(self.last_checkpoint_steps + self.ready_after, self.total)
