@@ -30,6 +30,7 @@ import torch
 
 from pbt_rl.config import dump_yaml, from_dict, tunable_agent_fields
 from pbt_rl.runtime.backend import LocalProcessBackend
+from pbt_rl.runtime.in_process import InProcessBackend
 from pbt_rl.runtime.run_format import LOCK_FILE
 from pbt_rl.runtime.store import read_jsonl
 
@@ -148,8 +149,13 @@ def make_fake_learner(config, seed, device=None, num_threads=0):
 
 
 def fake_backend() -> LocalProcessBackend:
-    """Member processes that build fake learners."""
+    """Member processes that build fake learners (for faults only a process shows: kills, hangs)."""
     return LocalProcessBackend(learner_factory=FAKE)
+
+
+def threaded_backend() -> InProcessBackend:
+    """Members as threads of the test process, with fake learners: no process start-up."""
+    return InProcessBackend(make_fake_learner)
 
 
 def fake_seed_is_member_id(monkeypatch):

@@ -24,7 +24,7 @@ from pbt_rl.runtime.run_lock import RunLock
 from pbt_rl.runtime.store import read_jsonl
 from pbt_rl.runtime.summary import run_status
 from pbt_rl.runtime.watchdog import SilenceWatch
-from runtime_support import (fake_backend, alive, check_lineage_consistent, check_metrics_grow, children, fake_config,
+from runtime_support import (fake_backend, threaded_backend, alive, check_lineage_consistent, check_metrics_grow, children, fake_config,
                              fake_seed_is_member_id, make_fake_learner, run_files, start_controller, wait_until)
 
 
@@ -138,7 +138,7 @@ def test_abandoned_members_make_the_summary_and_exit_status_tell_the_truth(tmp_p
     run_dir = tmp_path / "run"
     config = fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5}, run={"total_env_steps": 800})
     monkeypatch.setenv("PBT_RL_TEST_BROKEN", "0,1")
-    summary = train(config, console=False, backend=fake_backend())
+    summary = train(config, console=False, backend=threaded_backend())
     assert summary["status"] == "failed" and not summary["finished"] and summary["best_member"] is None
     for member in ("0", "1"):
         info = summary["members"][member]
@@ -147,7 +147,7 @@ def test_abandoned_members_make_the_summary_and_exit_status_tell_the_truth(tmp_p
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
 
     monkeypatch.delenv("PBT_RL_TEST_BROKEN")  # the cause is gone: resume retries abandoned members
-    summary = resume(run_dir, console=False, backend=fake_backend())
+    summary = resume(run_dir, console=False, backend=threaded_backend())
     assert summary["status"] == "finished" and summary["finished"] and summary["best_member"] is not None
     assert all(m["status"] == "done" and m["error"] is None for m in summary["members"].values())
     assert len(events_of(run_dir, "member_retried")) == 2
@@ -180,7 +180,7 @@ def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     summary = train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
                                 run={"total_env_steps": 1600, "checkpoint_keep": 10}),
-                    console=False, backend=fake_backend())
+                    console=False, backend=threaded_backend())
     assert summary["status"] == "finished"
     return run_dir
 
@@ -240,7 +240,7 @@ def test_resume_of_a_finished_run_replaces_a_damaged_best_checkpoint(finished_ru
     damaged = summary["best_checkpoint"]
     path = run_dir / damaged
     path.write_bytes(path.read_bytes()[:-8] + b"XXXXXXXX")
-    after = resume(run_dir, console=False, backend=fake_backend())
+    after = resume(run_dir, console=False, backend=threaded_backend())
     assert after["status"] == "finished" and after["best_checkpoint"] not in (None, damaged)
     assert RunStore(run_dir).verify_checkpoint(after["best_checkpoint"])
     best = after["members"][str(after["best_member"])]
@@ -259,7 +259,7 @@ def test_resume_of_a_finished_run_replaces_a_damaged_best_checkpoint(finished_ru
 def test_a_gpu_device_on_a_machine_without_one_is_refused_before_anything_is_written(tmp_path, finished_run,
                                                                                       device):
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
-        train(fake_config(tmp_path / "run", agent={"device": device}), console=False, backend=fake_backend())
+        train(fake_config(tmp_path / "run", agent={"device": device}), console=False, backend=threaded_backend())
     assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
 
     run_dir = tmp_path / "copy"
@@ -269,5 +269,5 @@ def test_a_gpu_device_on_a_machine_without_one_is_refused_before_anything_is_wri
     (run_dir / "config.yaml").write_text(original.replace("device: cpu", f"device: {device}"))
     before = run_files(run_dir)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
-        resume(run_dir, console=False, backend=fake_backend())
+        resume(run_dir, console=False, backend=threaded_backend())
     assert run_files(run_dir) == before

@@ -18,7 +18,7 @@ from pbt_rl.config import ConfigError
 from pbt_rl.runtime import RunDirError, RunStore, resume, train, weights_sha256
 from pbt_rl.runtime.resources import member_device, threads_per_member
 from pbt_rl.runtime.store import read_jsonl
-from runtime_support import (fake_backend, FakeReport, alive, check_lineage_consistent, check_metrics_grow, children,
+from runtime_support import (fake_backend, threaded_backend, FakeReport, alive, check_lineage_consistent, check_metrics_grow, children,
                              fake_config, fake_seed_is_member_id, run_files, start_controller, wait_until)
 
 # ------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def test_exploit_copies_donor_weights_then_sets_explored_hyperparameters(tmp_pat
     # unevenly the member processes start on a loaded machine (async could finish one member
     # before another has been scored).
     config = fake_config(tmp_path / "run", run={"checkpoint_keep": 1000}, pbt={"mode": "sync"})
-    summary = train(config, console=False, backend=fake_backend())
+    summary = train(config, console=False, backend=threaded_backend())
     run_dir = tmp_path / "run"
     rows = check_lineage_consistent(run_dir, 4)
     assert rows, "truncation with a 400-step ready interval must exploit at least once"
@@ -78,7 +78,7 @@ def test_sync_mode_decides_by_generation(tmp_path, monkeypatch):
     monkeypatch.setenv("PBT_RL_TEST_SLOW", "3:0.02")
     run_dir = tmp_path / "run"
     summary = train(fake_config(run_dir, pbt={"mode": "sync"}, run={"total_env_steps": 2000}),
-                    console=False, backend=fake_backend())
+                    console=False, backend=threaded_backend())
     rows = check_lineage_consistent(run_dir, 4)
     assert summary["finished"] and rows
     metrics = {m: read_jsonl(run_dir / f"members/{m}/metrics.jsonl") for m in range(4)}
@@ -92,7 +92,7 @@ def test_sync_mode_decides_by_generation(tmp_path, monkeypatch):
 def test_checkpoints_pruned_keep_last(tmp_path):
     config = fake_config(tmp_path / "run", pbt={"population_size": 2, "truncation_fraction": 0.5},
                          run={"total_env_steps": 4000, "checkpoint_keep": 2})
-    train(config, console=False, backend=fake_backend())
+    train(config, console=False, backend=threaded_backend())
     store = RunStore(tmp_path / "run")
     donors = {row["donor_checkpoint"] for row in read_jsonl(tmp_path / "run/lineage.jsonl")}
     for member in range(2):
@@ -107,7 +107,7 @@ def test_checkpoints_pruned_keep_last(tmp_path):
 def test_crashed_member_is_restarted_from_its_checkpoint(tmp_path, monkeypatch):
     fake_seed_is_member_id(monkeypatch)
     monkeypatch.setenv("PBT_RL_TEST_CRASH", f"1:1500:{tmp_path / 'crashed'}")
-    summary = train(fake_config(tmp_path / "run"), console=False, backend=fake_backend())
+    summary = train(fake_config(tmp_path / "run"), console=False, backend=threaded_backend())
     assert (tmp_path / "crashed").exists()
     events = read_jsonl(tmp_path / "run/events.jsonl")
     failed = [e for e in events if e["event"] == "member_failed"]
@@ -121,8 +121,9 @@ def test_crashed_member_is_restarted_from_its_checkpoint(tmp_path, monkeypatch):
 def test_diverged_member_is_reseeded_from_a_donor(tmp_path, monkeypatch):
     fake_seed_is_member_id(monkeypatch)
     monkeypatch.setenv("PBT_RL_TEST_CRASH", f"2:1300:{tmp_path / 'crashed'}:diverge")
-    summary = train(fake_config(tmp_path / "run", pbt={"truncation_fraction": 0.25}), console=False,
-                    backend=fake_backend())
+    # Every checkpoint kept: the donor's is read back below, after the run (pruning would be right).
+    summary = train(fake_config(tmp_path / "run", pbt={"truncation_fraction": 0.25}, run={"checkpoint_keep": 1000}),
+                    console=False, backend=threaded_backend())
     events = read_jsonl(tmp_path / "run/events.jsonl")
     assert any(e["event"] == "member_failed" and e["diverged"] for e in events)
     rows = check_lineage_consistent(tmp_path / "run", 4)
@@ -183,7 +184,7 @@ def test_kill9_controller_then_resume(tmp_path):
 def test_resume_falls_back_to_previous_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
-                      run={"total_env_steps": 2000, "checkpoint_keep": 5}), console=False, backend=fake_backend())
+                      run={"total_env_steps": 2000, "checkpoint_keep": 5}), console=False, backend=threaded_backend())
     store = RunStore(run_dir)
     state = json.loads(store.state_path.read_text())
     # Pretend member 0 was stopped at 1600 (its 2000 checkpoint never reported) and that the
@@ -199,7 +200,7 @@ def test_resume_falls_back_to_previous_good_checkpoint(tmp_path):
     path.write_bytes(path.read_bytes()[:-5] + b"XXXXX")
     with pytest.raises(Exception, match="corrupt"):
         store.load_checkpoint(damaged)
-    summary = resume(run_dir, console=False, backend=fake_backend())
+    summary = resume(run_dir, console=False, backend=threaded_backend())
     events = read_jsonl(run_dir / "events.jsonl")
     fallback = [e for e in events if e["event"] == "checkpoint_fallback"]
     assert any(e["event"] == "checkpoint_corrupt" and e["checkpoint"] == damaged for e in events)
@@ -213,7 +214,7 @@ def test_train_refuses_a_non_empty_run_dir(tmp_path):
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"is not empty; use `pbt-rl resume .*x` to continue it"):
-        train(fake_config(run_dir), console=False, backend=fake_backend())
+        train(fake_config(run_dir), console=False, backend=threaded_backend())
     assert (run_dir / "notes.txt").read_text() == "mine"
 
 
@@ -221,14 +222,14 @@ def test_unusable_run_dir_is_a_one_line_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(RunDirError, match="cannot create run directory"):
-        train(fake_config(blocker / "run"), console=False, backend=fake_backend())
+        train(fake_config(blocker / "run"), console=False, backend=threaded_backend())
     with pytest.raises(RunDirError, match="not a pbt-rl run directory"):
         resume(tmp_path, console=False)
 
     # A full disk at resume: the error is one line and the earlier files are untouched.
     run_dir = tmp_path / "run"
     train(fake_config(run_dir, pbt={"population_size": 2, "truncation_fraction": 0.5},
-                      run={"total_env_steps": 800}), console=False, backend=fake_backend())
+                      run={"total_env_steps": 800}), console=False, backend=threaded_backend())
     snapshot = run_files(run_dir)
     real_write = os.write
 
@@ -248,7 +249,7 @@ def test_unusable_run_dir_is_a_one_line_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", open_full)
     with pytest.raises(RunDirError, match="No space left on device"):
-        resume(run_dir, console=False, backend=fake_backend())
+        resume(run_dir, console=False, backend=threaded_backend())
     monkeypatch.undo()
     assert os.write is real_write
     assert run_files(run_dir) == snapshot

@@ -271,7 +271,7 @@ class MemberWorker:
                                    self._fingerprint()))
 
 
-def _diverged(exc: BaseException) -> bool:
+def is_diverged(exc: BaseException) -> bool:
     try:
         from pbt_rl.agents import TrainingDiverged
     except ImportError:  # the learner package itself failed to import
@@ -304,7 +304,7 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_fact
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
         try:
             connection.send(protocol.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
-                                            _diverged(exc)))
+                                            is_diverged(exc)))
         except (OSError, EOFError, BrokenPipeError):
             pass
         if not isinstance(exc, Exception):
