@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import queue
 import threading
-import traceback
 from typing import Any, Callable
 
 from pbt_rl.runtime import protocol
-from pbt_rl.runtime.member import MemberSpec, MemberWorker, is_diverged
+from pbt_rl.runtime.member import MemberSpec, MemberWorker, close_learner, failure_message
 
 JOIN_SECONDS = 5.0
 
@@ -57,15 +56,10 @@ class InProcessHandle:
         except _Killed:
             code = None
         except Exception as exc:  # noqa: BLE001 - reported to the controller as the process backend does
-            self._outbox.put(protocol.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
-                                             is_diverged(exc)))
+            self._outbox.put(failure_message(exc))
             code = 1
         finally:
-            if learner is not None:
-                try:
-                    learner.close()
-                except Exception:  # noqa: BLE001 - closing after a failure must not hide it
-                    pass
+            close_learner(learner)
             self._outbox.put(protocol.Exited(code))
             self._wake.set()
 

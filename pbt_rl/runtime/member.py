@@ -271,12 +271,24 @@ class MemberWorker:
                                    self._fingerprint()))
 
 
-def is_diverged(exc: BaseException) -> bool:
+def failure_message(exc: BaseException) -> protocol.Failed:
+    """What a member that stops with ``exc`` tells the controller (any backend)."""
     try:
         from pbt_rl.agents import TrainingDiverged
+        diverged = isinstance(exc, TrainingDiverged)
     except ImportError:  # the learner package itself failed to import
-        return False
-    return isinstance(exc, TrainingDiverged)
+        diverged = False
+    return protocol.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20), diverged)
+
+
+def close_learner(learner: Any) -> None:
+    """Close a member's learner on the way out; a failure to close must not hide the first one."""
+    if learner is None:
+        return
+    try:
+        learner.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_factory: str) -> None:
@@ -303,19 +315,14 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_fact
         pass  # the controller is gone or closed our pipe
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
         try:
-            connection.send(protocol.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
-                                            is_diverged(exc)))
+            connection.send(failure_message(exc))
         except (OSError, EOFError, BrokenPipeError):
             pass
         if not isinstance(exc, Exception):
             raise
         sys.exit(1)
     finally:
-        if learner is not None:
-            try:
-                learner.close()
-            except Exception:  # noqa: BLE001 - closing after a failure must not hide it
-                pass
+        close_learner(learner)
         try:
             connection.close()
         except OSError:
