@@ -8,6 +8,7 @@
 
 from pbt_rl.runtime.backend import Backend, LocalProcessBackend, MemberHandle
 from pbt_rl.runtime.controller import Controller, member_seed
+from pbt_rl.runtime.in_process import InProcessBackend
 from pbt_rl.runtime.run import resume, train
 from pbt_rl.runtime.member import MemberSpec, MemberWorker, Restore, weights_sha256
 from pbt_rl.runtime.store import CheckpointError, RunDirError, RunStore
@@ -16,6 +17,7 @@ __all__ = [
     "Backend",
     "CheckpointError",
     "Controller",
+    "InProcessBackend",
     "LocalProcessBackend",
     "MemberHandle",
     "MemberSpec",
