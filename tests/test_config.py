@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from pbt_rl.config import (
-    MAX_YAML_DEPTH,
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -24,6 +23,7 @@ from pbt_rl.config import (
     tunable_agent_fields,
     validate,
 )
+from pbt_rl.strict_yaml import MAX_YAML_DEPTH
 
 POPULATION = {
     "pbt": {
