@@ -160,7 +160,7 @@ def threaded_backend() -> InProcessBackend:
 
 def fake_seed_is_member_id(monkeypatch):
     # Fake learners identify their member by seed (crash injection); make seeds = member ids.
-    monkeypatch.setattr("pbt_rl.runtime.controller.member_seed", lambda run_seed, member_id: member_id)
+    monkeypatch.setattr("pbt_rl.runtime.population.member_seed", lambda run_seed, member_id: member_id)
 
 
 def fake_config(run_dir: Path, **sections):

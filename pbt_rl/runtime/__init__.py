@@ -7,7 +7,8 @@
 """
 
 from pbt_rl.runtime.backend import Backend, LocalProcessBackend, MemberHandle
-from pbt_rl.runtime.controller import Controller, member_seed
+from pbt_rl.runtime.controller import Controller
+from pbt_rl.runtime.population import member_seed
 from pbt_rl.runtime.in_process import InProcessBackend
 from pbt_rl.runtime.run import resume, train
 from pbt_rl.runtime.member import MemberSpec, MemberWorker, Restore, weights_sha256

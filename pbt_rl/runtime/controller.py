@@ -28,30 +28,22 @@ import math
 import time
 from typing import Any, Iterable
 
-import numpy as np
-
-from pbt_rl.config import ExperimentConfig, dump_yaml, tunable_agent_fields
+from pbt_rl.config import ExperimentConfig, dump_yaml
 from pbt_rl.runtime.backend import Backend, MemberHandle, make_backend
-from pbt_rl.runtime.console import ConsoleProgress, format_hyperparameters, format_score
+from pbt_rl.runtime.console import ConsoleProgress
 from pbt_rl.runtime import protocol
 from pbt_rl.runtime.member import MemberSpec, Restore
-from pbt_rl.runtime.records import MemberRecord, parse_state, STATE_FORMAT
-from pbt_rl.runtime.recovery import apply_lineage_row, reconcile
+from pbt_rl.runtime.population import fresh_population, read_population
+from pbt_rl.runtime.records import STATE_FORMAT, MemberRecord
+from pbt_rl.runtime.recovery import after_failure, apply_lineage_row
 from pbt_rl.runtime.loggers import Loggers
 from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
-from pbt_rl.runtime.store import RunDirError, RunStore
-from pbt_rl.runtime.summary import build_summary
+from pbt_rl.runtime.store import RunStore
+from pbt_rl.runtime.summary import build_summary, outcome_lines
 from pbt_rl.runtime.watchdog import SilenceWatch
 from pbt_rl.scheduler import Continue, Exploit, Scheduler
 
-MAX_RESTARTS = 3  # restarts from the same checkpoint before the member is re-seeded from a donor
-MAX_FAILURES = 10  # consecutive failures after which a member is abandoned (the run goes on)
 POLL_SECONDS = 0.2
-
-
-def member_seed(run_seed: int, member_id: int) -> int:
-    """Independent, reproducible seed per member."""
-    return int(np.random.SeedSequence([run_seed, member_id]).generate_state(1)[0])
 
 
 class Controller:
@@ -78,65 +70,28 @@ class Controller:
         self.pending: dict[int, Exploit] = {}
         self.pending_kind: dict[int, str] = {}
         self.started = time.monotonic()
-        self.wall_offset = 0.0
-        self.population_info: dict = {}
         self.stopping = False
-        self.resumes = 0
-        self._logger_states: list = []
         self.watch = SilenceWatch(config.run.hang_timeout_factor, config.run.hang_timeout_min_seconds)
         self.console = ConsoleProgress(config.logging.console_interval_seconds, config.run.total_env_steps,
                                        self.names, enabled=console, max_wall_seconds=config.run.max_wall_seconds)
         self.cuda_count = cuda_device_count() if config.agent.device != "cpu" else 0
         self.threads = threads_per_member(config.pbt.population_size, config.run.total_threads, config.env.num_threads)
-        if state is None:
-            self.records = self._fresh_records()
-            self.resumed = False
-        else:
-            self._load_state(state)
-            self.resumed = True
+        self.resumed = state is not None
+        population = (read_population(store, config, self.scheduler, state) if self.resumed
+                      else fresh_population(config, self.scheduler))
+        self.records = population.records
+        self.population_info = population.info
+        self.wall_offset = population.wall_seconds
+        self.resumes = population.resumes
+        self._logger_states = population.logger_states or []
+        if self.resumed:
+            population.reconcile(store, self._event)
 
     # ------------------------------------------------------------------ set-up
-
-    def _fresh_records(self) -> dict[int, MemberRecord]:
-        base = {name: getattr(self.config.agent, name) for name in tunable_agent_fields()}
-        initial = self.scheduler.initial_hyperparameters(base, self.config.pbt.population_size)
-        records = {}
-        for member_id, values in enumerate(initial):
-            records[member_id] = MemberRecord(member_id, member_seed(self.config.run.seed, member_id), dict(values))
-            records[member_id].restore = Restore(None, 0, 0, dict(values))
-        self.population_info = {
-            "members": {str(i): {"seed": r.seed, "hyperparameters": r.hyperparameters} for i, r in records.items()},
-            "search_space": list(self.names),
-            "created": time.time(),
-        }
-        return records
 
     def initial_files(self) -> dict[str, bytes]:
         """What a fresh run directory holds before any member starts (RunStore.create writes it whole)."""
         return self.store.initial_files(dump_yaml(self.config), self.population_info, self._state())
-
-    def _load_state(self, state: Any) -> None:
-        """Parse and check everything first (RunDirError, nothing written), then reconcile."""
-        path = self.store.state_path
-        parsed = parse_state(state, path, self.config.pbt.population_size)
-        try:
-            self.scheduler.load_state_dict(parsed.scheduler)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RunDirError(f"{path}: the scheduler state is not valid ({exc})") from None
-        population = self.store.read_json(self.store.population_path)
-        try:
-            for member_id in parsed.records:
-                dict(population["members"][str(member_id)]["hyperparameters"])
-        except (KeyError, TypeError, ValueError):
-            raise RunDirError(f"{self.store.population_path}: not the population of this run "
-                              "(no initial hyperparameters for every member)") from None
-        self.records = parsed.records
-        self.population_info = population
-        self.wall_offset = parsed.wall_seconds
-        self.resumes = parsed.resumes + 1
-        self._logger_states = parsed.loggers
-        reconcile(self.store, self.records, parsed.pending,
-                  lambda member_id: population["members"][str(member_id)]["hyperparameters"], self._event)
 
     # ------------------------------------------------------------------ persistence
 
@@ -409,7 +364,8 @@ class Controller:
         self._event("member_failed", member_id, env_steps=record.env_steps, error=error, diverged=diverged,
                     failures=record.failures, traceback=traceback[-4000:],
                     dropped_exploit=None if dropped is None else kind)
-        if record.failures >= MAX_FAILURES:
+        action = after_failure(record.failures, diverged, record.restore.checkpoint is not None)
+        if action == "abandon":
             record.abandoned, record.status = True, "abandoned"
             self._event("member_abandoned", member_id, failures=record.failures, error=error)
             self._save_state()
@@ -417,7 +373,7 @@ class Controller:
         # Roll back to the restore point (what a restarted member will report from).
         record.env_steps = record.restore.env_steps
         record.updates = record.restore.updates
-        if diverged or record.failures > MAX_RESTARTS or record.restore.checkpoint is None and record.failures > 1:
+        if action == "reseed":
             excluded = [r.member_id for r in self.records.values() if r.abandoned]
             reseed = self.scheduler.reseed(member_id, {i: r.member_state() for i, r in self.records.items()},
                                            excluded=excluded)
@@ -449,25 +405,10 @@ class Controller:
         self.store.write_json(self.store.summary_path, summary)
         self.console.print_table(self.wall_seconds(), self._table(), final=True)
         if self.console.enabled:
-            self._print_outcome(summary)
+            print("\n".join(outcome_lines(summary, self.names, str(self.store.root))))
         if self._over() and self.config.logging.report:
             self._write_report()
         return summary
-
-    def _print_outcome(self, summary: dict) -> None:
-        if summary["best_member"] is None:
-            print("No member has a score yet (too few finished episodes).")
-        else:
-            print(f"Best member: {summary['best_member']} score {format_score(summary['best_score']).strip()} "
-                  f"at {summary['best_env_steps']:,} env steps "
-                  f"({format_hyperparameters(summary['best_hyperparameters'], self.names)}); "
-                  f"{summary['exploits']} exploits; run directory {self.store.root}")
-        abandoned = {k: m for k, m in summary["members"].items() if m["status"] == "abandoned"}
-        if abandoned:
-            member, info = next(iter(abandoned.items()))
-            print(f"Run {summary['status']}: {len(abandoned)} of {len(summary['members'])} members abandoned after "
-                  f"repeated failures (member {member}: {info['error']}); see events.jsonl, and "
-                  f"`pbt-rl resume {self.store.root}` to retry them")
 
     def _write_report(self) -> None:
         try:

@@ -21,6 +21,22 @@ from pbt_rl.runtime.store import RunDirError, RunStore, read_jsonl, repair_jsonl
 
 Event = Callable[..., None]
 
+MAX_RESTARTS = 3  # restarts from the same checkpoint before the member is re-seeded from a donor
+MAX_FAILURES = 10  # consecutive failures after which a member is abandoned (the run goes on)
+
+
+def after_failure(failures: int, diverged: bool, has_checkpoint: bool) -> str:
+    """What becomes of a member after its ``failures``-th failure in a row: ``"abandon"`` (the run
+    goes on without it; ``pbt-rl resume`` retries it), ``"reseed"`` (restart from a donor's
+    checkpoint: its weights diverged, its own restore point failed ``MAX_RESTARTS`` times, or it has
+    no checkpoint yet and failed twice; the scheduler picks the donor) or ``"restart"`` (from its own
+    restore point). A reseed the scheduler cannot serve (no donor) is a restart."""
+    if failures >= MAX_FAILURES:
+        return "abandon"
+    if diverged or failures > MAX_RESTARTS or (not has_checkpoint and failures > 1):
+        return "reseed"
+    return "restart"
+
 
 def _checked_rows(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict]:
     rows = read_jsonl(path)

@@ -11,7 +11,7 @@ partial     the run is over, some members finished, others were abandoned    3
 failed      the run is over and no member finished (all were abandoned)      1
 =========== ================================================================ ==========
 
-A member is *abandoned* after ``MAX_FAILURES`` failures in a row; ``pbt-rl resume`` gives
+A member is *abandoned* after ``recovery.MAX_FAILURES`` failures in a row; ``pbt-rl resume`` gives
 abandoned members a new series of attempts. Member status: ``done``, ``abandoned`` or
 ``stopped`` (still to train).
 """
@@ -77,3 +77,23 @@ def build_summary(records: Mapping[int, MemberRecord], fitness: Callable[[Member
         "wall_seconds": wall_seconds,
         "members": members,
     }
+
+
+def outcome_lines(summary: Mapping, names: tuple[str, ...], run_dir: str) -> list[str]:
+    """What ``train``/``resume`` print at the end: the best member, and the abandoned ones if any."""
+    from pbt_rl.runtime.console import format_hyperparameters, format_score
+
+    if summary["best_member"] is None:
+        lines = ["No member has a score yet (too few finished episodes)."]
+    else:
+        lines = [f"Best member: {summary['best_member']} score {format_score(summary['best_score']).strip()} "
+                 f"at {summary['best_env_steps']:,} env steps "
+                 f"({format_hyperparameters(summary['best_hyperparameters'], names)}); "
+                 f"{summary['exploits']} exploits; run directory {run_dir}"]
+    abandoned = {k: m for k, m in summary["members"].items() if m["status"] == "abandoned"}
+    if abandoned:
+        member, info = next(iter(abandoned.items()))
+        lines.append(f"Run {summary['status']}: {len(abandoned)} of {len(summary['members'])} members abandoned after "
+                     f"repeated failures (member {member}: {info['error']}); see events.jsonl, and "
+                     f"`pbt-rl resume {run_dir}` to retry them")
+    return lines
