@@ -2,7 +2,7 @@
 
 One update per unroll: step all ``num_envs`` envs ``T = unroll_length`` times with the current
 policy, then learn from the ``[T, num_envs]`` batch (one gradient step, or PPO-style epochs of
-minibatch steps: ``Learner._update`` in :mod:`pbt_rl.agents.base`) with λ-return targets
+minibatch steps: ``Learner.update`` in :mod:`pbt_rl.agents.base`) with λ-return targets
 (``td_lambda = 1`` gives the n-step returns of the paper). Terminations stop the return,
 truncations bootstrap from the value of the cut episode's last observation, and auto-reset
 steps are left out of the loss (see :mod:`pbt_rl.agents.returns`).
@@ -126,7 +126,7 @@ class A2CLearner(Learner):
                 if t == length:
                     continue
                 started = time.perf_counter()
-                actions, env_actions, log_probs = self._policy_step(model, self._obs[cols])
+                actions, env_actions, log_probs = self.policy_step(model, self._obs[cols])
                 stats.inference_seconds += time.perf_counter() - started
                 if unroll is None:
                     unroll = self._buffer(actions)
@@ -138,8 +138,8 @@ class A2CLearner(Learner):
         unroll.obs[length] = self._obs
         return unroll
 
-    def _targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
-                 bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
+    def targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
+                bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
         """λ-returns as value targets; advantages ``G_t - V(x_t)``."""
         agent = self.agent_cfg
         values = values.detach()

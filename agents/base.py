@@ -53,8 +53,13 @@ class TrainingDiverged(RuntimeError):
 class Learner:
     """Shared machinery of the actor-critic learners; see docs/design.md "Learner contract".
 
-    Subclasses implement :meth:`train` and :meth:`_targets` (advantages and value targets of an
+    Subclasses implement :meth:`train` and :meth:`targets` (advantages and value targets of an
     unroll batch) and may extend :meth:`state_dict` through :meth:`_extra_state`.
+
+    The phases of learning are public, so tools and tests can run or observe each one on data of
+    their own: :meth:`policy_step` (act on prepared observations), :meth:`update` (learn from one
+    unroll), :meth:`minibatch_step` (one gradient step's loss on a minibatch), :meth:`targets`
+    and :meth:`gradient_step` (backward, clip, check, step).
     """
 
     algo = "base"
@@ -167,8 +172,8 @@ class Learner:
             return rewards
         return scaler(rewards, batch.terminated, batch.truncated, batch.is_first, batch.env_ids, self.agent_cfg.gamma)
 
-    def _policy_step(self, model: torch.nn.Module, obs: np.ndarray,
-                     deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def policy_step(self, model: torch.nn.Module, obs: np.ndarray,
+                    deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sample actions for prepared observations ``[B, ...]`` with ``model`` (or take the mode).
 
         Samples with the learner's acting generator. Returns host arrays ``(actions as sampled,
@@ -200,7 +205,7 @@ class Learner:
         ``deterministic``; the observation statistics are used but not updated.
         """
         obs = self._prepare_obs(np.asarray(raw_obs), update_statistics=False)
-        _, env_actions, _ = self._policy_step(self.model, obs, deterministic)
+        _, env_actions, _ = self.policy_step(self.model, obs, deterministic)
         return env_actions
 
     # -- learning -----------------------------------------------------------------------------
@@ -209,18 +214,18 @@ class Learner:
         names = ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid")
         return {name: to_device(getattr(unroll, name), self.device) for name in names}
 
-    def _targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
-                 bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
+    def targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,
+                bootstrap_value: Tensor) -> tuple[Tensor, Tensor]:
         """``(advantages, value_targets)`` ``[T, B]`` for one batch; learner specific."""
         raise NotImplementedError
 
-    def _update(self, unroll: Unroll) -> dict[str, float]:
+    def update(self, unroll: Unroll) -> dict[str, float]:
         """Learn from ``unroll`` ``[T, B]``: ``num_epochs`` passes of ``num_minibatches`` gradient steps.
 
         Each pass splits a random permutation of the ``B`` env columns (the learner's update
         generator, on the CPU) into ``min(num_minibatches, B)`` minibatches of whole unrolls; with one minibatch
         there is no permutation (and no RNG draw). Every minibatch takes one gradient step with
-        its targets recomputed from the current weights (:meth:`_minibatch_step`), so
+        its targets recomputed from the current weights (:meth:`minibatch_step`), so
         ``num_epochs = num_minibatches = 1`` is the classic single A2C / IMPALA update.
 
         Returns the mean over the gradient steps of the loss parts, ``grad_norm``,
@@ -246,7 +251,7 @@ class Learner:
                 minibatches = [{name: tensor.index_select(1, columns) for name, tensor in batch.items()}
                                for columns in torch.tensor_split(order, num_minibatches)]
             for minibatch in minibatches:
-                parts, grad_norm = self._minibatch_step(minibatch)
+                parts, grad_norm = self.minibatch_step(minibatch)
                 parts = {**parts, "grad_norm": grad_norm}
                 names = list(parts)
                 stacked = torch.stack([parts[name].float() for name in names])
@@ -255,12 +260,12 @@ class Learner:
         return dict(zip(names, (totals / steps).tolist()))
 
     def _learn(self, unroll: Unroll, stats: CallStats) -> None:
-        """:meth:`_update` on ``unroll``, accounted in ``stats`` with its number of gradient steps."""
+        """:meth:`update` on ``unroll``, accounted in ``stats`` with its number of gradient steps."""
         updates_before = self.updates
-        losses = self._update(unroll)
+        losses = self.update(unroll)
         stats.add_update(losses, unroll, self.updates - updates_before)
 
-    def _minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    def minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``.
 
         Returns the loss parts and :func:`policy_ratio_stats` and the gradient norm (0-d tensors).
@@ -276,17 +281,17 @@ class Learner:
         values = values.view(length + 1, num_envs)
         bootstrap_value = values[length].detach()
         values = values[:length]
-        advantages, value_targets = self._targets(batch, log_probs, values, bootstrap_value)
+        advantages, value_targets = self.targets(batch, log_probs, values, bootstrap_value)
         mask = batch["valid"].float()
         behaviour_log_probs = batch["behaviour_log_probs"]
         loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, mask, self.agent_cfg,
                                         behaviour_log_probs=behaviour_log_probs)
         parts.update(policy_ratio_stats(log_probs, behaviour_log_probs, mask, self.agent_cfg.ppo_clip))
-        grad_norm = self._gradient_step(loss)
+        grad_norm = self.gradient_step(loss)
         self.updates += 1
         return parts, grad_norm
 
-    def _gradient_step(self, loss: Tensor) -> Tensor:
+    def gradient_step(self, loss: Tensor) -> Tensor:
         """Backward, clip, check and step; returns the gradient norm before clipping (0-d tensor).
 
         The loss and the gradient norm are checked together, in the step's one wait for the

@@ -40,13 +40,13 @@ def cartpole_unroll(length: int, num_envs: int, seed: int = 0) -> Unroll:
 def record_updates(learner) -> list[Unroll]:
     """Spy on the learner's gradient steps: the unroll batch of every update, in order."""
     seen: list[Unroll] = []
-    original = learner._update
+    original = learner.update
 
     def update(unroll: Unroll):
         seen.append(unroll)
         return original(unroll)
 
-    learner._update = update
+    learner.update = update
     return seen
 
 

@@ -89,7 +89,7 @@ def greedy_policy(learner) -> None:
         actions = (np.asarray(obs)[:, 2] > 0).astype(np.int64)  # push towards the pole's lean
         return actions, actions, np.full(len(actions), -0.5, dtype=np.float32)
 
-    learner._policy_step = policy_step
+    learner.policy_step = policy_step
 
 
 def test_a2c_double_buffering_collects_the_same_unrolls_as_synchronous_stepping(learners):
@@ -137,8 +137,8 @@ def test_auto_reset_steps_do_not_reach_the_loss(learners, algo):
     poisoned.actions[2, :] = 1 - clean.actions[2, :]
     poisoned.behaviour_log_probs[2, :] = -60.0
 
-    clean_stats = clean_learner._update(clean)
-    poisoned_stats = poisoned_learner._update(poisoned)
+    clean_stats = clean_learner.update(clean)
+    poisoned_stats = poisoned_learner.update(poisoned)
     assert clean_stats == pytest.approx(poisoned_stats, rel=1e-6)
     for name, value in parameters(clean_learner).items():
         torch.testing.assert_close(parameters(poisoned_learner)[name], value, msg=name)
@@ -226,7 +226,7 @@ def test_optimizer_constants_change_in_place_without_losing_statistics(learners)
     for seed in range(2):  # the second step carries the first one's momentum
         before = {id(p): (p.detach().clone(), learner.optimizer.state[p]["square_avg"].clone())
                   for p in learner.model.parameters()}
-        learner._update(cartpole_unroll(5, 4, seed))
+        learner.update(cartpole_unroll(5, 4, seed))
         for name, p in learner.model.named_parameters():
             theta, v = before[id(p)]
             v = 0.95 * v + 0.05 * p.grad**2
@@ -247,7 +247,7 @@ def test_optimizer_constants_change_in_place_without_losing_statistics(learners)
     # m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
     # theta <- theta - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
     before = {id(p): p.detach().clone() for p in adam.model.parameters()}
-    adam._update(cartpole_unroll(5, 4))
+    adam.update(cartpole_unroll(5, 4))
     lr, eps = AgentConfig().lr, AgentConfig().optimizer_eps
     for name, p in adam.model.named_parameters():
         m, v, step = moments[id(p)]
@@ -489,13 +489,13 @@ def test_impala_after_load_learns_only_from_the_loaded_policy(learners):
 
     updates = record_updates(member)
     lags = []
-    original = member._update
+    original = member.update
 
     def update(unroll):
         lags.append(member.updates - unroll.policy_updates.max())
         return original(unroll)
 
-    member._update = update
+    member.update = update
     report = member.train(member.env_steps + 1200)
     assert len(updates) == report.updates > 0
     # Experience of the member's old policy would carry update counts ~100, far in the future
@@ -510,13 +510,13 @@ def test_impala_first_update_after_drop_stale_experience_is_on_policy(learners):
     learner.drop_stale_experience()
     assert len(learner._queue) == 0
     stamps = []
-    original = learner._update
+    original = learner.update
 
     def update(unroll):
         stamps.append((learner.updates, unroll.policy_updates.min(), unroll.policy_updates.max()))
         return original(unroll)
 
-    learner._update = update
+    learner.update = update
     learner.train(3000)
     current, oldest, newest = stamps[0]
     assert oldest == newest == current  # nothing acted on by weights older than the drop

@@ -184,7 +184,7 @@ def test_defaults_are_the_classic_single_gradient_step(learners, algo):
         before = parameters(learner)
         update_stream = learner.state_dict()["rng"]["update"]["state"]
         expected = reference.step(learner.model.state_dict(), unroll)
-        stats = learner._update(unroll)
+        stats = learner.update(unroll)
         assert learner.updates == seed + 1  # one gradient step per batch
         assert torch.equal(learner.state_dict()["rng"]["update"]["state"], update_stream)  # no permutation drawn
         for name, value in expected.items():
@@ -200,7 +200,7 @@ def test_epochs_times_minibatches_gradient_steps_over_whole_unrolls(learners, al
     learner = learners(make_config(algo, num_envs=4, num_epochs=3, num_minibatches=2, ppo_clip=0.2))
     unroll = cartpole_unroll(6, 4)
     seen_columns = []
-    original = learner._minibatch_step
+    original = learner.minibatch_step
 
     def minibatch_step(batch):
         obs = batch["obs"].numpy()  # [T + 1, b, 4]
@@ -212,8 +212,8 @@ def test_epochs_times_minibatches_gradient_steps_over_whole_unrolls(learners, al
         seen_columns.append(columns)
         return original(batch)
 
-    learner._minibatch_step = minibatch_step
-    stats = learner._update(unroll)
+    learner.minibatch_step = minibatch_step
+    stats = learner.update(unroll)
 
     assert learner.updates == 6 and len(seen_columns) == 6
     assert all(state["step"] == 6 for state in learner.optimizer.state.values())
@@ -227,14 +227,14 @@ def test_epochs_times_minibatches_gradient_steps_over_whole_unrolls(learners, al
 def test_more_minibatches_than_envs_takes_one_env_per_step(learners):
     learner = learners(make_config("a2c", num_envs=3, num_epochs=2, num_minibatches=8))
     widths = []
-    original = learner._minibatch_step
+    original = learner.minibatch_step
 
     def minibatch_step(batch):
         widths.append(batch["rewards"].shape[1])
         return original(batch)
 
-    learner._minibatch_step = minibatch_step
-    learner._update(cartpole_unroll(5, 3))
+    learner.minibatch_step = minibatch_step
+    learner.update(cartpole_unroll(5, 3))
     assert widths == [1] * 6 and learner.updates == 6
 
 
@@ -243,19 +243,19 @@ def test_minibatch_order_comes_from_the_saved_update_generator(learners):
     unroll = cartpole_unroll(6, 4)
     reference = learners(config, seed=1)
     state = round_trip(reference.state_dict())
-    reference._update(unroll)
+    reference.update(unroll)
 
     resumed = learners(config, seed=2)
     torch.manual_seed(12345)
     resumed.load_state_dict(state)
-    resumed._update(unroll)
+    resumed.update(unroll)
     assert_same_tensors(parameters(resumed), parameters(reference))
 
 
 def test_a_diverged_minibatch_step_is_not_applied_but_earlier_ones_are(learners):
     learner = learners(make_config("a2c", num_envs=4, num_minibatches=2, ppo_clip=0.2))
     after_each_step = []
-    original_step, original_targets = learner._gradient_step, learner._targets
+    original_step, original_targets = learner.gradient_step, learner.targets
     calls = {"targets": 0}
 
     def gradient_step(loss):
@@ -268,10 +268,10 @@ def test_a_diverged_minibatch_step_is_not_applied_but_earlier_ones_are(learners)
         advantages, value_targets = original_targets(*args)
         return (advantages * math.nan if calls["targets"] == 2 else advantages), value_targets
 
-    learner._gradient_step, learner._targets = gradient_step, targets
+    learner.gradient_step, learner.targets = gradient_step, targets
     before = parameters(learner)
     with pytest.raises(TrainingDiverged, match="non-finite loss"):
-        learner._update(cartpole_unroll(6, 4))
+        learner.update(cartpole_unroll(6, 4))
     assert len(after_each_step) == 1 and learner.updates == 1
     assert_same_tensors(parameters(learner), after_each_step[0])
     assert any(not torch.equal(before[name], value) for name, value in after_each_step[0].items())
@@ -314,7 +314,7 @@ def test_impala_uses_the_unweighted_advantage_only_with_the_clip(learners, ppo_c
     gen = torch.Generator().manual_seed(0)
     log_probs = torch.log(torch.rand(5, 3, generator=gen) * 0.9 + 0.05)
     values, bootstrap = torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen)
-    advantages, value_targets = learner._targets(batch, log_probs, values, bootstrap)
+    advantages, value_targets = learner.targets(batch, log_probs, values, bootstrap)
 
     log_rhos = np.where(unroll.valid, log_probs.numpy() - unroll.behaviour_log_probs, 0.0)
     discounts = 0.99 * (1.0 - unroll.terminated)
@@ -339,7 +339,7 @@ def test_set_hyperparameters_changes_epochs_minibatches_and_clip(learners):
     learner.set_hyperparameters({"num_epochs": 3.0, "num_minibatches": 2, "ppo_clip": 0.25})
     assert learner.agent_cfg.num_epochs == 3 and isinstance(learner.agent_cfg.num_epochs, int)
     assert learner.hyperparameters()["ppo_clip"] == 0.25
-    learner._update(cartpole_unroll(5, 4))
+    learner.update(cartpole_unroll(5, 4))
     assert learner.updates == 6
 
     for bad in ({"ppo_clip": 1.0}, {"num_epochs": 0}, {"num_epochs": 101}, {"num_minibatches": 0},
