@@ -1,9 +1,11 @@
 """Weights & Biases logging for a population: one W&B run per member, all from the controller.
 
 :class:`WandbPopulationLogger` implements the ``PopulationLogger`` protocol of docs/design.md. The
-controller process opens one W&B run per member (``wandb.init(reinit="create_new")`` keeps several
-runs open in one process), grouped by experiment name, so the W&B UI shows the population as a
-group and each member as a run. Per run:
+controller's logging thread opens one W&B run per member (``wandb.init(reinit="create_new")`` keeps
+several runs open in one process), grouped by experiment name, so the W&B UI shows the population
+as a group and each member as a run, and one more run of job type ``population`` for the whole
+population (best and median fitness, a population table per ready point, the lineage:
+:mod:`pbt_rl.wandb_population`). Per member run:
 
 - time series against ``env_steps`` (``define_metric(..., step_metric="env_steps")``): episodic
   returns, fitness, losses, env steps/s and every hyperparameter as ``hp/<name>``;
@@ -28,6 +30,7 @@ a resumed population keeps appending to the runs it had.
 
 from __future__ import annotations
 
+import functools
 import json
 import netrc
 import os
@@ -39,6 +42,7 @@ from urllib.parse import urlsplit
 from pbt_rl.config import ExperimentConfig, to_dict
 from pbt_rl.runtime.run_format import EventRow, LineageRow, MetricsRow, Population
 from pbt_rl.runtime.store import RunStore
+from pbt_rl.wandb_population import WandbPopulationRun
 
 JOB_TYPE = "pbt-member"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -108,6 +112,8 @@ class WandbPopulationLogger:
         self._tables: dict[int, Any] = {}
         self._search_space: list[str] = [spec.name for spec in config.pbt.search_space]
         self._started = False
+        self._population = WandbPopulationRun(self._search_space)
+        self._env_steps: dict[int, int] = {}  # each member's latest, from its progress rows
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +145,16 @@ class WandbPopulationLogger:
             disable_git=True,
         )
         experiment = to_dict(self.config)
+        init = functools.partial(
+            wandb.init,
+            project=self.config.logging.wandb_project,
+            entity=self.config.logging.wandb_entity or None,
+            group=self.config.run.name,
+            dir=str(self.store.root),  # W&B writes under <dir>/wandb: RunStore.wandb_dir
+            mode=self.mode,
+            reinit="create_new",
+            settings=settings,
+        )
         for member, info in members.members.items():
             run_config = self._run_configs.get(member) or {
                 "member": member,
@@ -149,27 +165,22 @@ class WandbPopulationLogger:
                 "experiment": experiment,
             }
             resuming = member in self._run_ids
-            run = wandb.init(
-                project=self.config.logging.wandb_project,
-                entity=self.config.logging.wandb_entity or None,
-                group=self.config.run.name,
-                job_type=JOB_TYPE,
-                name=f"member-{member}",
-                dir=str(self.store.root),  # W&B writes under <dir>/wandb: RunStore.wandb_dir
-                mode=self.mode,
-                id=self._run_ids.get(member),
-                resume="allow" if resuming else None,
-                reinit="create_new",
-                config=run_config,
-                settings=settings,
-            )
+            run = init(job_type=JOB_TYPE, name=f"member-{member}", id=self._run_ids.get(member),
+                       resume="allow" if resuming else None, config=run_config)
             run.define_metric("env_steps")
             run.define_metric("*", step_metric="env_steps")
             self._runs[member] = run
             self._run_ids[member] = run.id
             self._run_configs[member] = run_config
             self._tables[member] = wandb.Table(columns=self._lineage_columns(), log_mode="INCREMENTAL")
+        self._population.search_space = list(self._search_space)
+        self._population.start(init, wandb, experiment, self._lineage_columns())
         self._started = True
+
+    def log_population(self, row: dict) -> None:
+        """A population snapshot at a ready point, to the population's own run."""
+        if self._started:
+            self._population.log_population(row)
 
     def log_progress(self, row: dict) -> None:
         """Log one metrics.jsonl row as a point of the member's time series at ``env_steps``."""
@@ -179,6 +190,7 @@ class WandbPopulationLogger:
         run = self._runs.get(progress.member)
         if run is None:
             return
+        self._env_steps[progress.member] = progress.env_steps
         data: dict[str, Any] = {"env_steps": progress.env_steps}
         if progress.updates is not None:
             data["updates"] = progress.updates
@@ -252,7 +264,9 @@ class WandbPopulationLogger:
         self._run_configs[member] = {**self._run_configs[member], **config_update}
 
         table = self._tables[member]
-        table.add_data(*self._lineage_cells(exploit, donor_artifact_name))
+        cells = self._lineage_cells(exploit, donor_artifact_name)
+        table.add_data(*cells)
+        self._population.log_exploit(cells, sum(self._env_steps.values()))
         data: dict[str, Any] = {
             "env_steps": exploit.env_steps,
             "exploit/donor": donor,
@@ -297,18 +311,21 @@ class WandbPopulationLogger:
             "mode": self.mode,
             "run_ids": {str(m): run_id for m, run_id in self._run_ids.items()},
             "run_configs": {str(m): cfg for m, cfg in self._run_configs.items()},
+            "population": self._population.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Called before start() on resume: start() then re-opens these runs."""
         self._run_ids = {int(m): str(run_id) for m, run_id in (state.get("run_ids") or {}).items()}
         self._run_configs = {int(m): dict(cfg) for m, cfg in (state.get("run_configs") or {}).items()}
+        self._population.load_state_dict(state.get("population") or {})
 
     def close(self) -> None:
         """Finish every run (flushes the offline files)."""
         runs, self._runs = self._runs, {}
         for run in runs.values():
             run.finish()
+        self._population.close()
         self._tables = {}
         self._started = False
 

@@ -10,6 +10,7 @@ from pbt_rl.config import from_dict
 from pbt_rl.runtime.file_io import read_jsonl
 from pbt_rl.wandb_logger import WandbPopulationLogger, resolve_mode
 from test_report import experiment_dict, write_synthetic_run
+from runtime_support import wait_until
 from wandb_records import find_log_files, read_records
 
 
@@ -155,3 +156,48 @@ def test_offline_logging_and_resume(wandb_env):
     assert member2_resumed["parent"] == 0 and member2_resumed["hp"]["lr"] == 0.012
     models = [json.loads(a.metadata) for a in _of_type(second, "artifact") if a.type == "model"]
     assert [(m["member"], m["parent"], m["generation"]) for m in models] == [(1, 2, 1)]
+
+
+def test_the_population_run_holds_best_and_median_fitness_a_table_per_ready_point_and_the_lineage(wandb_env):
+    run_dir = write_synthetic_run(wandb_env / "run", config_sections={"logging": {"wandb": "offline"}})
+    config = from_dict(experiment_dict(run_dir, logging={"wandb": "offline"}))
+    population = json.loads((run_dir / "population.json").read_text())
+    lineage = read_jsonl(run_dir / "lineage.jsonl")
+    checkpoint = run_dir / lineage[0]["donor_checkpoint"]
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"donor weights")
+
+    def snapshot(wall: float, fitness: list) -> dict:
+        members = [{"member": m, "env_steps": 100 * (m + 1), "fitness": f, "generation": 0, "status": "training",
+                    "hyperparameters": {"lr": 0.01 * (m + 1), "entropy_cost": 0.1}} for m, f in enumerate(fitness)]
+        scored = sorted(f for f in fitness if f is not None)
+        return {"time": 1.0e9 + wall, "wall_seconds": wall, "env_steps": 600, "exploits": 0, "members": members,
+                "best_member": fitness.index(scored[-1]) if scored else None,
+                "best_fitness": scored[-1] if scored else None,
+                "median_fitness": scored[len(scored) // 2] if scored else None}
+
+    logger = WandbPopulationLogger(config, run_dir)
+    logger.start(population)
+    logger.log_population(snapshot(5.0, [None, None, None]))
+    logger.log_population(snapshot(9.0, [1.0, 3.0, 2.0]))
+    logger.log_exploit(lineage[0], checkpoint)
+    run_id = logger.state_dict()["population"]["run_id"]
+    logger.close()
+
+    (log,) = find_log_files(run_dir / "wandb", run_id)
+    # wandb-core writes the log from its own process: wait (bounded) until the run's exit record is in.
+    assert wait_until(lambda: bool(_of_type(read_records(log), "exit")))
+    records = read_records(log)
+    run_record = _of_type(records, "run")[0]
+    assert (run_record.run_group, run_record.job_type, run_record.display_name) == ("synthetic", "population", "population")
+    history = _history(records)
+    points = [h for h in history if "exploits" in h]
+    assert [(h["wall_seconds"], h.get("best_fitness"), h.get("median_fitness"), h.get("best_member")) for h in points] == [
+        (5.0, None, None, None), (9.0, 3.0, 2.0, 1)]
+    tables = sorted(f.path for fr in _of_type(records, "files") for f in fr.files if f.path.startswith("media/table/"))
+    population_tables = [t for t in tables if t.startswith("media/table/population")]
+    assert len(population_tables) == 2 and any(t.startswith("media/table/lineage") for t in tables)
+    last = json.loads((log.parent / "files" / population_tables[-1]).read_text())
+    rows = [dict(zip(last["columns"], data)) for data in last["data"]]
+    assert [(r["ready_point"], r["member"], r["fitness"], r["hp/lr"]) for r in rows] == [
+        (2, 0, 1.0, 0.01), (2, 1, 3.0, 0.02), (2, 2, 2.0, 0.03)]

@@ -39,7 +39,7 @@ from pbt_rl.runtime.recovery import after_failure, apply_lineage_row
 from pbt_rl.runtime.loggers import Loggers
 from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
 from pbt_rl.runtime.store import RunStore
-from pbt_rl.runtime.summary import build_summary, outcome_lines
+from pbt_rl.runtime.summary import build_summary, outcome_lines, population_row
 from pbt_rl.runtime.watchdog import SilenceWatch
 from pbt_rl.scheduler import Continue, Exploit, Scheduler
 
@@ -61,7 +61,7 @@ class Controller:
     ):
         self.config = config
         self.store = store
-        self.loggers = Loggers(loggers)
+        self.loggers = Loggers(loggers, store.logging_staging_dir)
         self.backend = backend or make_backend(config.run.backend)
         self.scheduler = Scheduler(config.pbt, seed=config.run.seed)
         self.names = tuple(spec.name for spec in config.pbt.search_space)
@@ -298,6 +298,7 @@ class Controller:
             decision = Continue(record.member_id, record.env_steps, "not ready")
         self._apply(decision)
         self._prune(record.member_id)
+        self._log_population()
 
     def _maybe_decide_generation(self) -> None:
         active = [r for r in self.records.values() if not (r.done or r.abandoned)]
@@ -310,6 +311,11 @@ class Controller:
             if record.member_id not in ready or decision is None:
                 decision = Continue(record.member_id, record.env_steps, "not ready")
             self._apply(decision)
+        self._log_population()
+
+    def _log_population(self) -> None:
+        if self.loggers.started:
+            self.loggers.population(population_row(self.records, self._fitness, self.wall_seconds()))
 
     def _apply(self, decision: Continue | Exploit) -> None:
         member_id = decision.member_id

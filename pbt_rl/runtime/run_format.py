@@ -37,6 +37,7 @@ REPORT_DIR = "report"
 WANDB_DIR = "wandb"  # W&B creates it itself under the directory it is given
 REPLAY_DIR_PREFIX = "replay-"  # replay-<member>/
 LOCK_FILE = ".lock"  # flock'ed by the one writer of the run (run_lock.py)
+LOGGING_STAGING_DIR = ".logging-staging"  # donor checkpoints linked for the loggers (loggers.py)
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{12})\.pt$")
 

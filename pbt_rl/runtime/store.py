@@ -45,6 +45,7 @@ from pbt_rl.runtime.run_format import (
     STATE_FILE,
     SUMMARY_FILE,
     WANDB_DIR,
+    LOGGING_STAGING_DIR,
     CheckpointError,
     EventRow,
     LineageRow,
@@ -108,6 +109,11 @@ class RunStore:
     def wandb_dir(self) -> Path:
         """Where W&B's files end up when W&B is given ``root`` as its directory."""
         return self.root / WANDB_DIR
+
+    @property
+    def logging_staging_dir(self) -> Path:
+        """Where donor checkpoints wait, hard-linked, for the loggers that record an exploit."""
+        return self.root / LOGGING_STAGING_DIR
 
     def replay_dir(self, member: int) -> Path:
         return self.root / f"{REPLAY_DIR_PREFIX}{member}"

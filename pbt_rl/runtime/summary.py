@@ -19,6 +19,8 @@ abandoned members a new series of attempts. Member status: ``done``, ``abandoned
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Callable, Mapping
 
 from pbt_rl.runtime.records import MemberRecord
@@ -75,6 +77,31 @@ def build_summary(records: Mapping[int, MemberRecord], fitness: Callable[[Member
         "members_abandoned": sum(r.abandoned for r in records.values()),
         "exploits": exploits,
         "wall_seconds": wall_seconds,
+        "members": members,
+    }
+
+
+def population_row(records: Mapping[int, MemberRecord], fitness: Callable[[MemberRecord], float],
+                   wall_seconds: float) -> dict:
+    """The population at one moment (what loggers get at each ready point): per member env steps,
+    fitness (None until scored), generation, status and hyperparameters; the population's env
+    steps (summed over members), its best member (:func:`best_member`) and best and median
+    fitness over the scored members (None while none is), and the exploits so far (the
+    members' generations summed: one per lineage row)."""
+    members = []
+    for r in records.values():
+        score = fitness(r)
+        members.append({"member": r.member_id, "env_steps": r.env_steps,
+                        "fitness": score if math.isfinite(score) else None, "generation": r.generation,
+                        "status": r.status, "hyperparameters": dict(r.hyperparameters)})
+    scores = sorted(m["fitness"] for m in members if m["fitness"] is not None)
+    best = best_member({m["member"]: m["fitness"] for m in members})
+    return {
+        "time": time.time(), "wall_seconds": wall_seconds,
+        "env_steps": sum(m["env_steps"] for m in members),
+        "best_member": best, "best_fitness": scores[-1] if scores else None,
+        "median_fitness": statistics.median(scores) if scores else None,
+        "exploits": sum(m["generation"] for m in members),
         "members": members,
     }
 
