@@ -187,16 +187,11 @@ class Learner:
         with torch.no_grad():
             packed = model.act_packed(to_device(obs, self.device), deterministic=deterministic,
                                       generator=self.state.acting_generator).cpu().numpy()
-        log_probs = packed[:, -1].astype(np.float32)
         if not np.isfinite(packed).all():
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged("non-finite policy weights while acting")
             raise ValueError("non-finite actions or log-probabilities from finite weights: check the observations")
-        if model.is_continuous:
-            actions = packed[:, :-1].astype(np.float32)
-        else:
-            actions = packed[:, 0].astype(np.int64)
-        return actions, model.env_actions(actions), log_probs
+        return model.unpack(packed)
 
     def act(self, raw_obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Env actions ``[B, ...]`` of the current policy for raw observations ``[B, ...]``.

@@ -267,6 +267,16 @@ class ActorCritic(nn.Module):
             actions = actions.long()
         return self._log_prob(distribution, actions), self._entropy(distribution), value
 
+    def unpack(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`act_packed`'s rows on the host as ``(actions as sampled, env actions, log_probs)``:
+        actions ``int64 [N]`` (Discrete) or ``float32 [N, D]`` (Box, unclipped), env actions as
+        :meth:`env_actions` gives them, log-probabilities ``float32 [N]``."""
+        if self.is_continuous:
+            actions = packed[:, :-1].astype(np.float32)
+        else:
+            actions = packed[:, 0].astype(np.int64)
+        return actions, self.env_actions(actions), packed[:, -1].astype(np.float32)
+
     def env_actions(self, actions: Tensor | np.ndarray) -> np.ndarray:
         """Actions (a tensor or a host array) as the env takes them (numpy): ``int64 [N]``, or
         ``[N, *shape]`` clipped to the Box bounds in the space's dtype."""
