@@ -22,7 +22,9 @@ Video (``video=path.gif`` or ``.mp4``): the first evaluated episode.
   observation vector per step (drawn with numpy), from the first evaluated episode itself.
 - ``.gif`` works everywhere (Pillow); ``.mp4`` needs the ``imageio-ffmpeg`` package.
 At most :data:`MAX_VIDEO_FRAMES` frames are written. The video's directory must exist; the path
-is checked before the checkpoint is loaded (:func:`check_video_path`).
+is checked before the checkpoint is loaded (:func:`check_video_path`). With W&B logging on in
+the run's config, the video and the scores also go to the member's W&B run
+(:func:`pbt_rl.wandb_logger.log_eval_video`).
 """
 
 from __future__ import annotations
@@ -176,12 +178,19 @@ def evaluate(
         "seed": seed,
         "video": None if video is None else str(video),
     }
+    wandb_note = None
+    if video is not None and run.config.logging.wandb != "disabled":
+        from pbt_rl.wandb_logger import log_eval_video
+
+        wandb_note = log_eval_video(run.root, run.config, member_id, Path(video), result)
     if console:
         action = "greedy" if deterministic else "sampled"
         print(f"member {member_id} @ {checkpoint_steps:,} env steps: episodic return {mean:.2f} +- {std:.2f} "
               f"over {episodes} episodes ({action} actions, seed {seed})")
         if video is not None:
             print(f"video ({video_note}) written to {video}")
+        if wandb_note:
+            print(wandb_note)
     return result
 
 

@@ -344,3 +344,44 @@ class WandbPopulationLogger:
         for name in self._search_space:
             cells += [row.old_hyperparameters.get(name), row.new_hyperparameters.get(name), row.operations.get(name)]
         return cells
+
+
+def log_eval_video(run_dir: Path, config: ExperimentConfig, member: int, video: Path, result: dict) -> str | None:
+    """Log ``pbt-rl eval``'s video and scores to ``member``'s W&B run; returns what to print.
+
+    The member's run id comes from state.json (what :meth:`WandbPopulationLogger.state_dict`
+    saved); the run is re-opened (``resume="allow"``) under the run directory, in the mode the run
+    used (``online`` without credentials is ``offline``), and gets ``eval/video`` (a W&B video),
+    ``eval/return_mean`` and ``eval/return_std`` at the checkpoint's env steps. Skipped, with the
+    reason returned, while a controller holds the run (its process has the member's run open) or
+    when the run has no W&B run for the member. Imports wandb only here.
+    """
+    from pbt_rl.runtime.run_lock import RunLock
+    from pbt_rl.runtime.store import RunDirError
+
+    store = RunStore(run_dir)
+    state = store.read_json(store.state_path)
+    saved = [s for s in (state.get("loggers") or []) if isinstance(s, dict) and "run_ids" in s]
+    run_id = (saved[0].get("run_ids") or {}).get(str(member)) if saved else None
+    if not run_id:
+        return "W&B: the run has no W&B run for this member; video not logged to W&B"
+    lock = RunLock(store.root, "pbt-rl eval")
+    try:
+        lock.acquire()
+    except RunDirError:
+        return "W&B: a controller is using the run (it has the member's W&B run open); video not logged to W&B"
+    try:
+        import wandb
+
+        run = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
+                         group=config.run.name, job_type=JOB_TYPE, name=f"member-{member}", id=run_id,
+                         resume="allow", dir=str(store.root), mode=saved[0].get("mode") or resolve_mode(config.logging.wandb),
+                         reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True,
+                                                                       save_code=False, disable_git=True))
+        run.log({"env_steps": result["checkpoint_env_steps"], "eval/video": wandb.Video(str(video)),
+                 "eval/return_mean": result["mean"], "eval/return_std": result["std"],
+                 "eval/episodes": result["episodes"]})
+        run.finish()
+    finally:
+        lock.release()
+    return f"W&B: video logged to member {member}'s run {run_id}"

@@ -13,6 +13,7 @@ from pbt_rl.evaluate import evaluate
 from pbt_rl.lineage import schedule_of
 from pbt_rl.replay import replay
 from pbt_rl.runtime.store import RunStore, load_run
+from runtime_support import wait_until
 from test_report import write_synthetic_run
 
 
@@ -151,3 +152,16 @@ def test_report_replay_eval_and_wandb_on_a_real_population(tmp_path, monkeypatch
     first = evaluate(run_dir, member="best", episodes=2, seed=1, console=False)
     second = evaluate(run_dir, member="best", episodes=2, seed=1, console=False)
     assert first["returns"] == second["returns"] and first["checkpoint_env_steps"] == 8000
+
+    # eval --video with W&B on: the video and the scores land in the member's own W&B run.
+    logs_before = find_log_files(run_dir / "wandb", run_ids[str(best)])
+    shown = evaluate(run_dir, member="best", episodes=1, seed=1, video=tmp_path / "best.gif", console=False)
+    logs = find_log_files(run_dir / "wandb", run_ids[str(best)])
+    assert len(logs) == len(logs_before) + 1
+    new_log = next(f for f in logs if f not in logs_before)
+    assert wait_until(lambda: any(r.WhichOneof("record_type") == "exit" for r in read_records(new_log)))
+    items = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for r in read_records(new_log)
+             if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    assert items["eval/video/_type"] == "video-file" and items["eval/video/path"].endswith(".gif")
+    assert (new_log.parent / "files" / items["eval/video/path"]).stat().st_size == items["eval/video/size"]
+    assert items["eval/return_mean"] == shown["mean"] and items["env_steps"] == 8000
