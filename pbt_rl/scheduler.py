@@ -72,33 +72,7 @@ unroll's overshoot, which must not exclude anyone).
 
 Exploit strategies (``pbt.exploit``)
 ------------------------------------
-Every strategy copies only an eligible donor (see *Donors*) that is *strictly* better than the
-member by the margin
-``max(pbt.margin_absolute, pbt.margin_relative * |member score|)`` (0 by default, so equal scores
-never copy each other). A member never copies itself.
-
-- ``truncation``: rank the compared members (the member itself plus the scored others) by score.
-  The bottom ``k`` copy a member of the top ``k``, chosen uniformly among the top members that are
-  eligible donors and beat the member by the margin, with ``k = truncation_count(n, pbt.truncation_fraction)
-  = max(1, floor(n * fraction))``. So n=10 at 0.2 gives k=2, and n=2, 3, 4 still give one
-  exploiter and one donor; since the fraction is at most 0.5, the bottom and top never overlap.
-- ``tournament``: binary tournament. Pick one other compared member uniformly; copy it if it is
-  better (by the margin).
-- ``ttest``: as in the paper's T-test selection, pick one other compared member uniformly (not the
-  best); copy it only if Welch's t-test (``scipy.stats.ttest_ind(equal_var=False,
-  alternative="greater")``) on the last ``pbt.fitness_window`` returns of each says the donor's
-  mean is higher with p < ``pbt.ttest_alpha``, and the donor's mean beats the member's by the
-  margin. Both members need at least ``max(2, pbt.min_episodes)`` current returns and both samples
-  at least two (so ``fitness_window: 1`` never copies); a diverged member (a non-finite return in
-  its sample) copies an eligible opponent without a test. Two constant samples count as
-  significant exactly when the donor's mean is higher. The samples are the members' current
-  returns (a :class:`MemberState` carries no older ones), so only the *choice* of opponent is
-  restricted to members scored at ``<= s`` env steps.
-
-``Exploit.member_score`` / ``donor_score`` are the scores the decision compared: the member's
-current fitness, and for the donor (truncation, tournament) its fair score (async: its recorded
-score at ``<= s + slack``, which may differ from its current fitness; sync: its current fitness),
-or (t-test) the mean of its sample, i.e. its current fitness.
+Truncation, tournament and t-test selection: :mod:`pbt_rl.selection` (its docstring).
 
 Reseeding (:meth:`Scheduler.reseed`)
 ------------------------------------
@@ -111,6 +85,27 @@ come from the same explore step as an exploit (``pbt.explore``, ``pbt.resample_p
 scheduler's generator). The returned :class:`Exploit` has ``member_score`` = the member's current
 fitness (NaN when unscored), ``env_steps`` = the member's ``env_steps`` and ``donor_score`` = the
 donor's current fitness; ``None`` when no member is eligible (then nothing is drawn).
+
+Baselines (``pbt.exploit: none``, ``pbt.search``)
+------------------------------------------------
+``pbt.exploit: none`` never copies: :meth:`Scheduler.decide` and :meth:`Scheduler.decide_generation`
+always continue and :meth:`Scheduler.reseed` returns None (a failed member restarts from its own
+checkpoint). With ``pbt.search: space`` that is random search: the initial values are the same
+draws from the same generator as any other arm with the same seed and search space. With
+``pbt.search: none`` (hand-tuning) every member starts from the agent config's values, nothing is
+drawn, and the population is copies of one configuration that differ only by their seeds. Both
+spend the same budget as PBT: every member trains ``run.total_env_steps``.
+
+PB2 (``pbt.explore: pb2``)
+-------------------------
+The numeric values of an exploit (or reseed) come from PB2's GP bandit (:mod:`pbt_rl.pb2`);
+categorical ones from the ordinary explore. The scheduler keeps PB2's improvement data itself:
+at every ready decision it records the deciding member's fitness change since its previous
+decision (:meth:`pbt_rl.pb2.ImprovementLog.observe`) and where its next interval starts (its own
+fitness and values, or after an exploit the donor's score and the new values); the data is part
+of :meth:`Scheduler.state_dict`. The other members' current values (and those already given to
+exploiters in the same generation) are PB2's pending points. Operation strings: ``"pb2"``, or
+while PB2 has too little data the ordinary one with ``" (pb2: too little data)"`` appended.
 
 Ties
 ----
@@ -129,112 +124,24 @@ offered as opponents.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
 import numpy as np
-import scipy.stats
 
 from pbt_rl.config import PBTConfig
+from pbt_rl.decisions import Continue, Decision, Exploit, MemberState
+from pbt_rl.pb2 import ImprovementLog
+from pbt_rl.selection import Selection, truncation_count, welch_p_value_greater
 from pbt_rl.search_space import SearchSpace, Value
 
+__all__ = ["Continue", "Decision", "Exploit", "MemberState", "Scheduler", "truncation_count", "welch_p_value_greater"]
+
 STATE_FORMAT = 1
+NO_EXPLOIT = "pbt.exploit: none (a baseline: members never copy)"
 
 
-@dataclass(frozen=True)
-class MemberState:
-    """What the scheduler knows about one member at one moment.
-
-    episode_returns: finished-episode returns (true game score) since the member's last exploit,
-        oldest first; the runtime empties it after an exploit.
-    score_history: (env_steps, fitness) at each of this member's ready points, in order.
-    hyperparameters: the member's current values (at least every search-space name).
-    checkpoint_id: the member's latest checkpoint (what a copier loads); None before the first.
-        After an exploit, the donor checkpoint it loaded until it saves its own next one.
-    checkpoint_env_steps: the env steps at which the weights in ``checkpoint_id`` were saved (the
-        donor's, after an exploit); None when unknown, and then the member is never a donor.
-    """
-
-    member_id: int
-    env_steps: int
-    last_ready_steps: int
-    episode_returns: tuple[float, ...]
-    score_history: tuple[tuple[int, float], ...]
-    hyperparameters: Mapping[str, Value]
-    checkpoint_id: str | None
-    checkpoint_env_steps: int | None = None
-
-
-def _json_value(value: Any) -> Any:
-    """Plain JSON value: numpy scalars unwrapped, non-finite floats as None."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    return value
-
-
-@dataclass(frozen=True)
-class Continue:
-    """The member keeps training with its own weights and hyperparameters."""
-
-    member_id: int
-    env_steps: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"decision": "continue", **{f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}}
-
-
-@dataclass(frozen=True)
-class Exploit:
-    """The member loads ``donor_checkpoint``, then sets ``new_hyperparameters``.
-
-    new_hyperparameters: the donor's hyperparameters after exploration (search-space names
-        explored, every other key copied from the donor). operations: name -> what explore did.
-    donor_env_steps: the env steps of the copied weights (the donor's ``checkpoint_env_steps``).
-    member_score / donor_score: the scores the decision compared (NaN member score = diverged or,
-        for a reseed, unscored); see the module docstring.
-    """
-
-    member_id: int
-    env_steps: int
-    donor_id: int
-    donor_checkpoint: str
-    donor_env_steps: int
-    old_hyperparameters: dict[str, Value]
-    new_hyperparameters: dict[str, Value]
-    operations: dict[str, str]
-    member_score: float
-    donor_score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe (non-finite scores become None)."""
-        return {"decision": "exploit", **{f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}}
-
-
-Decision = Continue | Exploit
-
-
-def truncation_count(population_size: int, fraction: float) -> int:
-    """Members in the bottom (and in the top) of a truncation ranking: max(1, floor(n * fraction)).
-
-    0 for fewer than two members. The small epsilon keeps 0.29 * 100 at 29 despite rounding.
-    """
-    if population_size < 2:
-        return 0
-    return max(1, math.floor(population_size * fraction + 1e-9))
-
-
-def _rank_key(score: float) -> float:
-    return score if math.isfinite(score) else -math.inf
-
-
-class Scheduler:
+class Scheduler(Selection):
     """PBT decisions for one run (see the module docstring)."""
 
     def __init__(self, pbt_cfg: PBTConfig, seed: int):
@@ -243,12 +150,18 @@ class Scheduler:
         self._rng = np.random.default_rng(seed)
         # Env steps by which another member's score may be "newer" and still count as a peer's.
         self.comparison_slack = pbt_cfg.ready_after_steps // 10
+        searching = pbt_cfg.explore == "pb2" and pbt_cfg.exploit != "none"
+        self.pb2 = ImprovementLog(self.search_space, pbt_cfg.ready_after_steps) if searching else None
+        self._population: Mapping[int, MemberState] = {}
+        self._chosen: list[dict[str, Value]] = []  # values given to exploiters in this decision call
 
     # ------------------------------------------------------------------ population start
 
     def initial_hyperparameters(self, base: Mapping[str, Value], population_size: int) -> list[dict[str, Value]]:
         """One dict per member: ``base`` (the agent config's values) overlaid with a sample of
-        the search space (``init`` where a parameter sets it)."""
+        the search space (``init`` where a parameter sets it); with ``pbt.search: none``, ``base``."""
+        if self.config.search == "none":
+            return [dict(base) for _ in range(population_size)]
         return [{**base, **self.search_space.sample(self._rng)} for _ in range(population_size)]
 
     # ------------------------------------------------------------------ scoring and readiness
@@ -295,6 +208,14 @@ class Scheduler:
 
     def decide(self, member_id: int, population: Mapping[int, MemberState]) -> Decision:
         """Async mode: the ready member compares itself with the others' fair scores."""
+        if self.config.exploit == "none":
+            return Continue(member_id, population[member_id].env_steps, NO_EXPLOIT)
+        self._begin(population, [member_id])
+        decision = self._decide(member_id, population)
+        self._started(decision)
+        return decision
+
+    def _decide(self, member_id: int, population: Mapping[int, MemberState]) -> Decision:
         member = population[member_id]
         early = self._early_continue(member, population)
         if early is not None:
@@ -321,6 +242,15 @@ class Scheduler:
 
     def decide_generation(self, population: Mapping[int, MemberState]) -> dict[int, Decision]:
         """Sync mode: every member decides against one snapshot (current fitness); donors continue."""
+        if self.config.exploit == "none":
+            return {i: Continue(i, m.env_steps, NO_EXPLOIT) for i, m in sorted(population.items())}
+        self._begin(population, sorted(population))
+        decisions = self._decide_generation(population)
+        for decision in decisions.values():
+            self._started(decision)
+        return decisions
+
+    def _decide_generation(self, population: Mapping[int, MemberState]) -> dict[int, Decision]:
         decisions: dict[int, Decision] = {}
         scores: dict[int, float] = {}
         for member_id in sorted(population):
@@ -375,6 +305,11 @@ class Scheduler:
         """A donor for a member that failed or diverged: the best other eligible member by current
         fitness, not in ``excluded``, explored; None if there is none (module docstring, *Reseeding*)."""
         member = population[member_id]
+        if self.config.exploit == "none":
+            return None
+        self._begin(population, [])
+        if self.pb2 is not None:
+            self.pb2.forget(member_id)
         excluded = set(excluded)
         candidates = {
             other_id: self.fitness(population[other_id])
@@ -390,7 +325,10 @@ class Scheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: the generator's bit-generator state."""
-        return {"format": STATE_FORMAT, "rng": self._rng.bit_generator.state}
+        state = {"format": STATE_FORMAT, "rng": self._rng.bit_generator.state}
+        if self.pb2 is not None:
+            state["pb2"] = self.pb2.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -400,8 +338,50 @@ class Scheduler:
         if rng_state.get("bit_generator") != expected:
             raise ValueError(f"scheduler state holds a {rng_state.get('bit_generator')!r} generator, expected {expected!r}")
         self._rng.bit_generator.state = rng_state
+        if self.pb2 is not None and "pb2" in state:
+            self.pb2.load_state_dict(state["pb2"])
 
     # ------------------------------------------------------------------ helpers
+
+    def _begin(self, population: Mapping[int, MemberState], ready: list[int]) -> None:
+        """Start of a decision call: PB2 observes the ready members' finished intervals."""
+        self._population, self._chosen = population, []
+        if self.pb2 is not None:
+            for member_id in ready:
+                member = population[member_id]
+                self.pb2.observe(member_id, member.env_steps, self.fitness(member), member.hyperparameters)
+
+    def _started(self, decision: Decision) -> None:
+        """PB2: the member's next interval starts from its score and values (or the donor's)."""
+        if self.pb2 is None:
+            return
+        member = self._population[decision.member_id]
+        if isinstance(decision, Exploit):
+            self.pb2.started(member.member_id, member.env_steps, decision.donor_score, decision.new_hyperparameters)
+        else:
+            self.pb2.started(member.member_id, member.env_steps, self.fitness(member), member.hyperparameters)
+
+    def _explore(self, member: MemberState, donor: MemberState) -> tuple[dict[str, Value], dict[str, str]]:
+        """The donor's values explored: ``pbt.explore``, or PB2 for the numeric ones."""
+        cfg, space = self.config, self.search_space
+        if self.pb2 is None:
+            return space.explore(donor.hyperparameters, self._rng, cfg.explore, resample_probability=cfg.resample_probability)
+        numeric = set(space.numeric_names)
+        new, operations = space.explore(donor.hyperparameters, self._rng, "perturb_or_resample",
+                                        resample_probability=cfg.resample_probability,
+                                        only=[n for n in space.names if n not in numeric])
+        pending = [m.hyperparameters for i, m in sorted(self._population.items()) if i != member.member_id]
+        chosen = self.pb2.suggest(donor.hyperparameters, member.env_steps, pending + self._chosen, self._rng)
+        if chosen is None:  # too little data yet: the ordinary explore
+            fallback, ops = space.explore(donor.hyperparameters, self._rng, "perturb_or_resample",
+                                          resample_probability=cfg.resample_probability, only=numeric)
+            chosen = {n: fallback[n] for n in numeric}
+            operations.update({n: f"{ops[n]} (pb2: too little data)" for n in numeric})
+        else:
+            operations.update({n: "pb2" for n in numeric})
+        new.update(chosen)
+        self._chosen.append(new)
+        return new, operations
 
     def _early_continue(self, member: MemberState, population: Mapping[int, MemberState]) -> Continue | None:
         if len(population) < 2:
@@ -415,80 +395,10 @@ class Scheduler:
             )
         return None
 
-    def _worst_first(self, scores: Mapping[int, float]) -> list[int]:
-        """Member ids from worst to best; non-finite scores first; ties in a random order."""
-        ids = sorted(scores)
-        tie_break = self._rng.permutation(len(ids))
-        keys = np.array([_rank_key(scores[i]) for i in ids], dtype=np.float64)
-        return [ids[i] for i in np.lexsort((tie_break, keys))]
-
-    def _beats(self, donor_score: float, member_score: float) -> bool:
-        """Donor strictly better than the member by the configured margin."""
-        if not math.isfinite(donor_score):
-            return False
-        if not math.isfinite(member_score):
-            return True
-        margin = max(self.config.margin_absolute, self.config.margin_relative * abs(member_score))
-        return donor_score > member_score + margin
-
-    def _truncation_exploit(
-        self,
-        member: MemberState,
-        own: float,
-        top: list[int],
-        scores: Mapping[int, float],
-        population: Mapping[int, MemberState],
-    ) -> Decision:
-        eligible = [
-            d for d in sorted(top)
-            if d != member.member_id and self.donor_problem(population[d]) is None and self._beats(scores[d], own)
-        ]
-        if not eligible:
-            return Continue(
-                member.member_id,
-                member.env_steps,
-                f"bottom member, but no top member {sorted(top)} is an eligible donor better by the margin",
-            )
-        donor_id = eligible[int(self._rng.integers(len(eligible)))]
-        return self._exploit(member, own, population[donor_id], scores[donor_id])
-
-    def _duel(self, member: MemberState, own: float, opponent: MemberState, opponent_score: float) -> Decision:
-        """Tournament or t-test between the member and one opponent."""
-        problem = self.donor_problem(opponent)
-        if problem is not None:
-            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} {problem}")
-        if self.config.exploit == "tournament":
-            if self._beats(opponent_score, own):
-                return self._exploit(member, own, opponent, opponent_score)
-            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} is not better by the margin")
-
-        window = self.config.fitness_window
-        needed = max(2, self.config.min_episodes)
-        mine = np.asarray(member.episode_returns[-window:], dtype=np.float64)
-        theirs = np.asarray(opponent.episode_returns[-window:], dtype=np.float64)
-        # Eligible, so the opponent's sample (the window of its finite fitness) is finite.
-        if len(opponent.episode_returns) < needed or len(theirs) < 2:
-            return Continue(member.member_id, member.env_steps, f"opponent {opponent.member_id} has fewer than {needed} returns for the t-test")
-        donor_mean = float(theirs.mean())
-        if not np.all(np.isfinite(mine)):  # diverged: anything finite is better
-            return self._exploit(member, own, opponent, donor_mean)
-        if len(member.episode_returns) < needed or len(mine) < 2:
-            return Continue(member.member_id, member.env_steps, f"fewer than {needed} returns for the t-test")
-        p_value = welch_p_value_greater(theirs, mine)
-        if p_value < self.config.ttest_alpha and self._beats(donor_mean, float(mine.mean())):
-            return self._exploit(member, own, opponent, donor_mean)
-        return Continue(
-            member.member_id,
-            member.env_steps,
-            f"opponent {opponent.member_id} not significantly better (p={p_value:.3g}, alpha={self.config.ttest_alpha})",
-        )
-
     def _exploit(self, member: MemberState, own: float, donor: MemberState, donor_score: float) -> Exploit:
         assert donor.member_id != member.member_id and self.donor_problem(donor) is None
         assert donor.checkpoint_id is not None and donor.checkpoint_env_steps is not None
-        new, operations = self.search_space.explore(
-            donor.hyperparameters, self._rng, self.config.explore, resample_probability=self.config.resample_probability
-        )
+        new, operations = self._explore(member, donor)
         return Exploit(
             member_id=member.member_id,
             env_steps=member.env_steps,
@@ -501,13 +411,3 @@ class Scheduler:
             member_score=float(own),
             donor_score=float(donor_score),
         )
-
-
-def welch_p_value_greater(donor: np.ndarray, member: np.ndarray) -> float:
-    """One-sided p-value of Welch's t-test for mean(donor) > mean(member).
-
-    Two constant samples have no variance to test: p = 0 if the donor's mean is higher, else 1.
-    """
-    if np.var(donor) == 0.0 and np.var(member) == 0.0:
-        return 0.0 if donor.mean() > member.mean() else 1.0
-    return float(scipy.stats.ttest_ind(donor, member, equal_var=False, alternative="greater").pvalue)

@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -69,7 +69,8 @@ def _choices(config_class: type, field_name: str) -> tuple[str, ...]:
 
 KINDS = _choices(ParamSpec, "kind")
 PERTURB_RULES = _choices(ParamSpec, "perturb")
-EXPLORE_MODES = _choices(PBTConfig, "explore")
+EXPLORE_MODES = tuple(m for m in _choices(PBTConfig, "explore") if m != "pb2")
+"""The explore modes this module carries out ('pb2' is the scheduler's: :mod:`pbt_rl.pb2`)."""
 INTEGER_KINDS = ("int", "log_int")
 """Kinds whose values are integers (the other numeric kinds take real numbers)."""
 LOG_KINDS = ("log_uniform", "log_int")
@@ -208,13 +209,15 @@ class SearchSpace:
         rng: np.random.Generator,
         mode: str,
         resample_probability: float,
+        only: Collection[str] | None = None,
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The explore step after an exploit: every search-space parameter gets one operation.
 
         mode 'perturb': perturb all; 'resample': redraw all from the prior; 'perturb_or_resample'
         (the paper's combination): each parameter independently is redrawn with probability
         ``resample_probability`` (``pbt.resample_probability``) and perturbed otherwise. Keys
-        outside the space pass through. Returns (new values, {name: operation string}).
+        outside the space pass through, and so do the space's parameters not in ``only`` (when
+        given). Returns (new values, {name: operation string}).
         """
         if mode not in EXPLORE_MODES:
             raise ValueError(f"explore mode {mode!r} is not one of {', '.join(EXPLORE_MODES)}")
@@ -222,12 +225,45 @@ class SearchSpace:
         new = dict(values)
         operations: dict[str, str] = {}
         for p in self._params.values():
+            if only is not None and p.name not in only:
+                continue
             redraw = mode == "resample" or (mode == "perturb_or_resample" and rng.random() < resample_probability)
             if redraw:
                 new[p.name], operations[p.name] = self._draw(p, rng), "resample"
             else:
                 new[p.name], operations[p.name] = self._perturb_one(p, values[p.name], rng)
         return new, operations
+
+    # ------------------------------------------------------------------ the unit cube (PB2)
+
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        """The parameters that are not categorical (real or integer), in the config's order."""
+        return tuple(p.name for p in self._params.values() if p.kind != "categorical")
+
+    def to_unit(self, name: str, value: Any) -> float:
+        """A numeric parameter's value mapped onto [0, 1]: linear in the value for ``uniform`` /
+        ``int``, in its logarithm for the log kinds (0 when low == high); clamped first."""
+        p = self._numeric(name)
+        x, _ = self._clamp_one(p, value)
+        low, high, x = (math.log(v) for v in (p.low, p.high, x)) if p.kind in LOG_KINDS else (p.low, p.high, x)
+        return 0.0 if high == low else min(1.0, max(0.0, (x - low) / (high - low)))
+
+    def from_unit(self, name: str, unit: float) -> Value:
+        """The inverse of :meth:`to_unit`: a value inside the bounds (integers rounded half up)."""
+        p = self._numeric(name)
+        u = min(1.0, max(0.0, float(unit)))
+        if p.kind in LOG_KINDS:
+            raw = math.exp(math.log(p.low) + u * (math.log(p.high) - math.log(p.low)))
+        else:
+            raw = p.low + u * (p.high - p.low)
+        return self._clamp_one(p, raw)[0]
+
+    def _numeric(self, name: str) -> _Param:
+        p = self._params[name]
+        if p.kind == "categorical":
+            raise ValueError(f"{name} is categorical: it has no place on the unit interval")
+        return p
 
     # ------------------------------------------------------------------ one parameter
 

@@ -788,3 +788,35 @@ def test_state_dict_round_trip_continues_the_same_sequence():
     assert decision_sequence(resumed, 4) == expected
     with pytest.raises(ValueError, match="format"):
         resumed.load_state_dict({"format": 99, "rng": saved["rng"]})
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+BASE = {"lr": 3e-4, "unroll_length": 5, "gamma": 0.99, "algo": "a2c"}
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_random_search_starts_from_the_same_draws_as_pbt_with_the_same_seed(seed):
+    pbt_values = Scheduler(config(), seed=seed).initial_hyperparameters(BASE, 6)
+    random_values = Scheduler(config(exploit="none"), seed=seed).initial_hyperparameters(BASE, 6)
+    assert random_values == pbt_values
+    assert len({v["lr"] for v in random_values}) == 6  # drawn from the prior, not the base value
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_exploit_none_never_copies_nor_reseeds(mode):
+    scheduler = Scheduler(config(exploit="none", mode=mode), seed=0)
+    pop = population([-100.0, 0.0, 50.0, 100.0])
+    decisions = scheduler.decide_generation(pop) if mode == "sync" else decide_all(scheduler, pop)
+    assert all(isinstance(d, Continue) and "pbt.exploit: none" in d.reason for d in decisions.values())
+    assert scheduler.reseed(0, pop) is None
+    # The same population under truncation does copy: the baseline is what turns it off.
+    assert exploiters(decide_all(Scheduler(config(), seed=0), pop))
+
+
+def test_hand_tuned_members_all_start_from_the_agent_config_values():
+    scheduler = Scheduler(config(exploit="none", search="none"), seed=3)
+    state_before = scheduler.state_dict()
+    assert scheduler.initial_hyperparameters(BASE, 4) == [BASE] * 4
+    assert scheduler.state_dict() == state_before  # nothing drawn

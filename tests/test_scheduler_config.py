@@ -94,3 +94,15 @@ def test_yaml_string_numbers_in_the_search_space_are_read_as_numbers():
     raw = pbt(search_space={"lr": {"kind": "log_uniform", "low": "1e-4", "high": "1e-2", "init": "3e-4"}})
     scheduler = Scheduler(from_dict(raw).pbt, seed=0)
     assert scheduler.initial_hyperparameters({"lr": 7e-4}, 2) == [{"lr": 3e-4}, {"lr": 3e-4}]
+
+
+def test_hand_tuning_needs_exploit_none_and_no_search_space():
+    assert_config_error(pbt(search="none"), "pbt.search")
+    config = from_dict({"pbt": {"population_size": 4, "search": "none", "exploit": "none"}})
+    assert Scheduler(config.pbt, seed=0).initial_hyperparameters({"lr": 1e-3}, 2) == [{"lr": 1e-3}] * 2
+    assert_config_error(pbt(search="grid"), "pbt.search")
+
+
+def test_pb2_and_none_are_accepted_names():
+    assert from_dict(pbt(explore="pb2")).pbt.explore == "pb2"
+    assert from_dict(pbt(exploit="none")).pbt.exploit == "none"

@@ -344,3 +344,35 @@ def test_a_parameter_that_breaks_a_rule_is_refused_naming_its_key(specs, factors
 def test_parameters_at_the_edges_of_the_rules_are_accepted(edge):
     space = SearchSpace((edge,), default_factors=FACTORS)
     assert inside_search_space((edge,), space.sample(rng()))
+
+
+# ---------------------------------------------------------------------------- the unit cube (PB2)
+
+UNIT_SPACE = [
+    ParamSpec("lr", kind="log_uniform", low=1e-4, high=1e-2),
+    ParamSpec("gamma", kind="uniform", low=0.9, high=0.999),
+    ParamSpec("unroll_length", kind="int", low=1, high=20),
+    ParamSpec("learner_batch_unrolls", kind="log_int", low=1, high=64),
+    ParamSpec("num_epochs", kind="categorical", choices=(1, 2, 4)),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(unit=st.floats(-0.5, 1.5, allow_nan=False))
+def test_from_unit_stays_inside_the_bounds_and_to_unit_inverts_it(unit):
+    space = SearchSpace(UNIT_SPACE, default_factors=(0.8, 1.2))
+    assert space.numeric_names == ("lr", "gamma", "unroll_length", "learner_batch_unrolls")
+    values = {name: space.from_unit(name, unit) for name in space.numeric_names}
+    assert inside_search_space(UNIT_SPACE[:4], values)
+    for name in ("lr", "gamma"):  # real parameters: an exact inverse on [0, 1]
+        assert space.to_unit(name, values[name]) == pytest.approx(min(1.0, max(0.0, unit)), abs=1e-9)
+    for name in ("unroll_length", "learner_batch_unrolls"):  # integers: the inverse of the rounded value
+        assert space.from_unit(name, space.to_unit(name, values[name])) == values[name]
+
+
+def test_log_kinds_map_their_logarithm_linearly():
+    space = SearchSpace(UNIT_SPACE, default_factors=(0.8, 1.2))
+    assert space.to_unit("lr", 1e-3) == pytest.approx(0.5)
+    assert space.to_unit("gamma", 0.9495) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="categorical"):
+        space.to_unit("num_epochs", 2)

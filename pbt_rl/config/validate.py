@@ -29,7 +29,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"agent.device: {agent.device!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N' "
             f"with N a GPU index 0, 1, 2, ..."
         )
-    if pbt.population_size > 1 and not pbt.search_space:
+    if pbt.search == "none" and pbt.exploit != "none":
+        raise ConfigError(f"pbt.search: none (hand-tuned, no search) needs pbt.exploit: none, got pbt.exploit: {pbt.exploit}")
+    if pbt.population_size > 1 and not pbt.search_space and pbt.search != "none":
         raise ConfigError("pbt.search_space: empty; name at least one agent hyperparameter to evolve (or set pbt.population_size=1)")
     tunable = tunable_agent_fields()
     for spec in pbt.search_space:
