@@ -283,13 +283,3 @@ def test_progress_rows_carry_update_diagnostics_and_timing():
     assert out["timing_seconds"] == {"wall": 4.0, "act": 1.0, "env": 0.7, "inference": 0.2, "update": 0.5}
     assert out["env_steps_per_second"] == 50.0 and out["episode_returns"] == [1.0]
 
-
-def test_console_time_left_respects_the_wall_time_limit():
-    from pbt_rl.runtime.console import ConsoleProgress
-
-    lines: list[str] = []
-    rows = [{"member": 0, "env_steps": 100, "score": None, "generation": 0, "status": "training", "hyperparameters": {}}]
-    console = ConsoleProgress(1.0, 10**9, (), printer=lines.append, max_wall_seconds=90.0)
-    console._rate = 1.0  # a billion steps at 1 step/s would take years; the limit stops the run in 90 s
-    console.print_table(0.0, rows)
-    assert lines[0].endswith("~1m30s left") or lines[0].endswith("~1m29s left")
