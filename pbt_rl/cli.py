@@ -132,6 +132,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    run_dir, member = _existing_run_dir(args.run_dir), _member_arg(args.member)
+    from pbt_rl.export import check_hub_available, check_out_dir, export, push_to_hub
+
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir)
+    if args.push_to_hub is not None:
+        if not args.push_to_hub.strip():
+            raise ConfigError("--push-to-hub: expected a repository id such as user/cartpole-pbt")
+        check_hub_available()
+    export(run_dir, out_dir, member=member)
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out_dir, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pbt_rl.experiment.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    from pbt_rl.envs import check_env_id
+
+    for env_id in sorted({run.config.env.id for run in spec.runs}):
+        check_env_id(env_id)
+    if args.results_only:
+        from pbt_rl.experiment.results import write_results
+
+        print(f"results written to {write_results(spec)}")
+        return 0
+    from pbt_rl.experiment.runner import exit_code, run_experiment
+
+    return exit_code(run_experiment(spec, console=not args.quiet))
+
+
 def _existing_run_dir(path: str) -> Path:
     from pbt_rl.runtime.store import RunStore
 
@@ -203,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--video", default=None, help="write a video of the first episode to this path (.mp4 or .gif)")
     evaluate.add_argument("--seed", type=int, default=0, help="env seed (default 0)")
 
+    export = add("export", cmd_export, "Write a member's policy as a Hugging Face Hub model folder (safetensors, config, schedule, model card).")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("out_dir", help="the new folder to write (must not exist, or be empty)")
+    export.add_argument("--member", default="best", help="'best' (default) or a member id")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload the folder to this Hub model repository (needs pbt-rl[hub])")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
+
     bench = add(
         "bench",
         cmd_bench,
@@ -212,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="experiment YAML file")
     bench.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
+    experiment = add("experiment", cmd_experiment,
+                     "Train every arm x seed of an experiment spec (resumable), then write results.md and figures.")
+    experiment.add_argument("spec", help="experiment spec YAML (e.g. configs/experiments/cartpole_arms.yaml)")
+    experiment.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP + " (for every arm)")
+    experiment.add_argument("--results-only", action="store_true", help="only (re)write the results from the runs there are")
+    experiment.add_argument("-q", "--quiet", action="store_true", help="no live progress lines")
     return parser
 
 

@@ -79,6 +79,17 @@ def resolve_mode(requested: str, environ: dict[str, str] | None = None) -> str:
     return requested
 
 
+def run_names(config: ExperimentConfig) -> tuple[str, str, str]:
+    """``(group, member job type, run-name prefix)`` of a run's W&B runs: the group is
+    ``logging.wandb_group`` or ``run.name``; the member runs' job type ``logging.wandb_job_type`` or
+    ``pbt-member``; run names are ``member-<id>`` and ``population``, prefixed with ``run.name/``
+    when the group is not the run's own (several runs of an experiment share one group)."""
+    logging = config.logging
+    group = logging.wandb_group or config.run.name
+    prefix = f"{config.run.name}/" if logging.wandb_group and logging.wandb_group != config.run.name else ""
+    return group, logging.wandb_job_type or JOB_TYPE, prefix
+
+
 def _artifact_name(experiment: str, member: int) -> str:
     """Artifact names are project-wide; the experiment name keeps two experiments apart."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in experiment)
@@ -145,11 +156,12 @@ class WandbPopulationLogger:
             disable_git=True,
         )
         experiment = to_dict(self.config)
+        group, job_type, prefix = run_names(self.config)
         init = functools.partial(
             wandb.init,
             project=self.config.logging.wandb_project,
             entity=self.config.logging.wandb_entity or None,
-            group=self.config.run.name,
+            group=group,
             dir=str(self.store.root),  # W&B writes under <dir>/wandb: RunStore.wandb_dir
             mode=self.mode,
             reinit="create_new",
@@ -165,7 +177,7 @@ class WandbPopulationLogger:
                 "experiment": experiment,
             }
             resuming = member in self._run_ids
-            run = init(job_type=JOB_TYPE, name=f"member-{member}", id=self._run_ids.get(member),
+            run = init(job_type=job_type, name=f"{prefix}member-{member}", id=self._run_ids.get(member),
                        resume="allow" if resuming else None, config=run_config)
             run.define_metric("env_steps")
             run.define_metric("*", step_metric="env_steps")
@@ -174,7 +186,9 @@ class WandbPopulationLogger:
             self._run_configs[member] = run_config
             self._tables[member] = wandb.Table(columns=self._lineage_columns(), log_mode="INCREMENTAL")
         self._population.search_space = list(self._search_space)
-        self._population.start(init, wandb, experiment, self._lineage_columns())
+        self._population.start(init, wandb, experiment, self._lineage_columns(), name=f"{prefix}population",
+                               job_type=f"{self.config.logging.wandb_job_type}/population"
+                               if self.config.logging.wandb_job_type else None)
         self._started = True
 
     def log_population(self, row: dict) -> None:
@@ -373,8 +387,9 @@ def log_eval_video(run_dir: Path, config: ExperimentConfig, member: int, video: 
     try:
         import wandb
 
+        group, job_type, prefix = run_names(config)
         run = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
-                         group=config.run.name, job_type=JOB_TYPE, name=f"member-{member}", id=run_id,
+                         group=group, job_type=job_type, name=f"{prefix}member-{member}", id=run_id,
                          resume="allow", dir=str(store.root), mode=saved[0].get("mode") or resolve_mode(config.logging.wandb),
                          reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True,
                                                                        save_code=False, disable_git=True))

@@ -28,10 +28,11 @@ class WandbPopulationRun:
         self._population_table: Any = None
         self._lineage_table: Any = None
 
-    def start(self, init: Callable[..., Any], wandb: Any, experiment: dict, lineage_columns: list[str]) -> None:
+    def start(self, init: Callable[..., Any], wandb: Any, experiment: dict, lineage_columns: list[str],
+              name: str = "population", job_type: str | None = None) -> None:
         """Open (or re-open, after :meth:`load_state_dict`) the run; ``init`` is ``wandb.init``
         with the member runs' common arguments bound."""
-        self._run = init(name="population", job_type=JOB_TYPE, id=self.run_id,
+        self._run = init(name=name, job_type=job_type or JOB_TYPE, id=self.run_id,
                          resume="allow" if self.run_id else None,
                          config={"population": True, "experiment": experiment})
         self._run.define_metric("env_steps")

@@ -134,9 +134,20 @@ class LocalProcessBackend:
         self.handles.clear()
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, config=None) -> Backend:
+    """The backend ``run.backend`` names. 'ray' joins the cluster and reserves the members'
+    resources now (``config``: the experiment's), so call it before writing anything."""
     if name == "local":
         return LocalProcessBackend()
     from pbt_rl.config import ConfigError
 
-    raise ConfigError(f"run.backend: {name!r} is not available; choose 'local'")
+    if name == "ray":
+        if config is None:
+            raise ConfigError("run.backend=ray: the backend needs the experiment config (make_backend(name, config))")
+        try:
+            from pbt_rl.runtime.ray_backend import RayBackend
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("run.backend=ray needs Ray: pip install 'pbt-rl[ray]'") from None
+        return RayBackend(config)
+    raise ConfigError(f"run.backend: {name!r} is not available; choose 'local' or 'ray'")

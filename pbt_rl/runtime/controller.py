@@ -175,6 +175,7 @@ class Controller:
             return self._finish()
         finally:
             self.stopping = True
+            self.console.close()  # gives the terminal back (the live view) before anything else
             self.backend.close()
             self.handles.clear()
             self.loggers.close()

@@ -19,16 +19,31 @@ from typing import Any, Iterable
 from pbt_rl.config import ExperimentConfig
 
 
+def check_loggers(config: ExperimentConfig) -> None:
+    """The ConfigError an enabled logger would hit (TensorBoard not installed): called before
+    anything is written."""
+    if config.logging.tensorboard:
+        from pbt_rl.tensorboard_logger import require_tensorboard
+
+        require_tensorboard()
+
+
 def default_loggers(config: ExperimentConfig, run_dir: Path) -> list[Any]:
-    """The W&B logger when ``logging.wandb`` is on (imported only then)."""
-    if config.logging.wandb == "disabled":
-        return []
-    try:
-        from pbt_rl.wandb_logger import WandbPopulationLogger
-    except ImportError as exc:
-        print(f"pbt-rl: warning: W&B logging is off: {exc}")
-        return []
-    return [WandbPopulationLogger(config, run_dir)]
+    """The W&B logger when ``logging.wandb`` is on, the TensorBoard one when ``logging.tensorboard``
+    is (each imported only then)."""
+    loggers: list[Any] = []
+    if config.logging.wandb != "disabled":
+        try:
+            from pbt_rl.wandb_logger import WandbPopulationLogger
+        except ImportError as exc:
+            print(f"pbt-rl: warning: W&B logging is off: {exc}")
+        else:
+            loggers.append(WandbPopulationLogger(config, run_dir))
+    if config.logging.tensorboard:
+        from pbt_rl.tensorboard_logger import TensorBoardPopulationLogger
+
+        loggers.append(TensorBoardPopulationLogger(config, run_dir))
+    return loggers
 
 
 QUEUE_LIMIT = 10_000  # calls waiting for the loggers; beyond it, progress rows are dropped (counted)

@@ -291,6 +291,26 @@ def close_learner(learner: Any) -> None:
         pass
 
 
+def host_member(spec: MemberSpec, learner_factory: str, send: Callable[[Any], None],
+                receive: Callable[[], Any]) -> None:
+    """The body of a member process or actor (any backend whose member owns its process):
+    process-wide settings, then the learner from ``learner_factory``, then the member loop.
+    Exceptions propagate (the host reports them with :func:`failure_message`)."""
+    from pbt_rl.runtime.host import configure_process
+
+    # Process-wide settings (torch threads, CUDA flags, GPU wait) once, before the learner.
+    run = spec.config.run
+    configure_process(spec.device if spec.device is not None else spec.config.agent.device,
+                      num_threads=spec.num_threads, torch_threads=run.torch_threads, gpu_wait=run.gpu_wait)
+    learner = None
+    try:
+        learner = load_factory(learner_factory)(spec.config, seed=spec.seed, device=spec.device,
+                                                num_threads=spec.num_threads)
+        MemberWorker(spec, learner, send, receive).run()
+    finally:
+        close_learner(learner)
+
+
 def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_factory: str) -> None:
     """Entry point of a member process (multiprocessing target); ``learner_factory`` is
     ``module:function``, importable in the child (the backend's choice, see backend.py)."""
@@ -299,18 +319,8 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_fact
 
     # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    learner = None
-
     try:
-        from pbt_rl.runtime.host import configure_process
-
-        # Process-wide settings (torch threads, CUDA flags, GPU wait) once, before the learner.
-        run = spec.config.run
-        configure_process(spec.device if spec.device is not None else spec.config.agent.device,
-                          num_threads=spec.num_threads, torch_threads=run.torch_threads, gpu_wait=run.gpu_wait)
-        learner = load_factory(learner_factory)(spec.config, seed=spec.seed, device=spec.device,
-                                                num_threads=spec.num_threads)
-        MemberWorker(spec, learner, connection.send, connection.recv).run()
+        host_member(spec, learner_factory, connection.send, connection.recv)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the controller is gone or closed our pipe
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
@@ -322,7 +332,6 @@ def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_fact
             raise
         sys.exit(1)
     finally:
-        close_learner(learner)
         try:
             connection.close()
         except OSError:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pbt_rl.config import ExperimentConfig
-from pbt_rl.runtime.backend import Backend
+from pbt_rl.runtime.backend import Backend, make_backend
 from pbt_rl.runtime.controller import Controller
-from pbt_rl.runtime.loggers import default_loggers
+from pbt_rl.runtime.loggers import check_loggers, default_loggers
 from pbt_rl.runtime.resources import check_devices
 from pbt_rl.runtime.store import RunDirError, RunStore
 
@@ -27,11 +27,18 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
     (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
     """
     check_devices(config)
+    check_loggers(config)
     store = RunStore(config.run_dir)
+    # A cluster backend connects and reserves resources here: unreachable or too small, nothing is written.
+    backend = backend or make_backend(config.run.backend, config)
     if loggers is None:
         loggers = default_loggers(config, store.root)
     controller = Controller(config, store, console=console, loggers=loggers, backend=backend)
-    store.create(config.pbt.population_size, controller.initial_files(), command="train")
+    try:
+        store.create(config.pbt.population_size, controller.initial_files(), command="train")
+    except BaseException:
+        backend.close()  # a cluster backend holds reserved resources until closed
+        raise
     try:
         if console:
             print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
@@ -54,7 +61,13 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
     config = store.read_config()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
     check_devices(config)
-    store.acquire("resume")
+    check_loggers(config)
+    backend = backend or make_backend(config.run.backend, config)  # before the lock: see train
+    try:
+        store.acquire("resume")
+    except BaseException:
+        backend.close()
+        raise
     try:
         store.check_writable()
         if not store.state_path.is_file():
@@ -69,4 +82,5 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
             print(f"Resuming {store.root} (env steps per member {steps})")
         return controller.run()
     finally:
+        backend.close()  # idempotent (the controller closes it too); covers a refused resume
         store.release()

@@ -35,6 +35,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKSUM_SUFFIX = ".sha256"
 REPORT_DIR = "report"
 WANDB_DIR = "wandb"  # W&B creates it itself under the directory it is given
+TENSORBOARD_DIR = "tensorboard"  # member_<id>/, population/ event files (tensorboard_logger.py)
 REPLAY_DIR_PREFIX = "replay-"  # replay-<member>/
 LOCK_FILE = ".lock"  # flock'ed by the one writer of the run (run_lock.py)
 LOGGING_STAGING_DIR = ".logging-staging"  # donor checkpoints linked for the loggers (loggers.py)

@@ -45,6 +45,7 @@ from pbt_rl.runtime.run_format import (
     STATE_FILE,
     SUMMARY_FILE,
     WANDB_DIR,
+    TENSORBOARD_DIR,
     LOGGING_STAGING_DIR,
     CheckpointError,
     EventRow,
@@ -109,6 +110,11 @@ class RunStore:
     def wandb_dir(self) -> Path:
         """Where W&B's files end up when W&B is given ``root`` as its directory."""
         return self.root / WANDB_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard's event files (``logging.tensorboard``): ``member_<id>/`` and ``population/``."""
+        return self.root / TENSORBOARD_DIR
 
     @property
     def logging_staging_dir(self) -> Path:
