@@ -62,7 +62,7 @@ class Controller:
         self.config = config
         self.store = store
         self.loggers = Loggers(loggers, store.logging_staging_dir)
-        self.backend = backend or make_backend(config.run.backend)
+        self.backend = backend or make_backend(config.run.backend, config)
         self.scheduler = Scheduler(config.pbt, seed=config.run.seed)
         self.names = tuple(spec.name for spec in config.pbt.search_space)
         self.window = max(config.pbt.fitness_window, config.pbt.min_episodes)
