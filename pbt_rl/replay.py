@@ -34,6 +34,8 @@ from pbt_rl.runtime.host import configure_process
 from pbt_rl.runtime.store import RunStore, load_run
 
 CHUNKS_PER_RUN = 50  # training chunks per replay: the resolution of the returns curve
+SUMMARY_FILE = "replay.json"  # what replay() returns
+CURVE_FILE = "curve.jsonl"  # one row per training chunk
 
 
 def default_replay_seed(run_seed: int, member: int, member_seeds: set[int]) -> int:
@@ -152,8 +154,8 @@ def _replay(run: RunSnapshot, member_id: int, schedule: list, seed: int, out: Pa
         "wall_seconds": time.perf_counter() - started,
         "out_dir": str(out),
     }
-    atomic_write_json(out / "replay.json", summary)
-    rewrite_jsonl(out / "curve.jsonl", curve)
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    rewrite_jsonl(out / CURVE_FILE, curve)
     _plot(run, member_id, curve, followed, out / "returns.png")
     if console:
         pbt = "-" if pbt_score is None else f"{pbt_score:.2f}"

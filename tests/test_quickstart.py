@@ -13,7 +13,9 @@ from pbt_rl.runtime import train
 from pbt_rl.runtime.store import read_jsonl
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+EXPERIMENTS = CONFIGS / "experiments"  # experiment specs (pbt-rl experiment), not configs
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if EXPERIMENTS not in p.parents)
+ALL_SPECS = sorted(EXPERIMENTS.glob("*.yaml"))
 
 
 def test_every_shipped_config_loads():
@@ -28,6 +30,16 @@ def test_every_shipped_config_loads():
         assert config.pbt.ready_after_steps < config.run.total_env_steps, path
         expected_algo = "impala" if path.stem.endswith("_impala") else "a2c"
         assert config.agent.algo == expected_algo, path
+
+
+def test_every_shipped_experiment_spec_loads_with_three_seeds_and_the_baselines():
+    from pbt_rl.experiment.spec import load_spec
+
+    names = {p.stem for p in ALL_SPECS}
+    assert {"cartpole_arms", "pong_arms", "breakout_arms", "half_cheetah_arms", "hopper_arms"} <= names
+    for path in ALL_SPECS:
+        spec = load_spec(path)
+        assert len(spec.seeds) >= 3 and {"pbt", "random_search", "pb2"} <= set(spec.arms), path
 
 
 @pytest.mark.slow

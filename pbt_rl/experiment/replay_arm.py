@@ -18,7 +18,7 @@ from pbt_rl.experiment.results import curve_grid
 from pbt_rl.experiment.spec import ExperimentSpec, RunPlan
 from pbt_rl.runtime.store import RunStore, read_jsonl
 
-SUMMARY, CURVE = "replay.json", "curve.jsonl"  # written by pbt_rl.replay (its docstring)
+from pbt_rl.replay import CURVE_FILE as CURVE, SUMMARY_FILE as SUMMARY  # the replay owns its files
 
 
 def source_run(spec: ExperimentSpec) -> RunPlan | None:
