@@ -205,34 +205,55 @@ def time_fractions(rows: Iterable[MetricsRow]) -> dict[str, float] | None:
     return {key: value / wall for key, value in totals.items()}
 
 
-def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None) -> dict[str, Any]:
-    """Measure raw envpool and the population training; return both rates and their ratio."""
-    from pbt_rl.runtime import train
+def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
+                     backends: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Measure raw envpool and the population training; return both rates and their ratio.
 
+    ``backends`` (``run.backend`` values, e.g. ``("local", "ray")``): train the population once
+    on each, in this order, against the one raw measurement; ``result["backends"]`` holds each
+    one's rate and ratio, and the top-level ``population`` / ``ratio`` are the first one's.
+    Empty: the config's own ``run.backend`` only.
+    """
     warmup = warmup_seconds if warmup_seconds is not None else min(30.0, max(5.0, seconds / 3))
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
-    # Members need a while to start (processes, torch, CUDA); the window begins after that.
-    startup_allowance = 30.0
-    with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
-        raw_cfg = to_dict(config)
-        raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds, total_env_steps=10**12)
-        raw_cfg["logging"].update(report=False, wandb="disabled")
-        bench_config = from_dict(raw_cfg)
-        with _MachineSampler() as sampler:
-            train(bench_config, console=False)
-        population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
-        exploits = len(RunStore(bench_config.run_dir).read_lineage())
+    names = tuple(backends) or (config.run.backend,)
+    runs = {name: _bench_training(config, name, seconds, warmup) for name in names}
+    first = runs[names[0]]
     return {
         "env": config.env.id,
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
         "raw": raw,
-        "population": population,
-        "ratio": population["env_steps_per_second"] / raw["env_steps_per_second"],
-        "exploits": exploits,
-        "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()},
+        "population": first["population"],
+        "ratio": first["population"]["env_steps_per_second"] / raw["env_steps_per_second"],
+        "exploits": first["exploits"],
+        "machine": first["machine"],
+        "backends": {name: {"backend": name, **run,
+                            "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]}
+                     for name, run in runs.items()},
     }
+
+
+def _bench_training(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
+    """The population trained on ``backend`` into a temporary run directory, for ``seconds`` after
+    start-up and warm-up: its rate from the metrics (:func:`population_rate_from_metrics`)."""
+    from pbt_rl.runtime import train
+
+    # Members need a while to start (processes, torch, CUDA); the window begins after that.
+    startup_allowance = 30.0
+    with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
+        raw_cfg = to_dict(config)
+        raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds,
+                              total_env_steps=10**12, backend=backend)
+        raw_cfg["logging"].update(report=False, wandb="disabled", tensorboard=False)
+        bench_config = from_dict(raw_cfg)
+        with _MachineSampler() as sampler:
+            train(bench_config, console=False)
+        population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
+        exploits = len(RunStore(bench_config.run_dir).read_lineage())
+    return {"population": population, "exploits": exploits,
+            "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()}}
 
 
 def format_population_bench(result: dict[str, Any]) -> str:
@@ -249,10 +270,26 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s",
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
+        *_format_backends(result),
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         "json: " + json.dumps(result, default=float),
     ])
+
+
+def _format_backends(result: dict[str, Any]) -> list[str]:
+    """With several backends: one line per backend after the first, and its rate over the first's."""
+    backends = list(result.get("backends", {}).values())
+    if len(backends) < 2:
+        return []
+    first = backends[0]
+    lines = [f"(the lines above: run.backend={first['backend']})"]
+    for other in backends[1:]:
+        rate = other["population"]["env_steps_per_second"]
+        lines.append(f"run.backend={other['backend']}: {rate:,.0f} env steps/s ({other['population']['window_seconds']:.0f} s "
+                     f"window), ratio to raw {other['ratio']:.3f}, "
+                     f"{other['backend']} / {first['backend']}: {rate / first['population']['env_steps_per_second']:.3f}")
+    return lines
 
 
 def _format_fractions(algo: str, fractions: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ imported inside the commands, so ``pbt-rl --help`` starts fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -128,7 +129,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pbt_rl.bench import bench_population, format_population_bench
 
     config = _load(args.config, args.overrides)
-    print(format_population_bench(bench_population(config, seconds=args.seconds)))
+    backends = tuple(name.strip() for name in (args.backends or "").split(",") if name.strip())
+    from pbt_rl.config import SECTIONS
+
+    allowed = dataclasses.fields(SECTIONS["run"])
+    choices = next(f for f in allowed if f.name == "backend").metadata["choices"]
+    unknown = [name for name in backends if name not in choices]
+    if unknown:
+        raise ConfigError(f"--backends: {unknown[0]!r} is not a backend; choose from {', '.join(choices)}")
+    if "ray" in backends:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("--backends: ray needs Ray: pip install 'pbt-rl[ray]'")
+    print(format_population_bench(bench_population(config, seconds=args.seconds, backends=backends)))
     return 0
 
 
@@ -253,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="experiment YAML file")
     bench.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
+    bench.add_argument("--backends", default="", help="population training on each of these run.backend values, "
+                                                       "e.g. local,ray (one raw measurement; default: the config's)")
     experiment = add("experiment", cmd_experiment,
                      "Train every arm x seed of an experiment spec (resumable), then write results.md and figures.")
     experiment.add_argument("spec", help="experiment spec YAML (e.g. configs/experiments/cartpole_arms.yaml)")

@@ -87,3 +87,28 @@ def test_raw_envpool_counts_env_steps_at_the_population_size():
     steps = result["env_steps"]
     assert steps >= 4 and steps % 4 == 0 and result["seconds"] >= 0.2
     assert result["env_steps_per_second"] == pytest.approx(steps / result["seconds"])
+
+
+def test_a_bench_over_two_backends_prints_each_rate_and_their_ratio():
+    from pbt_rl.bench import format_population_bench
+
+    def run(rate):
+        return {"population": {"env_steps_per_second": rate, "window_seconds": 20.0, "members": 4}, "exploits": 0,
+                "machine": {}}
+
+    raw = {"env_steps_per_second": 1000.0, "mode": "async", "total_envs": 32, "batch_size": 16, "threads": 2}
+    backends = {"local": {"backend": "local", **run(800.0), "ratio": 0.8},
+                "ray": {"backend": "ray", **run(760.0), "ratio": 0.76}}
+    text = format_population_bench({"env": "CartPole-v1", "algo": "a2c", "population_size": 4, "num_envs_per_member": 8,
+                                    "raw": raw, "population": backends["local"]["population"], "ratio": 0.8,
+                                    "exploits": 0, "machine": {"cpu_count": 2}, "backends": backends})
+    assert "(the lines above: run.backend=local)" in text
+    assert "run.backend=ray: 760 env steps/s (20 s window), ratio to raw 0.760, ray / local: 0.950" in text
+
+
+def test_bench_refuses_an_unknown_backend_in_one_line(capsys):
+    from pbt_rl.cli import main
+
+    assert main(["bench", "configs/quickstart.yaml", "--backends", "local,slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backends: 'slurm' is not a backend; choose from local, ray" in err[0]
