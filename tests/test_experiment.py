@@ -268,3 +268,29 @@ def test_in_wandb_an_experiment_is_one_group_arms_are_job_types_and_the_results_
     for arm, row in rows.items():
         assert row["best_final_fitness_mean"] == results["arms"][arm]["best_final_fitness"]["mean"]
         assert row["runs"] == 1
+
+
+def test_the_shipped_cpu_spec_runs_end_to_end_with_real_learners_at_a_short_budget(tmp_path):
+    """configs/experiments/cartpole_arms.yaml as shipped (its arms, seeds, thresholds and replay),
+    with real A2C learners as threads and a budget cut to 4,000 env steps per member."""
+    from pathlib import Path
+
+    from pbt_rl.agents import make_learner
+    from pbt_rl.runtime import InProcessBackend
+
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "experiments" / "cartpole_arms.yaml"
+    raw = yaml.safe_load(shipped.read_text())
+    raw["base"] = str(shipped.parent / raw["base"])
+    raw["dir"] = str(tmp_path / "exp")
+    spec_path = tmp_path / "cartpole_arms.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(spec_path, ["run.total_env_steps=4000", "pbt.burn_in_steps=1000", "pbt.ready_after_steps=1000"])
+    outcome = run_experiment(spec, console=False, backend=lambda: InProcessBackend(make_learner), loggers=lambda: [],
+                             replay_learner=make_learner)
+    assert set(outcome["runs"].values()) == {"finished"} and len(outcome["runs"]) == 4 * 3 + 3
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert set(results["arms"]) == {"pbt", "random_search", "pb2", "hand_tuned", "replay"}
+    budgets = {arm: stats["budget_env_steps_per_run"] for arm, stats in results["arms"].items()}
+    assert budgets == {"pbt": 16000, "random_search": 16000, "pb2": 16000, "hand_tuned": 16000, "replay": 4000}
+    assert all(stats["runs"] == 3 for stats in results["arms"].values())
+    assert set(results["comparisons"]) == {"random_search", "pb2", "hand_tuned", "replay"}
