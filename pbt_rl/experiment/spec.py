@@ -1,4 +1,4 @@
-"""An experiment spec: a base config, arms (sets of overrides) and seeds; checked whole, pure.
+"""An experiment spec: a base config, arms (sets of overrides) and seeds; checked whole before anything is written.
 
 Every arm x seed becomes one ordinary run at ``<dir>/<arm>/seed_<n>/``. The config of a run is
 built in this order, later steps winning: the base config file, the spec's ``overrides``, the
