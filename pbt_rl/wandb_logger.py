@@ -382,10 +382,13 @@ def log_eval_video(run_dir: Path, config: ExperimentConfig, member: int, video: 
     lock = RunLock(store.root, "pbt-rl eval")
     try:
         lock.acquire()
-    except RunDirError:
-        return "W&B: a controller is using the run (it has the member's W&B run open); video not logged to W&B"
+    except RunDirError as exc:  # e.g. a controller holds the run: it has the member's W&B run open
+        return f"W&B: video not logged to W&B: {exc}"
     try:
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            return "W&B: wandb is not installed (pip install 'pbt-rl[wandb]'); video not logged to W&B"
 
         group, job_type, prefix = run_names(config)
         run = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
@@ -397,6 +400,8 @@ def log_eval_video(run_dir: Path, config: ExperimentConfig, member: int, video: 
                  "eval/return_mean": result["mean"], "eval/return_std": result["std"],
                  "eval/episodes": result["episodes"]})
         run.finish()
+    except Exception as exc:  # noqa: BLE001 - the video is written; W&B is extra
+        return f"W&B: video not logged to W&B ({type(exc).__name__}: {exc})"
     finally:
         lock.release()
     return f"W&B: video logged to member {member}'s run {run_id}"
