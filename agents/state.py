@@ -18,6 +18,7 @@ Random streams. A learner never draws from the process's generators and never se
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,9 @@ def stream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1, dtype=np.uint64)[0])
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def seeded_build(seed: int, device: torch.device,
                  build: Callable[[], nn.Module]) -> tuple[nn.Module, torch.Generator, torch.Generator]:
     """``build()`` on the CPU with reproducible weights, and the learner's acting and update generators.
@@ -51,7 +55,9 @@ def seeded_build(seed: int, device: torch.device,
 
     Returns ``(model on the CPU, acting generator, update generator)``.
     """
-    with torch.random.fork_rng(devices=[]):
+    # One build at a time per process: members of one host build their learners in parallel
+    # threads, and the process's generator is the one thing they would share.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         model = build()
         if device.type == "cpu":

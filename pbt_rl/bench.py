@@ -102,10 +102,42 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     }
 
 
+def resident_mib(root_pid: int) -> float | None:
+    """Resident memory (MiB) of a process and all its descendants, summed (Linux /proc; None elsewhere).
+
+    Pages shared between processes (libraries) count once per process, as ``ps`` shows them.
+    """
+    proc = Path("/proc")
+    children: dict[int, list[int]] = {}
+    try:
+        for entry in proc.iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue  # ended while we looked
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    except OSError:
+        return None
+    total_kib, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            for line in (proc / str(pid) / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total_kib / 1024
+
+
 class _MachineSampler:
-    """Samples machine-wide CPU use (/proc/stat) and GPU use (nvidia-smi) once a second."""
+    """Samples machine-wide CPU use (/proc/stat), GPU use (nvidia-smi) and the resident memory of
+    this process with its children (the controller and its member hosts) once a second."""
 
     def __init__(self) -> None:
+        self.resident: list[float] = []
         self.cpu_busy: list[float] = []
         self.gpu_util: list[float] = []
         self.gpu_memory_mib: list[float] = []
@@ -131,6 +163,9 @@ class _MachineSampler:
                 total, idle = current[0] - previous[0], current[1] - previous[1]
                 self.cpu_busy.append(1.0 - idle / total)
             previous = current
+            memory = resident_mib(os.getpid())
+            if memory is not None:
+                self.resident.append(memory)
             if self._has_nvidia_smi:
                 try:
                     out = subprocess.run(
@@ -160,14 +195,16 @@ class _MachineSampler:
             "cpu_busy_fraction": mean(self.cpu_busy),
             "gpu_utilization_percent": mean(self.gpu_util),
             "gpu_memory_mib_max": max(self.gpu_memory_mib) if self.gpu_memory_mib else None,
+            "resident_mib_max": max(self.resident) if self.resident else None,
         }
 
 
 def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[str, Any]:
     """Population env steps/s from every member's metrics.jsonl, after a warm-up.
 
-    The window starts ``warmup_seconds`` after the last member's first report (process start-up,
-    CUDA initialisation and the first updates stay out of it) and ends at the earliest last
+    The window starts ``warmup_seconds`` after the last member's first report (``startup_seconds``
+    of the run's wall clock: process start-up, CUDA initialisation and the first updates stay out
+    of it) and ends at the earliest last
     report. Each member's env-step count is interpolated linearly in wall time, so members that
     report at different moments are compared over the same window. The rows are read while the run
     may still be writing them: a torn last line is left out.
@@ -189,6 +226,7 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
         raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
     steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
     return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series),
+            "startup_seconds": max(s[0, 0] for s in series),
             "time_fractions": time_fractions(row for row in all_rows if start < row.wall_seconds <= end)}
 
 
@@ -217,7 +255,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     warmup = warmup_seconds if warmup_seconds is not None else min(30.0, max(5.0, seconds / 3))
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     names = tuple(backends) or (config.run.backend,)
-    runs = {name: _bench_training(config, name, seconds, warmup) for name in names}
+    runs = {name: train_for_bench(config, name, seconds, warmup) for name in names}
     first = runs[names[0]]
     return {
         "env": config.env.id,
@@ -235,13 +273,13 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     }
 
 
-def _bench_training(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
+def train_for_bench(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
     """The population trained on ``backend`` into a temporary run directory, for ``seconds`` after
     start-up and warm-up: its rate from the metrics (:func:`population_rate_from_metrics`)."""
     from pbt_rl.runtime import train
 
-    # Members need a while to start (processes, torch, CUDA); the window begins after that.
-    startup_allowance = 30.0
+    # Members need a while to start (processes, torch, CUDA, envs); the window begins after that.
+    startup_allowance = max(30.0, float(config.pbt.population_size))
     with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
         raw_cfg = to_dict(config)
         raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds,
@@ -268,13 +306,23 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
         f"{raw['env_steps_per_second']:,.0f} env steps/s",
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
-        f"{pop['env_steps_per_second']:,.0f} env steps/s",
+        f"{pop['env_steps_per_second']:,.0f} env steps/s" + _format_startup(pop) + _format_memory(machine),
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
         *_format_backends(result),
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         "json: " + json.dumps(result, default=float),
     ])
+
+
+def _format_startup(population: dict[str, Any]) -> str:
+    seconds = population.get("startup_seconds")
+    return "" if seconds is None else f"; every member training {seconds:.0f} s after the run's start"
+
+
+def _format_memory(machine: dict[str, Any]) -> str:
+    memory = machine.get("resident_mib_max")
+    return "" if memory is None else f"; resident memory at most {memory:,.0f} MiB (controller and hosts, summed)"
 
 
 def _format_backends(result: dict[str, Any]) -> list[str]:

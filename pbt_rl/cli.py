@@ -142,8 +142,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--backends: ray needs Ray: pip install 'pbt-rl[ray]'")
+    if args.populations:
+        if backends:
+            raise ConfigError("--populations and --backends: choose one (the scaling table uses run.backend)")
+        from pbt_rl.bench_scaling import bench_scaling, format_scaling
+
+        print(format_scaling(bench_scaling(config, _populations(args.populations), seconds=args.seconds)))
+        return 0
     print(format_population_bench(bench_population(config, seconds=args.seconds, backends=backends)))
     return 0
+
+
+def _populations(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--populations: expected population sizes such as 8,16,32,64, got {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise ConfigError(f"--populations: every size must be >= 1, got {text!r}")
+    return sizes
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -269,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
     bench.add_argument("--backends", default="", help="population training on each of these run.backend values, "
                                                        "e.g. local,ray (one raw measurement; default: the config's)")
+    bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
+                                                          "each of these population sizes, e.g. 8,16,32,64 (one raw measurement)")
     experiment = add("experiment", cmd_experiment,
                      "Train every arm x seed of an experiment spec (resumable), then write results.md and figures.")
     experiment.add_argument("spec", help="experiment spec YAML (e.g. configs/experiments/cartpole_arms.yaml)")

@@ -10,7 +10,7 @@ file records that it did); ``PBT_RL_TEST_KILL=member:env_steps:marker`` makes it
 its own process with SIGSTOP once (alive, silent, pipe open: a hang); ``PBT_RL_TEST_BROKEN=ids``
 makes the listed members (comma-separated seeds) fail as soon as they are built, every time;
 ``PBT_RL_TEST_SLEEP`` slows each call (seconds), ``PBT_RL_TEST_SLOW=member:seconds`` one member's
-calls more.
+calls more; ``PBT_RL_TEST_PIDS=folder`` records which process built each learner (``<seed>-<pid>-...``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class FakeLearner:
         self.rng = np.random.default_rng(seed)
         if str(seed) in os.environ.get("PBT_RL_TEST_BROKEN", "").split(","):
             raise RuntimeError("injected broken member")
+        pids = os.environ.get("PBT_RL_TEST_PIDS")
+        if pids:  # which process hosts this member (a file per build: <seed>-<pid>-<unique>)
+            Path(pids, f"{seed}-{os.getpid()}-{time.monotonic_ns()}").touch()
 
     def train(self, until_env_steps):
         returns, updates = [], 0

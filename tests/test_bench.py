@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -112,3 +113,64 @@ def test_bench_refuses_an_unknown_backend_in_one_line(capsys):
     assert main(["bench", "configs/quickstart.yaml", "--backends", "local,slurm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--backends: 'slurm' is not a backend; choose from local, ray" in err[0]
+
+
+def test_scaling_divides_the_same_envs_among_each_population_size():
+    from pbt_rl.bench_scaling import config_at_population
+    from pbt_rl.config import ConfigError, load_config
+
+    config = load_config("configs/atari/pong_impala.yaml")  # 8 members x 128 envs in async batches of 64
+    for size, envs in ((8, 128), (16, 64), (32, 32), (64, 16)):
+        sized = config_at_population(config, size)
+        assert sized.pbt.population_size == size and sized.env.num_envs == envs
+        assert sized.env.async_batch_size == envs // 2  # each member keeps its 2 groups
+        assert sized.agent == config.agent and sized.pbt.search_space == config.pbt.search_space
+    with pytest.raises(ConfigError, match="--populations: 3 members cannot share the config's 1024 envs"):
+        config_at_population(config, 3)
+    with pytest.raises(ConfigError, match="cannot share"):
+        config_at_population(config, 1024)  # one env each cannot make 2 groups
+
+
+def test_scaling_table_has_a_row_per_population_size():
+    from pbt_rl.bench_scaling import format_scaling
+
+    raw = {"env_steps_per_second": 1000.0, "mode": "async", "total_envs": 64, "batch_size": 32, "threads": 2}
+
+    def size(population, rate, startup, memory):
+        return {"population_size": population, "num_envs_per_member": 64 // population, "members_per_host": 1,
+                "ratio": rate / 1000.0, "population": {"env_steps_per_second": rate, "startup_seconds": startup},
+                "machine": {"resident_mib_max": memory}}
+
+    text = format_scaling({"env": "CartPole-v1", "algo": "a2c", "raw": raw,
+                           "sizes": [size(4, 900.0, 5.2, 1500.0), size(8, 850.0, 9.7, None)]})
+    assert "| 4 x 16 | 1 | 900 | 0.900 | 5 s | 1,500 |" in text
+    assert "| 8 x 8 | 1 | 850 | 0.850 | 10 s | - |" in text
+
+
+def test_resident_memory_counts_a_process_and_its_children():
+    import subprocess
+    import sys
+
+    from pbt_rl.bench import resident_mib
+
+    alone = resident_mib(os.getpid())
+    # A child holding 200 MiB it has touched.
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 << 20); "
+                              "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert resident_mib(os.getpid()) >= alone + 200
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_populations_refuses_bad_sizes_in_one_line(capsys):
+    from pbt_rl.cli import main
+
+    assert main(["bench", "configs/quickstart.yaml", "--populations", "8,x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--populations: expected population sizes such as 8,16,32,64" in err[0]
+    assert main(["bench", "configs/quickstart.yaml", "--populations", "3"]) == 2
+    assert "3 members cannot share the config's 64 envs" in capsys.readouterr().err

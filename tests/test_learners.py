@@ -414,6 +414,42 @@ def test_interleaved_a2c_training_equals_training_alone(learners):
     assert torch.equal(torch.get_rng_state(), process_stream)
 
 
+def test_learners_built_in_parallel_threads_get_their_own_seeds_weights():
+    """Members of one host process build their learners in parallel threads (runtime/member_host.py).
+
+    The first build pauses half-way until the second build is inside its own ``build`` (which
+    means the second has seeded the process's generator), or for at most 2 s: builds that were not
+    kept apart would finish the first model from the second's seed."""
+    import threading
+
+    from pbt_rl.agents.state import seeded_build
+
+    def layers() -> list[torch.nn.Linear]:
+        return [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+
+    reference, _, _ = seeded_build(11, torch.device("cpu"), lambda: torch.nn.Sequential(*layers()))
+    second_inside = threading.Event()
+
+    def first_build() -> torch.nn.Module:
+        head = torch.nn.Linear(8, 8)
+        second_inside.wait(timeout=2.0)
+        return torch.nn.Sequential(head, torch.nn.Linear(8, 8))
+
+    def second_build() -> torch.nn.Module:
+        second_inside.set()
+        return torch.nn.Sequential(*layers())
+
+    built: dict[str, torch.nn.Module] = {}
+    first = threading.Thread(target=lambda: built.update(first=seeded_build(11, torch.device("cpu"), first_build)[0]))
+    first.start()
+    second = threading.Thread(target=lambda: built.update(second=seeded_build(12, torch.device("cpu"), second_build)[0]))
+    second.start()
+    first.join()
+    second.join()
+    assert all(torch.equal(a, b) for a, b in zip(built["first"].state_dict().values(),
+                                                               reference.state_dict().values()))
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_acting_and_update_draw_from_separate_generators(learners, algo):
     """Acting (IMPALA: the actor thread) draws only from the acting generator, minibatch

@@ -29,6 +29,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"agent.device: {agent.device!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N' "
             f"with N a GPU index 0, 1, 2, ..."
         )
+    run = config.run
+    if run.members_per_host > 1 and run.backend != "local":
+        raise ConfigError(f"run.members_per_host: {run.members_per_host} needs run.backend: local "
+                          f"(run.backend={run.backend} hosts one member per actor); set it to 0 or 1")
+    if run.members_per_host > 1 and run.members_per_gpu and run.members_per_gpu % run.members_per_host:
+        raise ConfigError(f"run.members_per_host: {run.members_per_host} must divide run.members_per_gpu "
+                          f"({run.members_per_gpu}): the members of a host share its GPU")
     if pbt.search == "none" and pbt.exploit != "none":
         raise ConfigError(f"pbt.search: none (hand-tuned, no search) needs pbt.exploit: none, got pbt.exploit: {pbt.exploit}")
     if pbt.population_size > 1 and not pbt.search_space and pbt.search != "none":

@@ -1,7 +1,7 @@
 """Where members run. The controller sees only :class:`MemberHandle` and :class:`Backend`.
 
-``LocalProcessBackend`` hosts each member in its own process on this machine (multiprocessing,
-spawn context: no forked torch/envpool state). Another backend (e.g. Ray actors on a cluster)
+``LocalProcessBackend`` hosts members in processes of this machine (multiprocessing, spawn context:
+no forked torch/envpool state), ``run.members_per_host`` to a process (runtime/member_host.py). Another backend (e.g. Ray actors on a cluster)
 implements the same two small interfaces around :class:`pbt_rl.runtime.member.MemberWorker`,
 carrying the :mod:`protocol <pbt_rl.runtime.protocol>` messages; the backend also decides how
 learners are built. The scheduler, learners and controller do not change.
@@ -9,13 +9,16 @@ learners are built. The scheduler, learners and controller do not change.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from multiprocessing.connection import Connection, wait
 from typing import Protocol
 
 from pbt_rl.runtime import protocol
-from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, member_main
+from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec
+from pbt_rl.runtime.member_host import HostFailed, HostSettings, StartMember, ToMember, host_main, host_settings
+from pbt_rl.runtime.resources import members_per_host
 
 KILL_GRACE_SECONDS = 5.0
 
@@ -49,78 +52,157 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class LocalProcessHandle:
-    def __init__(self, spec: MemberSpec, context: multiprocessing.context.BaseContext, learner_factory: str):
-        self.member_id = spec.member_id
+class _HostProcess:
+    """The controller's end of one member host process (runtime/member_host.py): its pipe, and
+    the messages read from it, kept per incarnation until that member's handle polls them."""
+
+    def __init__(self, index: int, context: multiprocessing.context.BaseContext, learner_factory: str,
+                 settings: HostSettings):
         self.connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(
-            target=member_main, args=(spec, child_end, os.getpid(), learner_factory),
-            name=f"pbt-member-{spec.member_id}", daemon=True,
+            target=host_main, args=(child_end, os.getpid(), learner_factory, settings),
+            name=f"pbt-host-{index}", daemon=True,
         )
         self.process.start()
         child_end.close()  # so EOF reaches us when the child dies
-        self._exited = False
+        self.mailboxes: dict[int, list] = {}
+        self.failure: protocol.Failed | None = None  # the host could not start (HostFailed)
+        self.ended = False
 
-    def send(self, message: protocol.Command) -> bool:
+    def start(self, incarnation: int, spec: MemberSpec) -> None:
+        self.mailboxes[incarnation] = []
+        self.send(StartMember(incarnation, spec))
+
+    def send(self, item: object) -> bool:
         try:
-            self.connection.send(message)
+            self.connection.send(item)
             return True
         except (OSError, EOFError, BrokenPipeError, ValueError):
             return False
 
-    def poll(self) -> list[protocol.MemberMessage]:
-        messages: list[protocol.MemberMessage] = []
-        if self._exited:
-            return messages
+    def pump(self) -> None:
+        """Read everything the host has sent so far (non-blocking) into the mailboxes."""
+        if self.ended:
+            return
         try:
             while self.connection.poll():
-                messages.append(self.connection.recv())
+                item = self.connection.recv()
+                if isinstance(item, HostFailed):
+                    self.failure = item.failure
+                elif item.incarnation in self.mailboxes:  # else: a forgotten incarnation's
+                    self.mailboxes[item.incarnation].append(item.message)
         except (EOFError, OSError, ValueError):
             # The pipe closed: the process ended (or is ending). Reap it for the exit code.
             self.process.join(timeout=KILL_GRACE_SECONDS)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
-            self._exited = True
-            messages.append(protocol.Exited(self.process.exitcode))
+            self.ended = True
+
+    def take(self, incarnation: int) -> list:
+        self.pump()
+        messages, self.mailboxes[incarnation] = self.mailboxes.get(incarnation, []), []
         return messages
 
+    def forget(self, incarnation: int) -> None:
+        self.mailboxes.pop(incarnation, None)
+
     def alive(self) -> bool:
-        return not self._exited and self.process.is_alive()
+        return not self.ended and self.failure is None and self.process.is_alive()
 
     def kill(self) -> None:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=KILL_GRACE_SECONDS)
-        self._exited = True
+        self.pump()  # what the host sent before it ended still reaches its members' handles
+        self.ended = True
         try:
             self.connection.close()
         except OSError:
             pass
 
+
+class HostedMemberHandle:
+    """One member (one incarnation of it) on a host process."""
+
+    def __init__(self, member_id: int, host: _HostProcess, incarnation: int):
+        self.member_id = member_id
+        self.host = host
+        self.incarnation = incarnation
+        self._exited = False
+        self._ending = False  # it reported Failed: its thread ends by itself
+
+    def send(self, message: protocol.Command) -> bool:
+        if self._exited or not self.host.alive():
+            return False
+        return self.host.send(ToMember(self.incarnation, message))
+
+    def poll(self) -> list[protocol.MemberMessage]:
+        if self._exited:
+            return []
+        messages = self.host.take(self.incarnation)
+        if self.host.failure is not None and not self._ending:
+            messages.append(self.host.failure)  # the host could not start: neither could this member
+        for i, message in enumerate(messages):
+            self._ending |= isinstance(message, protocol.Failed)
+            if isinstance(message, protocol.Exited):
+                messages = messages[: i + 1]
+                break
+        else:
+            if self.host.ended:  # the process died: this member ended with it
+                messages.append(protocol.Exited(self.host.process.exitcode))
+        if messages and isinstance(messages[-1], protocol.Exited):
+            self._exited = True
+            self.host.forget(self.incarnation)
+        return messages
+
+    def alive(self) -> bool:
+        return not self._exited and self.host.alive()
+
+    def kill(self) -> None:
+        """Stop this member now. One that failed ends by itself; one that is still running (hung)
+        cannot be stopped alone: its host is killed, and its other members end with it."""
+        if not (self._exited or self._ending):
+            self.host.kill()
+        self._exited = True
+        self.host.forget(self.incarnation)
+
     def wait_object(self) -> Connection | None:
-        return None if self._exited else self.connection
+        return None if self._exited or self.host.ended else self.host.connection
 
 
 class LocalProcessBackend:
-    """Members as processes of this machine.
+    """Members on host processes of this machine, ``run.members_per_host`` to a host
+    (:func:`~pbt_rl.runtime.resources.members_per_host`; member ``i`` on host ``i // k``).
 
-    ``learner_factory`` (``module:function``, imported in each member process) builds the
+    ``learner_factory`` (``module:function``, imported in each host process) builds the
     learners: :func:`pbt_rl.agents.make_learner` unless a test or another tool hosts its own.
+    A member restarted while its host lives starts again on that host; a member whose host died
+    starts a new host for its slot.
     """
 
     def __init__(self, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.learner_factory = learner_factory
-        self.handles: list[LocalProcessHandle] = []
+        self.hosts: dict[int, _HostProcess] = {}
+        self._incarnations = itertools.count()
 
-    def start(self, spec: MemberSpec) -> LocalProcessHandle:
-        handle = LocalProcessHandle(spec, self.context, self.learner_factory)
-        self.handles.append(handle)
-        return handle
+    def start(self, spec: MemberSpec) -> HostedMemberHandle:
+        run = spec.config.run
+        per_host = members_per_host(spec.config.pbt.population_size, run.members_per_host, run.members_per_gpu,
+                                    run.total_threads)
+        index = spec.member_id // per_host
+        host = self.hosts.get(index)
+        if host is None or not host.alive():
+            if host is not None:
+                host.kill()  # reap a dead or failed host before its slot gets a new one
+            host = self.hosts[index] = _HostProcess(index, self.context, self.learner_factory, host_settings(spec))
+        incarnation = next(self._incarnations)
+        host.start(incarnation, spec)
+        return HostedMemberHandle(spec.member_id, host, incarnation)
 
     def wait(self, handles: list, timeout: float) -> None:
-        objects = [o for h in handles if (o := h.wait_object()) is not None]
+        objects = list({id(o): o for h in handles if (o := h.wait_object()) is not None}.values())
         if objects:
             wait(objects, timeout=timeout)
         else:
@@ -129,9 +211,9 @@ class LocalProcessBackend:
             time.sleep(timeout)
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.kill()
-        self.handles.clear()
+        for host in self.hosts.values():
+            host.kill()
+        self.hosts.clear()
 
 
 def make_backend(name: str, config=None) -> Backend:

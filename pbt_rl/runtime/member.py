@@ -4,8 +4,9 @@ The member trains to its next ready point in chunks, sending progress after each
 about once a second), then saves a checkpoint, reports it and waits for the controller's
 decision. The messages are the types of :mod:`pbt_rl.runtime.protocol`.
 
-A member process never outlives the controller: it asks the kernel for SIGKILL when its parent
-dies (Linux) and also polls its parent pid, and a closed pipe ends it.
+A process hosting members never outlives the controller (:func:`die_with_parent`): it asks the
+kernel for SIGKILL when its parent dies (Linux) and also polls its parent pid, and a closed pipe
+ends it (runtime/member_host.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import importlib
 import math
 import os
-import sys
 import threading
 import time
 import traceback
@@ -104,7 +104,8 @@ def weights_sha256(state: Any) -> str:
     return digest.hexdigest()
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when ``parent_pid`` (the controller) does, even by SIGKILL."""
     try:  # Linux: the kernel kills us when the controller dies, even by SIGKILL.
         import ctypes
         import signal
@@ -293,7 +294,7 @@ def close_learner(learner: Any) -> None:
 
 def host_member(spec: MemberSpec, learner_factory: str, send: Callable[[Any], None],
                 receive: Callable[[], Any]) -> None:
-    """The body of a member process or actor (any backend whose member owns its process):
+    """The body of a member's Ray actor (a backend whose member owns its process):
     process-wide settings, then the learner from ``learner_factory``, then the member loop.
     Exceptions propagate (the host reports them with :func:`failure_message`)."""
     from pbt_rl.runtime.host import configure_process
@@ -309,30 +310,3 @@ def host_member(spec: MemberSpec, learner_factory: str, send: Callable[[Any], No
         MemberWorker(spec, learner, send, receive).run()
     finally:
         close_learner(learner)
-
-
-def member_main(spec: MemberSpec, connection: Any, parent_pid: int, learner_factory: str) -> None:
-    """Entry point of a member process (multiprocessing target); ``learner_factory`` is
-    ``module:function``, importable in the child (the backend's choice, see backend.py)."""
-    _die_with_parent(parent_pid)
-    import signal
-
-    # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        host_member(spec, learner_factory, connection.send, connection.recv)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the controller is gone or closed our pipe
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
-        try:
-            connection.send(failure_message(exc))
-        except (OSError, EOFError, BrokenPipeError):
-            pass
-        if not isinstance(exc, Exception):
-            raise
-        sys.exit(1)
-    finally:
-        try:
-            connection.close()
-        except OSError:
-            pass

@@ -1,4 +1,5 @@
-"""How the machine is shared among members: env threads per member and each member's device."""
+"""How the machine is shared among members: env threads per member, members per host process and
+each member's device."""
 
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ def threads_per_member(population_size: int, total_threads: int = 0, env_threads
     if env_threads > 0:
         return env_threads
     return max(1, machine_threads(total_threads) // max(1, population_size))
+
+
+def members_per_host(population_size: int, members_per_host: int = 0, members_per_gpu: int = 0,
+                     total_threads: int = 0) -> int:
+    """How many members share one host process (runtime/member_host.py).
+
+    ``run.members_per_host`` when set (at most the population). Auto (0): one host per core
+    (``run.total_threads`` or the core count), i.e. ``ceil(population / hosts)`` members each, so
+    a population larger than the machine's cores does not pay an interpreter, a torch import and
+    a CUDA context per member, and one no larger than that keeps a process per member. With
+    ``run.members_per_gpu`` the count is lowered until it divides it (a host's members share its GPU).
+    Members ``h*k .. h*k+k-1`` live on host ``h``.
+    """
+    if members_per_host > 0:
+        return max(1, min(members_per_host, population_size))
+    hosts = max(1, min(population_size, machine_threads(total_threads)))
+    per_host = -(-population_size // hosts)
+    while members_per_gpu > 0 and members_per_gpu % per_host:
+        per_host -= 1
+    return per_host
 
 
 def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_device_count: int) -> str:
