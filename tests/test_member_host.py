@@ -52,8 +52,10 @@ def pids(tmp_path, monkeypatch):
 def test_members_per_host_resolves_auto_and_explicit_values():
     assert members_per_host(8, 0, 0, total_threads=16) == 1  # no more members than cores: a process each
     assert members_per_host(64, 0, 0, total_threads=16) == 4  # one host per core
-    assert members_per_host(32, 0, 0, total_threads=2) == 16
-    assert members_per_host(5, 0, 0, total_threads=2) == 3  # ceil: hosts of 3 and 2
+    assert members_per_host(4, 0, 0, total_threads=2) == 1  # at least 4 hosts, even on 2 cores
+    assert members_per_host(32, 0, 0, total_threads=2) == 8
+    assert members_per_host(6, 0, 0, total_threads=2) == 2  # ceil: hosts of 2, 2 and 2
+    assert members_per_host(5, 0, 0, total_threads=2) == 2  # hosts of 2, 2 and 1
     assert members_per_host(64, 0, 6, total_threads=16) == 3  # lowered until it divides members_per_gpu
     assert members_per_host(4, 8, 0, total_threads=16) == 4  # at most the population
     assert members_per_host(8, 1, 0, total_threads=2) == 1
@@ -221,3 +223,49 @@ def test_waiting_on_hosts_returns_when_any_member_has_news(tmp_path, monkeypatch
         assert wait_until(both_started, attempts=600, pause=0)
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------------------ turns
+
+
+def test_members_of_a_host_train_one_at_a_time_in_the_order_they_asked():
+    """Turns: while one member trains the others wait, and turns go first come, first served."""
+    import threading
+
+    from pbt_rl.runtime.member_host import TakingTurns, Turns
+
+    turns = Turns()
+    inside: list[str] = []
+    order: list[str] = []
+    release = {name: threading.Event() for name in "abc"}
+
+    class Learner:
+        env_steps = 7
+
+        def __init__(self, name):
+            self.name = name
+
+        def train(self, until_env_steps):
+            inside.append(self.name)
+            assert len(inside) == 1, inside  # nobody else is training now
+            order.append(self.name)
+            release[self.name].wait()
+            inside.remove(self.name)
+            return until_env_steps
+
+    learners = {name: TakingTurns(Learner(name), turns) for name in "abc"}
+    assert learners["a"].env_steps == 7 and learners["a"].name == "a"  # the rest passes through
+    threads = {}
+    for name in "abc":  # a gets the turn; b asks before c
+        threads[name] = threading.Thread(target=learners[name].train, args=(1,))
+        threads[name].start()
+        if name == "a":
+            assert wait_until(lambda: order == ["a"])
+        else:
+            assert wait_until(lambda: turns.waiting == "abc".index(name))
+    for name in "abc":
+        release[name].set()
+        threads[name].join(timeout=60)
+        assert not threads[name].is_alive()
+    assert order == ["a", "b", "c"] and not inside
+    assert not turns.busy and turns.waiting == 0  # the last one handed the turn back

@@ -23,20 +23,26 @@ def threads_per_member(population_size: int, total_threads: int = 0, env_threads
     return max(1, machine_threads(total_threads) // max(1, population_size))
 
 
+MIN_AUTO_HOSTS = 4
+"""Hosts that auto makes at least, on machines with fewer cores: one host's env waits and updates
+overlap another's. Measured on the 2-core CPU machine, quickstart, 4 members: 4 processes 36.3k
+env steps/s, 2 hosts of 2 members taking turns 31.0k (docs/runtime.md, "Member hosts")."""
+
+
 def members_per_host(population_size: int, members_per_host: int = 0, members_per_gpu: int = 0,
                      total_threads: int = 0) -> int:
     """How many members share one host process (runtime/member_host.py).
 
     ``run.members_per_host`` when set (at most the population). Auto (0): one host per core
-    (``run.total_threads`` or the core count), i.e. ``ceil(population / hosts)`` members each, so
-    a population larger than the machine's cores does not pay an interpreter, a torch import and
-    a CUDA context per member, and one no larger than that keeps a process per member. With
-    ``run.members_per_gpu`` the count is lowered until it divides it (a host's members share its GPU).
-    Members ``h*k .. h*k+k-1`` live on host ``h``.
+    (``run.total_threads`` or the core count), but at least :data:`MIN_AUTO_HOSTS`, i.e.
+    ``ceil(population / hosts)`` members each: a population larger than that does not pay an
+    interpreter, a torch import and a CUDA context per member, and one no larger keeps a process
+    per member. With ``run.members_per_gpu`` the count is lowered until it divides it (a host's
+    members share its GPU). Members ``h*k .. h*k+k-1`` live on host ``h``.
     """
     if members_per_host > 0:
         return max(1, min(members_per_host, population_size))
-    hosts = max(1, min(population_size, machine_threads(total_threads)))
+    hosts = max(1, min(population_size, max(MIN_AUTO_HOSTS, machine_threads(total_threads))))
     per_host = -(-population_size // hosts)
     while members_per_gpu > 0 and members_per_gpu % per_host:
         per_host -= 1
