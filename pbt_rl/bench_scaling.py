@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from pbt_rl.config import ConfigError, ExperimentConfig
-from pbt_rl.runtime.resources import members_per_host
+from pbt_rl.runtime.resources import hosts_layout
 
 
 def config_at_population(config: ExperimentConfig, population: int) -> ExperimentConfig:
@@ -50,8 +50,7 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
         run = train_for_bench(sized, sized.run.backend, seconds, warmup)
         rate = run["population"]["env_steps_per_second"]
         rows.append({"population_size": size, "num_envs_per_member": sized.env.num_envs,
-                     "members_per_host": members_per_host(size, sized.run.members_per_host, sized.run.members_per_gpu,
-                                                          sized.run.total_threads),
+                     "members_per_host": hosts_layout(sized)[0],
                      "ratio": rate / raw["env_steps_per_second"], **run})
     return {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": rows}
 

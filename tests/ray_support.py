@@ -71,13 +71,13 @@ def wait_for_nodes(cluster, count: int) -> None:
 
 
 def live_member_actors(address: str, run_dir: Path) -> list[str]:
-    """Names of the live Ray actors hosting members of ``run_dir`` (any driver's)."""
+    """Names of the live Ray actors hosting members of ``run_dir`` (any driver's host actors)."""
     import ray
 
     ray.init(address=address, logging_level="WARNING")
     try:
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith(f"{run_dir} member ")]
+                if a["name"].startswith(f"{run_dir} host ")]
     finally:
         ray.shutdown()
 

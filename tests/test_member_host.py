@@ -59,12 +59,12 @@ def test_members_per_host_resolves_auto_and_explicit_values():
     assert members_per_host(64, 0, 6, total_threads=16) == 3  # lowered until it divides members_per_gpu
     assert members_per_host(4, 8, 0, total_threads=16) == 4  # at most the population
     assert members_per_host(8, 1, 0, total_threads=2) == 1
+    assert members_per_host(64, 0, 0, total_threads=16, backend="ray") == 1  # Ray places hosts by resources
+    assert members_per_host(64, 4, 0, total_threads=16, backend="ray") == 4
 
 
 def test_host_settings_that_cannot_work_are_one_line_errors():
     base = {"pbt": {"population_size": 8, "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}}}
-    with pytest.raises(ConfigError, match=r"run.members_per_host: 4 needs run.backend: local"):
-        from_dict({**base, "run": {"backend": "ray", "members_per_host": 4}})
     with pytest.raises(ConfigError, match=r"run.members_per_host: 4 must divide run.members_per_gpu \(6\)"):
         from_dict({**base, "run": {"members_per_host": 4, "members_per_gpu": 6}})
     assert from_dict({**base, "run": {"members_per_host": 4, "members_per_gpu": 8}}).run.members_per_host == 4

@@ -106,6 +106,30 @@ def test_pack_puts_the_members_on_one_node(tmp_path, cluster):
     assert len({node["node_id"] for _, node in backend.placements}) == 1, backend.placements
 
 
+def test_member_hosts_on_the_cluster_share_an_actor_and_restart_a_failed_member_on_it(tmp_path, cluster,
+                                                                                      monkeypatch):
+    """run.members_per_host=2: two host actors of two members (one bundle each); a member that
+    raises restarts on its live host, whose other member goes on."""
+    fake_seed_is_member_id(monkeypatch)
+    run_dir = tmp_path / "run"
+    config = ray_config(run_dir, cluster, members_per_host=2, total_env_steps=2400)
+    backend = RayBackend(config, learner_factory=FAKE, python_path=(str(TESTS_DIR),),
+                         env_vars={"PBT_RL_TEST_CRASH": f"1:800:{tmp_path / 'crashed'}"})
+    assert backend.bundle == {"CPU": 2.0} and backend.host_count == 2
+    summary = train(config, console=False, backend=backend)
+    assert (tmp_path / "crashed").exists() and summary["status"] == "finished"
+    assert [e["member"] for e in events_of(run_dir, "member_failed")] == [1]
+    pids = {}
+    for member, node in backend.placements:
+        pids.setdefault(member, []).append(node["pid"])
+    assert sorted(pids) == [0, 1, 2, 3] and len(pids[1]) == 2  # member 1 started twice
+    assert set(pids[0]) == set(pids[1]) and len(set(pids[0])) == 1  # ... on the one actor it shares with 0
+    assert set(pids[2]) == set(pids[3]) and pids[2][0] != pids[0][0]
+    check_lineage_consistent(run_dir, 4)
+    check_metrics_grow(run_dir, 4)
+    assert not live_member_actors(cluster.address, run_dir), "the actors end with the run"
+
+
 # ------------------------------------------------------------------------------ faults
 
 
@@ -217,8 +241,9 @@ def test_a_member_whose_controller_stops_asking_for_messages_exits(tmp_path):
     """The guard behind Ray's fate-sharing: no ``take`` call for orphan_seconds ends the process."""
     script = tmp_path / "orphan.py"
     script.write_text("import time\n"
-                      "from pbt_rl.runtime.ray_backend import MemberActor\n"
-                      "actor = MemberActor(orphan_seconds=0.5)\n"
+                      "from pbt_rl.runtime.member_host import HostSettings\n"
+                      "from pbt_rl.runtime.ray_backend import HostActor\n"
+                      "actor = HostActor('pbt_rl.agents:make_learner', HostSettings('cpu', 1), orphan_seconds=0.5)\n"
                       "actor.take(timeout=0.0)\n"
                       "time.sleep(120)\n")
     process = subprocess.Popen([sys.executable, str(script)])

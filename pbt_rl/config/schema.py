@@ -145,7 +145,7 @@ class RunConfig:
     ray_gpus_per_member: float = _f(0.0, "run.backend=ray: GPUs Ray reserves per member, a fraction to share one (0.125 = 8 members per GPU) or a whole number; 0 = members on CPU.", min=0.0)
     ray_placement: str = _f("spread", "run.backend=ray: 'spread' members over the nodes or 'pack' them onto as few nodes as possible (one Ray placement group).", choices=("spread", "pack"))
     members_per_gpu: int = _f(0, "Members sharing one GPU; 0 = all members on one GPU.", min=0)
-    members_per_host: int = _f(0, "run.backend=local: members sharing one host process (one torch import, one CUDA context; each member a thread with its own learner, envs and generators); 0 = auto: one host per core (run.total_threads), at least 4, 1 = a process per member.", min=0)
+    members_per_host: int = _f(0, "Members sharing one host process or Ray actor (one torch import, one CUDA context; each member a thread with its own learner, envs and generators, taking turns at training); 0 = auto: one host per core (run.total_threads), at least 4 (Ray: 1), 1 = a process per member.", min=0)
     total_threads: int = _f(0, "CPU threads for env stepping across the population; 0 = all cores.", min=0)
     torch_threads: int = _f(0, "torch intra-op threads per member; 0 = 1 on GPU, the member's share of env threads on CPU.", min=0)
     hang_timeout_factor: float = _f(10.0, "A member that works but sends nothing for max(hang_timeout_min_seconds, this x its longest gap between messages so far) is hung: it is killed and restarted like a crash (before its first message after a start it has this x hang_timeout_min_seconds); 0 = never.", min=0.0)

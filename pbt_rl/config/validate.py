@@ -30,9 +30,6 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"with N a GPU index 0, 1, 2, ..."
         )
     run = config.run
-    if run.members_per_host > 1 and run.backend != "local":
-        raise ConfigError(f"run.members_per_host: {run.members_per_host} needs run.backend: local "
-                          f"(run.backend={run.backend} hosts one member per actor); set it to 0 or 1")
     if run.members_per_host > 1 and run.members_per_gpu and run.members_per_gpu % run.members_per_host:
         raise ConfigError(f"run.members_per_host: {run.members_per_host} must divide run.members_per_gpu "
                           f"({run.members_per_gpu}): the members of a host share its GPU")

@@ -18,7 +18,7 @@ from typing import Protocol
 from pbt_rl.runtime import protocol
 from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec
 from pbt_rl.runtime.member_host import HostFailed, HostSettings, StartMember, ToMember, host_main, host_settings
-from pbt_rl.runtime.resources import members_per_host
+from pbt_rl.runtime.resources import hosts_layout
 
 KILL_GRACE_SECONDS = 5.0
 
@@ -52,12 +52,50 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class _HostProcess:
-    """The controller's end of one member host process (runtime/member_host.py): its pipe, and
-    the messages read from it, kept per incarnation until that member's handle polls them."""
+class HostMailboxes:
+    """The controller's end of one member host, whatever carries its messages (a pipe here, a Ray
+    actor in ray_backend.py): what the host sent so far, kept per incarnation until that member's
+    handle takes it. A transport implements ``send``, ``pump``, ``alive``, ``kill`` and
+    ``wait_object``, and sets ``failure`` (the host could not start), ``ended`` and ``exitcode``."""
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[int, list] = {}
+        self.failure: protocol.Failed | None = None
+        self.ended = False
+        self.exitcode: int | None = None
+
+    def deliver(self, item: object) -> None:
+        """Route one item the host sent (a FromMember or HostFailed)."""
+        if isinstance(item, HostFailed):
+            self.failure = item.failure
+        elif item.incarnation in self.mailboxes:  # else: a forgotten incarnation's
+            self.mailboxes[item.incarnation].append(item.message)
+
+    def start(self, incarnation: int, spec: MemberSpec) -> None:
+        self.mailboxes[incarnation] = []
+        self.send(StartMember(incarnation, spec))
+
+    def take(self, incarnation: int) -> list:
+        self.pump()
+        messages, self.mailboxes[incarnation] = self.mailboxes.get(incarnation, []), []
+        return messages
+
+    def forget(self, incarnation: int) -> None:
+        self.mailboxes.pop(incarnation, None)
+
+    def send(self, item: object) -> bool:
+        raise NotImplementedError
+
+    def pump(self) -> None:
+        raise NotImplementedError
+
+
+class _HostProcess(HostMailboxes):
+    """A member host process of this machine (runtime/member_host.py) and its pipe."""
 
     def __init__(self, index: int, context: multiprocessing.context.BaseContext, learner_factory: str,
                  settings: HostSettings):
+        super().__init__()
         self.connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(
             target=host_main, args=(child_end, os.getpid(), learner_factory, settings),
@@ -65,13 +103,6 @@ class _HostProcess:
         )
         self.process.start()
         child_end.close()  # so EOF reaches us when the child dies
-        self.mailboxes: dict[int, list] = {}
-        self.failure: protocol.Failed | None = None  # the host could not start (HostFailed)
-        self.ended = False
-
-    def start(self, incarnation: int, spec: MemberSpec) -> None:
-        self.mailboxes[incarnation] = []
-        self.send(StartMember(incarnation, spec))
 
     def send(self, item: object) -> bool:
         try:
@@ -86,26 +117,14 @@ class _HostProcess:
             return
         try:
             while self.connection.poll():
-                item = self.connection.recv()
-                if isinstance(item, HostFailed):
-                    self.failure = item.failure
-                elif item.incarnation in self.mailboxes:  # else: a forgotten incarnation's
-                    self.mailboxes[item.incarnation].append(item.message)
+                self.deliver(self.connection.recv())
         except (EOFError, OSError, ValueError):
             # The pipe closed: the process ended (or is ending). Reap it for the exit code.
             self.process.join(timeout=KILL_GRACE_SECONDS)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
-            self.ended = True
-
-    def take(self, incarnation: int) -> list:
-        self.pump()
-        messages, self.mailboxes[incarnation] = self.mailboxes.get(incarnation, []), []
-        return messages
-
-    def forget(self, incarnation: int) -> None:
-        self.mailboxes.pop(incarnation, None)
+            self.ended, self.exitcode = True, self.process.exitcode
 
     def alive(self) -> bool:
         return not self.ended and self.failure is None and self.process.is_alive()
@@ -115,17 +134,20 @@ class _HostProcess:
             self.process.kill()
         self.process.join(timeout=KILL_GRACE_SECONDS)
         self.pump()  # what the host sent before it ended still reaches its members' handles
-        self.ended = True
+        self.ended, self.exitcode = True, self.process.exitcode
         try:
             self.connection.close()
         except OSError:
             pass
 
+    def wait_object(self) -> Connection | None:
+        return None if self.ended else self.connection
+
 
 class HostedMemberHandle:
     """One member (one incarnation of it) on a host process."""
 
-    def __init__(self, member_id: int, host: _HostProcess, incarnation: int):
+    def __init__(self, member_id: int, host: HostMailboxes, incarnation: int):
         self.member_id = member_id
         self.host = host
         self.incarnation = incarnation
@@ -150,7 +172,7 @@ class HostedMemberHandle:
                 break
         else:
             if self.host.ended:  # the process died: this member ended with it
-                messages.append(protocol.Exited(self.host.process.exitcode))
+                messages.append(protocol.Exited(self.host.exitcode))
         if messages and isinstance(messages[-1], protocol.Exited):
             self._exited = True
             self.host.forget(self.incarnation)
@@ -168,7 +190,7 @@ class HostedMemberHandle:
         self.host.forget(self.incarnation)
 
     def wait_object(self) -> Connection | None:
-        return None if self._exited or self.host.ended else self.host.connection
+        return None if self._exited else self.host.wait_object()
 
 
 class LocalProcessBackend:
@@ -188,9 +210,7 @@ class LocalProcessBackend:
         self._incarnations = itertools.count()
 
     def start(self, spec: MemberSpec) -> HostedMemberHandle:
-        run = spec.config.run
-        per_host = members_per_host(spec.config.pbt.population_size, run.members_per_host, run.members_per_gpu,
-                                    run.total_threads)
+        per_host, _ = hosts_layout(spec.config)
         index = spec.member_id // per_host
         host = self.hosts.get(index)
         if host is None or not host.alive():

@@ -290,23 +290,3 @@ def close_learner(learner: Any) -> None:
         learner.close()
     except Exception:  # noqa: BLE001
         pass
-
-
-def host_member(spec: MemberSpec, learner_factory: str, send: Callable[[Any], None],
-                receive: Callable[[], Any]) -> None:
-    """The body of a member's Ray actor (a backend whose member owns its process):
-    process-wide settings, then the learner from ``learner_factory``, then the member loop.
-    Exceptions propagate (the host reports them with :func:`failure_message`)."""
-    from pbt_rl.runtime.host import configure_process
-
-    # Process-wide settings (torch threads, CUDA flags, GPU wait) once, before the learner.
-    run = spec.config.run
-    configure_process(spec.device if spec.device is not None else spec.config.agent.device,
-                      num_threads=spec.num_threads, torch_threads=run.torch_threads, gpu_wait=run.gpu_wait)
-    learner = None
-    try:
-        learner = load_factory(learner_factory)(spec.config, seed=spec.seed, device=spec.device,
-                                                num_threads=spec.num_threads)
-        MemberWorker(spec, learner, send, receive).run()
-    finally:
-        close_learner(learner)

@@ -1,22 +1,25 @@
 """Members as Ray actors on a cluster (``run.backend: ray``; docs/cluster.md).
 
-One actor per member, each in its own worker process, placed in one bundle of a placement group
-that :mod:`~pbt_rl.runtime.ray_cluster` reserves (spread or packed over the nodes). The actor
-hosts the member exactly as a local member process does (:func:`~pbt_rl.runtime.member.host_member`):
-same learner factory, same :class:`~pbt_rl.runtime.member.MemberWorker`, same messages.
+One actor per member host (``run.members_per_host`` members; 1 unless set), each in its own
+worker process, placed in one bundle of a placement group that :mod:`~pbt_rl.runtime.ray_cluster`
+reserves (spread or packed over the nodes). The actor hosts its members exactly as a local host
+process does (:class:`~pbt_rl.runtime.member_host.MemberHost`): same learner factory, same
+:class:`~pbt_rl.runtime.member.MemberWorker` per member, members taking turns at training, same
+messages tagged with each member's incarnation; the controller's side is the local backend's
+:class:`~pbt_rl.runtime.backend.HostedMemberHandle` over a Ray transport (:class:`RayHost`).
 
-Transport: the controller sends a command with a fire-and-forget actor call; the member's
-messages wait in the actor's outbox, and the handle keeps one ``take`` call outstanding (it
+Transport: the controller sends a command with a fire-and-forget actor call; the host's messages
+wait in the actor's outbox, and the controller keeps one ``take`` call outstanding per host (it
 returns as soon as a message is there, or after ``TAKE_SECONDS``). ``poll`` never blocks (a
 ``ray.wait`` with timeout 0); ``Backend.wait`` blocks on all outstanding ``take`` calls at once.
 
-Faults: actors have ``max_restarts=0``; Ray does not restart them, the controller does (through
-:meth:`RayBackend.start`, into the same bundle, which Ray moves to a live node when its node is
-lost). An actor that dies (node lost, worker killed) fails its outstanding call: the handle
-turns that into :class:`protocol.Exited` with exit code None, the controller's crash path. The
-actors belong to the controller's Ray job, so Ray ends them when the controller dies (even by
-SIGKILL); a member that hears no ``take`` call for ``orphan_seconds`` ends itself as well.
-Ray is imported only here and in ray_cluster.py.
+Faults: actors have ``max_restarts=0``; Ray does not restart them, the controller does. A member
+that raises restarts on its live host; a host actor that dies (node lost, worker killed) fails
+its outstanding call, and every member on it becomes :class:`protocol.Exited` with exit code
+None, the controller's crash path; their restarts start a new actor in the same bundle, which Ray
+moves to a live node when its node is lost. The actors belong to the controller's Ray job, so Ray
+ends them when the controller dies (even by SIGKILL); a host that hears no ``take`` call for
+``orphan_seconds`` ends itself as well. Ray is imported only here and in ray_cluster.py.
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ from typing import Any
 
 from pbt_rl.config import ExperimentConfig
 from pbt_rl.runtime import protocol
-from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, failure_message, host_member
+from pbt_rl.runtime.backend import HostedMemberHandle, HostMailboxes
+from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, failure_message, load_factory
+from pbt_rl.runtime.member_host import (FromMember, HostFailed, HostSettings, MemberHost, StartMember, ToMember,
+                                        host_settings)
+from pbt_rl.runtime.resources import hosts_layout
 
 TAKE_SECONDS = 1.0
 """Longest a ``take`` call waits in the actor for a message before it returns empty."""
@@ -43,27 +50,35 @@ exits (a second guard behind Ray's fate-sharing of a job's actors with its drive
 KILL_WAIT_SECONDS = 5.0
 NAMESPACE = "pbt-rl"
 _log = logging.getLogger(__name__)
-_WAKE = object()
 
 
-class MemberActor:
-    """The body of a member's Ray actor (threaded: ``run`` trains while ``take``/``command`` talk)."""
+class HostActor:
+    """The body of a member host's Ray actor (threaded: the host forwards while ``take``/``command`` talk)."""
 
-    def __init__(self, orphan_seconds: float = ORPHAN_SECONDS, python_path: tuple[str, ...] = ()):
+    def __init__(self, learner_factory: str, settings: HostSettings, orphan_seconds: float = ORPHAN_SECONDS,
+                 python_path: tuple[str, ...] = ()):
         for entry in reversed(python_path):  # lets a learner factory live outside installed packages
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         self._outbox: queue.Queue = queue.Queue()
-        self._inbox: queue.Queue = queue.Queue()
-        self._finished = threading.Event()
-        self._exitcode: int | None = None
         self._last_take = time.monotonic()
+        self._host: MemberHost | None = None
         if orphan_seconds > 0:
             threading.Thread(target=self._watch_controller, args=(orphan_seconds,), name="controller-watch",
                              daemon=True).start()
+        try:
+            from pbt_rl.runtime.host import configure_process
+
+            configure_process(settings.device, num_threads=settings.num_threads,
+                              torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
+            self._host = MemberHost(load_factory(learner_factory), self._outbox.put)
+        except BaseException as exc:  # noqa: BLE001 - reported to the controller, as a host process does
+            self._outbox.put(HostFailed(failure_message(exc)))
+            return
+        threading.Thread(target=self._host.serve, name="member-host", daemon=True).start()
 
     def _watch_controller(self, orphan_seconds: float) -> None:
-        while not self._finished.is_set():
+        while True:
             time.sleep(min(5.0, orphan_seconds / 4))
             if time.monotonic() - self._last_take > orphan_seconds:
                 os._exit(1)  # the controller is gone: write nothing more into its run
@@ -74,38 +89,35 @@ class MemberActor:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def run(self, spec: MemberSpec, learner_factory: str) -> int:
-        code = 0
-        try:
-            from pbt_rl.runtime.store import RunStore
+    def start_member(self, item: StartMember) -> None:
+        if self._host is None:
+            return  # the host could not start: HostFailed is in the outbox
+        from pbt_rl.runtime.store import RunStore
 
-            if not RunStore(spec.run_dir).state_path.is_file():
-                raise RuntimeError(f"the run directory {spec.run_dir} is not visible on this node "
-                                   f"({_node_ip()}): it must be on storage every node mounts (docs/cluster.md)")
-            host_member(spec, learner_factory, self._outbox.put, self._inbox.get)
-        except BaseException as exc:  # noqa: BLE001 - reported to the controller, as a member process does
-            self._outbox.put(failure_message(exc))
-            code = 1
-        self._exitcode = code
-        self._finished.set()
-        self._outbox.put(_WAKE)
-        return code
+        if not RunStore(item.spec.run_dir).state_path.is_file():
+            error = (f"the run directory {item.spec.run_dir} is not visible on this node ({_node_ip()}): it must be "
+                     f"on storage every node mounts (docs/cluster.md)")
+            self._outbox.put(FromMember(item.incarnation, protocol.Failed(f"RuntimeError: {error}")))
+            self._outbox.put(FromMember(item.incarnation, protocol.Exited(1)))
+            return
+        self._host.put(item)
 
-    def command(self, command: protocol.Command) -> None:
-        self._inbox.put(command)
+    def command(self, item: ToMember) -> None:
+        if self._host is not None:
+            self._host.put(item)
 
-    def take(self, timeout: float = TAKE_SECONDS) -> tuple[list, bool, int | None]:
-        """(messages so far, whether the member has ended and all its messages are taken, exit code)."""
+    def take(self, timeout: float = TAKE_SECONDS) -> list:
+        """What the host's members sent since the last call (FromMember, HostFailed): waits up to
+        ``timeout`` seconds for the first."""
         self._last_take = time.monotonic()
-        messages = []
+        items = []
         try:
-            messages.append(self._outbox.get(timeout=timeout))
+            items.append(self._outbox.get(timeout=timeout))
             while True:
-                messages.append(self._outbox.get_nowait())
+                items.append(self._outbox.get_nowait())
         except queue.Empty:
             pass
-        finished = self._finished.is_set() and self._outbox.empty()
-        return [m for m in messages if m is not _WAKE], finished, self._exitcode
+        return items
 
 
 def _node_ip() -> str:
@@ -117,21 +129,23 @@ def _node_ip() -> str:
         return "unknown node"
 
 
-class RayMemberHandle:
-    """The controller's view of one member actor."""
+class RayHost(HostMailboxes):
+    """The controller's end of one host actor: commands as actor calls, one ``take`` outstanding."""
 
-    def __init__(self, actor: Any, spec: MemberSpec, learner_factory: str, on_placed: Any):
-        self.member_id = spec.member_id
+    def __init__(self, actor: Any, on_placed: Any):
+        super().__init__()
         self.actor = actor
         self.node: dict | None = None
         self._on_placed = on_placed
+        self._unplaced: list[int] = []  # members started before Ray said where the actor runs
         self._where = actor.where.remote()
-        self._run = actor.run.remote(spec, learner_factory)
         self._take = actor.take.remote(TAKE_SECONDS)
-        self._exited = False
 
-    def outstanding(self) -> Any | None:
-        return None if self._exited else self._take
+    def start(self, incarnation: int, spec: MemberSpec) -> None:
+        self.mailboxes[incarnation] = []
+        self.actor.start_member.remote(StartMember(incarnation, spec))
+        self._unplaced.append(spec.member_id)
+        self._note_placement()
 
     def _note_placement(self) -> None:
         import ray
@@ -141,61 +155,67 @@ class RayMemberHandle:
                 self.node = ray.get(self._where)
             except ray.exceptions.RayError:
                 self.node = {}
-            self._on_placed(self.member_id, self.node)
+        if self.node is not None:
+            for member_id in self._unplaced:
+                self._on_placed(member_id, self.node)
+            self._unplaced.clear()
 
-    def send(self, message: protocol.Command) -> bool:
-        if self._exited:
+    def send(self, item: object) -> bool:
+        if self.ended:
             return False
-        self.actor.command.remote(message)  # a dead actor shows up in the next poll
+        self.actor.command.remote(item)  # a dead actor shows up in the next pump
         return True
 
-    def poll(self) -> list[protocol.MemberMessage]:
+    def pump(self) -> None:
         import ray
 
-        if self._exited:
-            return []
+        if self.ended:
+            return
         self._note_placement()
         if not ray.wait([self._take], timeout=0)[0]:
-            return []
+            return
         try:
-            messages, finished, code = ray.get(self._take)
+            items = ray.get(self._take)
         except ray.exceptions.RayError as exc:  # the actor died: node lost, worker killed, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _log.warning("member %d: its Ray actor died (%s: %s)", self.member_id, type(exc).__name__, first[:300])
-            messages, finished, code = [], True, None
-        if finished:
-            self.kill()  # frees the bundle for a restart
-            return [*messages, protocol.Exited(code)]
+            _log.warning("a member host's Ray actor died (%s: %s)", type(exc).__name__, first[:300])
+            self.ended = True
+            return
+        for item in items:
+            self.deliver(item)
         self._take = self.actor.take.remote(TAKE_SECONDS)
-        return list(messages)
 
     def alive(self) -> bool:
-        return not self._exited
+        return not self.ended and self.failure is None
 
     def kill(self) -> None:
         import ray
 
-        if not self._exited:
-            self._exited = True
+        if not self.ended:
+            self.ended = True
             self._note_placement()
             try:
                 ray.kill(self.actor, no_restart=True)
             except ray.exceptions.RayError:
                 pass
-            ray.wait([self._run], timeout=KILL_WAIT_SECONDS)
+            ray.wait([self._take], timeout=KILL_WAIT_SECONDS)
+
+    def outstanding(self) -> Any | None:
+        return None if self.ended else self._take
 
     def wait_object(self) -> None:
         return None  # Backend.wait blocks on outstanding() refs instead
 
 
 class RayBackend:
-    """Members as Ray actors, one bundle of a placement group each.
+    """Members on Ray actors, a host actor of ``run.members_per_host`` members per placement-group
+    bundle (host ``h`` in bundle ``h``, member ``i`` on host ``i // k``).
 
     Built before the run directory is written: connecting, the capacity check and the
     reservation raise :class:`~pbt_rl.config.ConfigError` (one line, exit 2). ``learner_factory``
     (``module:function``) is imported in each actor, after ``python_path`` joins its sys.path;
     ``env_vars`` are set in the actors' processes (Ray runtime_env). ``placements`` lists
-    ``(member_id, node)`` for every start, in order, once Ray has placed the actor.
+    ``(member_id, node)`` for every start, in order, once Ray has placed its host's actor.
     """
 
     def __init__(self, config: ExperimentConfig, *, learner_factory: str = DEFAULT_LEARNER_FACTORY,
@@ -208,13 +228,15 @@ class RayBackend:
         self.env_vars = dict(env_vars or {})
         self.python_path = tuple(str(p) for p in python_path)
         self.orphan_seconds = orphan_seconds
-        self.handles: list[RayMemberHandle] = []
+        self.per_host, self.host_count = hosts_layout(config)
+        self.hosts: dict[int, RayHost] = {}
         self.placements: list[tuple[int, dict]] = []
         self.starts = 0
+        self._incarnations = 0
         self._closed = False
         self._started_here = ray_cluster.connect(config)
         try:
-            self.bundle = ray_cluster.member_bundle(config)
+            self.bundle = ray_cluster.host_bundle(config)
             self.group = ray_cluster.reserve(config)
         except BaseException:
             ray_cluster.disconnect(self._started_here)
@@ -223,39 +245,50 @@ class RayBackend:
 
         self.address = ray.get_runtime_context().gcs_address
         self.job_id = ray.get_runtime_context().get_job_id()
-        self._actor_class = ray.remote(max_concurrency=4, max_restarts=0)(MemberActor)
+        self._actor_class = ray.remote(max_concurrency=4, max_restarts=0)(HostActor)
 
     def _spec_for_actor(self, spec: MemberSpec) -> MemberSpec:
         """Ray decides devices and cores: its GPU share (cuda:0 of what Ray lets it see) or the CPU,
-        and env threads from the CPUs it reserved when env.num_threads is 0."""
+        and env threads from the CPUs it reserved per member when env.num_threads is 0."""
         device = "cuda:0" if self.bundle.get("GPU", 0) > 0 else "cpu"
         threads = self.config.env.num_threads or max(1, int(self.config.run.ray_cpus_per_member))
         return dataclasses.replace(spec, device=device, num_threads=threads,
                                    run_dir=str(Path(spec.run_dir).absolute()))
 
-    def start(self, spec: MemberSpec) -> RayMemberHandle:
+    def _host(self, index: int, spec: MemberSpec) -> RayHost:
+        """Host ``index``'s actor, started (in bundle ``index``) unless it is alive."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        host = self.hosts.get(index)
+        if host is not None and host.alive():
+            return host
+        if host is not None:
+            host.kill()  # a dead or failed actor: free its bundle for the new one
         self.starts += 1
         options: dict[str, Any] = {
             "num_cpus": self.bundle["CPU"], "num_gpus": self.bundle.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=spec.member_id % self.config.pbt.population_size),
-            "name": f"{spec.run_dir} member {spec.member_id} job {self.job_id} start {self.starts}",
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
+            "name": f"{spec.run_dir} host {index} job {self.job_id} start {self.starts}",
             "namespace": NAMESPACE,
         }
         if self.env_vars:
             options["runtime_env"] = {"env_vars": self.env_vars}
-        actor = self._actor_class.options(**options).remote(self.orphan_seconds, self.python_path)
-        handle = RayMemberHandle(actor, self._spec_for_actor(spec), self.learner_factory,
-                                 lambda member_id, node: self.placements.append((member_id, node)))
-        self.handles.append(handle)
-        return handle
+        actor = self._actor_class.options(**options).remote(self.learner_factory, host_settings(spec),
+                                                            self.orphan_seconds, self.python_path)
+        host = self.hosts[index] = RayHost(actor, lambda member_id, node: self.placements.append((member_id, node)))
+        return host
+
+    def start(self, spec: MemberSpec) -> HostedMemberHandle:
+        spec = self._spec_for_actor(spec)
+        host = self._host((spec.member_id // self.per_host) % self.host_count, spec)
+        self._incarnations += 1
+        host.start(self._incarnations, spec)
+        return HostedMemberHandle(spec.member_id, host, self._incarnations)
 
     def wait(self, handles: list, timeout: float) -> None:
         import ray
 
-        refs = [ref for h in handles if (ref := h.outstanding()) is not None]
+        refs = [ref for host in self.hosts.values() if (ref := host.outstanding()) is not None]
         if refs:
             ray.wait(refs, num_returns=1, timeout=timeout)
         else:
@@ -271,9 +304,9 @@ class RayBackend:
         if self._closed:
             return
         self._closed = True
-        for handle in self.handles:
-            handle.kill()
-        self.handles.clear()
+        for host in self.hosts.values():
+            host.kill()
+        self.hosts.clear()
         try:
             remove_placement_group(self.group)
         except Exception:  # noqa: BLE001 - the cluster may be gone already

@@ -3,7 +3,8 @@
 ``connect`` joins the cluster that ``run.ray_address`` names (else ``RAY_ADDRESS``, Ray's own
 convention), or starts a Ray instance on this machine for the run when neither is set.
 ``reserve`` checks that the cluster can host every member (``run.ray_cpus_per_member`` and
-``run.ray_gpus_per_member`` each, on one node) and reserves them as one Ray placement group
+``run.ray_gpus_per_member`` each, a host's ``run.members_per_host`` members on one node) and
+reserves them as one Ray placement group, a bundle per host
 (strategy ``SPREAD`` or ``PACK`` from ``run.ray_placement``). Every failure is a
 :class:`~pbt_rl.config.ConfigError`: one line, exit code 2, and since the backend is built before
 the run directory, nothing is written. Only the Ray backend imports this module (and Ray).
@@ -86,6 +87,18 @@ def member_bundle(config: ExperimentConfig) -> dict[str, float]:
     return bundle
 
 
+def host_bundle(config: ExperimentConfig) -> dict[str, float]:
+    """The Ray resources one host of ``run.members_per_host`` members asks for (its members' sum)."""
+    from pbt_rl.runtime.resources import hosts_layout
+
+    per_host, _ = hosts_layout(config)
+    bundle = {key: value * per_host for key, value in member_bundle(config).items()}
+    if bundle.get("GPU", 0) > 1 and not float(bundle["GPU"]).is_integer():
+        raise ConfigError(f"run.members_per_host x run.ray_gpus_per_member: a host of {per_host} members asks Ray "
+                          f"for {bundle['GPU']:g} GPUs; Ray takes a fraction below 1 or a whole number")
+    return bundle
+
+
 def _describe(resources: dict) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
@@ -95,37 +108,43 @@ def _members_fitting(resources: dict, bundle: dict[str, float]) -> float:
     return min(counts) if counts else math.inf
 
 
-def check_capacity(population: int, bundle: dict[str, float], nodes: list[dict]) -> None:
-    """Every member fits on some node, and the population fits the cluster (total resources)."""
+def check_capacity(hosts: int, bundle: dict[str, float], nodes: list[dict], per_host: int = 1) -> None:
+    """Every host (of ``per_host`` members) fits on some node, and all fit the cluster (total resources)."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     need = _describe(bundle)
+    one = "one member" if per_host == 1 else f"one host of {per_host} members"
+    unit = "members" if per_host == 1 else f"hosts of {per_host} members"
     per_node = [_members_fitting(resources, bundle) for resources in alive]
     if not any(count >= 1 for count in per_node):
         offers = "; ".join(_describe(r) for r in alive) or "no live nodes"
-        raise ConfigError(f"run.backend=ray: no node of the cluster has {need} for one member (nodes offer: {offers}); "
-                          "lower run.ray_cpus_per_member / run.ray_gpus_per_member or add bigger nodes")
+        raise ConfigError(f"run.backend=ray: no node of the cluster has {need} for {one} (nodes offer: {offers}); "
+                          "lower run.ray_cpus_per_member / run.ray_gpus_per_member / run.members_per_host "
+                          "or add bigger nodes")
     room = sum(per_node)
-    if room < population:
+    if room < hosts:
         total = {key: sum(r.get(key, 0.0) for r in alive) for key in ("CPU", "GPU")}
-        raise ConfigError(f"run.backend=ray: the cluster has room for {room} of the {population} members "
+        raise ConfigError(f"run.backend=ray: the cluster has room for {room} of the {hosts} {unit} "
                           f"({need} each; {len(alive)} node(s), {_describe(total)} in all); lower "
                           "pbt.population_size or the per-member resources, or add nodes")
 
 
 def reserve(config: ExperimentConfig):
-    """Check the cluster's capacity, then reserve one bundle per member; returns the placement group."""
+    """Check the cluster's capacity, then reserve one bundle per host (``run.members_per_host``
+    members; bundle ``h`` for host ``h``); returns the placement group."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    population = config.pbt.population_size
-    bundle = member_bundle(config)
-    check_capacity(population, bundle, ray.nodes())
-    group = placement_group([dict(bundle) for _ in range(population)],
+    from pbt_rl.runtime.resources import hosts_layout
+
+    per_host, hosts = hosts_layout(config)
+    bundle = host_bundle(config)
+    check_capacity(hosts, bundle, ray.nodes(), per_host)
+    group = placement_group([dict(bundle) for _ in range(hosts)],
                             strategy=PLACEMENT_STRATEGIES[config.run.ray_placement])
     ready, _ = ray.wait([group.ready()], timeout=RESERVE_SECONDS)
     if not ready:
         remove_placement_group(group)
-        raise ConfigError(f"run.backend=ray: could not reserve {population} x ({_describe(bundle)}) within "
+        raise ConfigError(f"run.backend=ray: could not reserve {hosts} x ({_describe(bundle)}) within "
                           f"{RESERVE_SECONDS:.0f} s; other jobs hold the cluster's resources (see `ray status`)")
     return group
 

@@ -30,7 +30,7 @@ env steps/s, 2 hosts of 2 members taking turns 31.0k (docs/runtime.md, "Member h
 
 
 def members_per_host(population_size: int, members_per_host: int = 0, members_per_gpu: int = 0,
-                     total_threads: int = 0) -> int:
+                     total_threads: int = 0, backend: str = "local") -> int:
     """How many members share one host process (runtime/member_host.py).
 
     ``run.members_per_host`` when set (at most the population). Auto (0): one host per core
@@ -38,10 +38,13 @@ def members_per_host(population_size: int, members_per_host: int = 0, members_pe
     ``ceil(population / hosts)`` members each: a population larger than that does not pay an
     interpreter, a torch import and a CUDA context per member, and one no larger keeps a process
     per member. With ``run.members_per_gpu`` the count is lowered until it divides it (a host's
-    members share its GPU). Members ``h*k .. h*k+k-1`` live on host ``h``.
+    members share its GPU). Members ``h*k .. h*k+k-1`` live on host ``h``. On ``run.backend: ray``
+    auto is 1: Ray places each host by the resources it reserves, not by this machine's cores.
     """
     if members_per_host > 0:
         return max(1, min(members_per_host, population_size))
+    if backend != "local":
+        return 1
     hosts = max(1, min(population_size, max(MIN_AUTO_HOSTS, machine_threads(total_threads))))
     per_host = -(-population_size // hosts)
     while members_per_gpu > 0 and members_per_gpu % per_host:
@@ -87,3 +90,10 @@ def check_devices(config) -> list[str]:
     device = config.agent.device
     count = cuda_device_count() if device != "cpu" else 0
     return [member_device(device, i, config.run.members_per_gpu, count) for i in range(config.pbt.population_size)]
+
+
+def hosts_layout(config) -> tuple[int, int]:
+    """``(members per host, number of hosts)`` of a run's population (the one rule: members_per_host)."""
+    run, population = config.run, config.pbt.population_size
+    per_host = members_per_host(population, run.members_per_host, run.members_per_gpu, run.total_threads, run.backend)
+    return per_host, -(-population // per_host)
