@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 from pbt_rl.config import ConfigError, ExperimentConfig
 from pbt_rl.runtime.resources import hosts_layout
@@ -38,26 +38,34 @@ def config_at_population(config: ExperimentConfig, population: int) -> Experimen
     return dataclasses.replace(config, env=new_env, pbt=new_pbt)
 
 
-def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], seconds: float) -> dict[str, Any]:
-    """Raw envpool once, then the population trained at each size; rates, ratios, start-up."""
+def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], seconds: float,
+                  say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Raw envpool once, then the population trained at each size; rates, ratios, start-up.
+
+    ``say`` gets the table's lines as they are measured (its header after the raw measurement,
+    then one row per size), so a run cut short still shows the sizes it finished.
+    """
     from pbt_rl.bench import bench_raw_envpool, train_for_bench
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
+    result = {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": []}
+    for line in header_lines(result):
+        say(line)
     warmup = min(30.0, max(5.0, seconds / 3))
-    rows = []
     for size, sized in zip(populations, configs):
         run = train_for_bench(sized, sized.run.backend, seconds, warmup)
         rate = run["population"]["env_steps_per_second"]
-        rows.append({"population_size": size, "num_envs_per_member": sized.env.num_envs,
-                     "members_per_host": hosts_layout(sized)[0],
-                     "ratio": rate / raw["env_steps_per_second"], **run})
-    return {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": rows}
+        row = {"population_size": size, "num_envs_per_member": sized.env.num_envs,
+               "members_per_host": hosts_layout(sized)[0], "ratio": rate / raw["env_steps_per_second"], **run}
+        result["sizes"].append(row)
+        say(row_line(row))
+    return result
 
 
-def format_scaling(result: dict[str, Any]) -> str:
+def header_lines(result: dict[str, Any]) -> list[str]:
     raw = result["raw"]
-    lines = [
+    return [
         f"{result['env']}  {result['algo']}  population scaling at {raw['total_envs']} envs in all",
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
         f"{raw['env_steps_per_second']:,.0f} env steps/s",
@@ -65,14 +73,19 @@ def format_scaling(result: dict[str, Any]) -> str:
         "resident memory (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in result["sizes"]:
-        pop, machine = row["population"], row["machine"]
-        memory = machine.get("resident_mib_max")
-        lines.append(f"| {row['population_size']} x {row['num_envs_per_member']} | {row['members_per_host']} | "
-                     f"{pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
-                     f"{'-' if memory is None else f'{memory:,.0f}'} |")
-    lines.append("json: " + json.dumps(result, default=float))
-    return "\n".join(lines)
+
+
+def row_line(row: dict[str, Any]) -> str:
+    pop, memory = row["population"], row["machine"].get("resident_mib_max")
+    return (f"| {row['population_size']} x {row['num_envs_per_member']} | {row['members_per_host']} | "
+            f"{pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
+            f"{'-' if memory is None else f'{memory:,.0f}'} |")
+
+
+def format_scaling(result: dict[str, Any]) -> str:
+    """The whole table and the result as one json line."""
+    lines = [*header_lines(result), *(row_line(row) for row in result["sizes"])]
+    return "\n".join([*lines, "json: " + json.dumps(result, default=float)])
 
 
 __all__ = ["bench_scaling", "config_at_population", "format_scaling"]

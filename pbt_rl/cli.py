@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -145,9 +146,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.populations:
         if backends:
             raise ConfigError("--populations and --backends: choose one (the scaling table uses run.backend)")
-        from pbt_rl.bench_scaling import bench_scaling, format_scaling
+        from pbt_rl.bench_scaling import bench_scaling
 
-        print(format_scaling(bench_scaling(config, _populations(args.populations), seconds=args.seconds)))
+        result = bench_scaling(config, _populations(args.populations), seconds=args.seconds,
+                               say=lambda line: print(line, flush=True))
+        print("json: " + json.dumps(result, default=float))
         return 0
     print(format_population_bench(bench_population(config, seconds=args.seconds, backends=backends)))
     return 0

@@ -174,3 +174,31 @@ def test_populations_refuses_bad_sizes_in_one_line(capsys):
     assert len(err) == 1 and "--populations: expected population sizes such as 8,16,32,64" in err[0]
     assert main(["bench", "configs/quickstart.yaml", "--populations", "3"]) == 2
     assert "3 members cannot share the config's 64 envs" in capsys.readouterr().err
+
+
+def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
+    """One raw measurement; the header as soon as it exists, then a row per size in order."""
+    import pbt_rl.bench as bench
+    from pbt_rl.bench_scaling import bench_scaling
+    from pbt_rl.config import load_config
+
+    calls, said = [], []
+    raw = {"env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2}
+
+    def fake_raw(config, seconds):
+        calls.append(("raw", config.pbt.population_size, config.env.num_envs))
+        return raw
+
+    def fake_train(config, backend, seconds, warmup):
+        calls.append(("train", config.pbt.population_size, config.env.num_envs))
+        assert len(said) == 4 + len(calls) - 2  # the header and every earlier size were said already
+        return {"population": {"env_steps_per_second": 100.0 * config.pbt.population_size, "startup_seconds": 3.0},
+                "exploits": 0, "machine": {"resident_mib_max": 500.0}}
+
+    monkeypatch.setattr(bench, "bench_raw_envpool", fake_raw)
+    monkeypatch.setattr(bench, "train_for_bench", fake_train)
+    config = load_config("configs/quickstart.yaml", ["run.total_threads=2"])  # hosts as on a 2-core machine
+    result = bench_scaling(config, (2, 8), seconds=5.0, say=said.append)
+    assert calls == [("raw", 4, 16), ("train", 2, 32), ("train", 8, 8)]
+    assert said[4:] == ["| 2 x 32 | 1 | 200 | 0.200 | 3 s | 500 |", "| 8 x 8 | 2 | 800 | 0.800 | 3 s | 500 |"]
+    assert [row["population_size"] for row in result["sizes"]] == [2, 8]
