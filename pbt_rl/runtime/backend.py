@@ -1,10 +1,11 @@
 """Where members run. The controller sees only :class:`MemberHandle` and :class:`Backend`.
 
 ``LocalProcessBackend`` hosts members in processes of this machine (multiprocessing, spawn context:
-no forked torch/envpool state), ``run.members_per_host`` to a process (runtime/member_host.py). Another backend (e.g. Ray actors on a cluster)
-implements the same two small interfaces around :class:`pbt_rl.runtime.member.MemberWorker`,
-carrying the :mod:`protocol <pbt_rl.runtime.protocol>` messages; the backend also decides how
-learners are built. The scheduler, learners and controller do not change.
+no forked torch/envpool state), ``run.members_per_host`` to a process (runtime/member_host.py).
+Another backend (Ray actors on a cluster, ray_backend.py) implements the same two small
+interfaces, carrying the :mod:`protocol <pbt_rl.runtime.protocol>` messages; it can reuse
+:class:`HostedMemberHandle` by giving it a :class:`HostMailboxes` transport. The backend also
+decides how learners are built. The scheduler, learners and controller do not change.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class _HostProcess(HostMailboxes):
 
 
 class HostedMemberHandle:
-    """One member (one incarnation of it) on a host process."""
+    """One member (one incarnation of it) on a member host (a process, or a Ray actor)."""
 
     def __init__(self, member_id: int, host: HostMailboxes, incarnation: int):
         self.member_id = member_id

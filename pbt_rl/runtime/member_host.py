@@ -1,4 +1,4 @@
-"""A member host: one process that runs several members, each in its own thread.
+"""A member host: one process (or one Ray actor) that runs several members, each in its own thread.
 
 Why: a process per member costs a Python interpreter, a torch import (~300 MB resident on the CPU
 machine) and, on a GPU, a CUDA context per member, all time-slicing one GPU. A host pays those
@@ -11,11 +11,12 @@ once by the host) and the interpreter.
 Inside the process each member is an
 :class:`~pbt_rl.runtime.in_process.InProcessHandle` (a thread speaking the
 :mod:`protocol <pbt_rl.runtime.protocol>`). The host's main loop forwards the controller's
-commands to them and their messages to the controller, over one pipe, tagged with the member's
+commands to them and their messages to the controller, together (one pipe; for a Ray actor its
+``take`` calls, runtime/ray_backend.py), tagged with the member's
 *incarnation*: the number the backend gave this start of the member, so that a restarted
 member never receives, and the controller never reads, the messages of its previous life.
 
-Faults (the backend's side is :class:`pbt_rl.runtime.backend.LocalProcessBackend`): an exception
+Faults (the backend's side is :class:`pbt_rl.runtime.backend.HostedMemberHandle`): an exception
 in a member ends that member's thread only (``Failed``, then ``Exited``), and the host takes the
 member's restart. When the host process dies (kill -9, OOM) every member on it has ended. A
 hung member (no message for too long) cannot be stopped alone: its host is killed, and the
@@ -200,22 +201,30 @@ class MemberHost:
                         del self.members[incarnation]
 
 
-def host_main(connection: Any, parent_pid: int, learner_factory: str, settings: HostSettings) -> None:
-    """Entry point of a member host process (multiprocessing target)."""
-    die_with_parent(parent_pid)
-    # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def start_host(learner_factory: str, settings: HostSettings, send: Any) -> MemberHost | None:
+    """This process set up for its members (once), and their host; None when that failed, after
+    sending :class:`HostFailed` (a process host or a Ray actor alike)."""
     try:
         from pbt_rl.runtime.host import configure_process
 
         configure_process(settings.device, num_threads=settings.num_threads,
                           torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
-        host = MemberHost(load_factory(learner_factory), connection.send)
-    except BaseException as exc:  # noqa: BLE001 - reported, then the process ends
+        return MemberHost(load_factory(learner_factory), send)
+    except BaseException as exc:  # noqa: BLE001 - reported to the controller
         try:
-            connection.send(HostFailed(failure_message(exc)))
+            send(HostFailed(failure_message(exc)))
         except (OSError, EOFError, BrokenPipeError):
             pass
+        return None
+
+
+def host_main(connection: Any, parent_pid: int, learner_factory: str, settings: HostSettings) -> None:
+    """Entry point of a member host process (multiprocessing target)."""
+    die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the controller handles it and stops the members.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    host = start_host(learner_factory, settings, connection.send)
+    if host is None:
         sys.exit(1)
 
     def read() -> None:

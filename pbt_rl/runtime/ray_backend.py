@@ -37,15 +37,15 @@ from typing import Any
 from pbt_rl.config import ExperimentConfig
 from pbt_rl.runtime import protocol
 from pbt_rl.runtime.backend import HostedMemberHandle, HostMailboxes
-from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec, failure_message, load_factory
-from pbt_rl.runtime.member_host import (FromMember, HostFailed, HostSettings, MemberHost, StartMember, ToMember,
-                                        host_settings)
+from pbt_rl.runtime.member import DEFAULT_LEARNER_FACTORY, MemberSpec
+from pbt_rl.runtime.member_host import (FromMember, HostSettings, MemberHost, StartMember, ToMember, host_settings,
+                                        start_host)
 from pbt_rl.runtime.resources import hosts_layout
 
 TAKE_SECONDS = 1.0
 """Longest a ``take`` call waits in the actor for a message before it returns empty."""
 ORPHAN_SECONDS = 120.0
-"""A member whose controller has not asked for messages for this long assumes it is gone and
+"""A host actor whose controller has not asked for messages for this long assumes it is gone and
 exits (a second guard behind Ray's fate-sharing of a job's actors with its driver)."""
 KILL_WAIT_SECONDS = 5.0
 NAMESPACE = "pbt-rl"
@@ -66,16 +66,9 @@ class HostActor:
         if orphan_seconds > 0:
             threading.Thread(target=self._watch_controller, args=(orphan_seconds,), name="controller-watch",
                              daemon=True).start()
-        try:
-            from pbt_rl.runtime.host import configure_process
-
-            configure_process(settings.device, num_threads=settings.num_threads,
-                              torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
-            self._host = MemberHost(load_factory(learner_factory), self._outbox.put)
-        except BaseException as exc:  # noqa: BLE001 - reported to the controller, as a host process does
-            self._outbox.put(HostFailed(failure_message(exc)))
-            return
-        threading.Thread(target=self._host.serve, name="member-host", daemon=True).start()
+        self._host = start_host(learner_factory, settings, self._outbox.put)  # None: HostFailed is sent
+        if self._host is not None:
+            threading.Thread(target=self._host.serve, name="member-host", daemon=True).start()
 
     def _watch_controller(self, orphan_seconds: float) -> None:
         while True:
