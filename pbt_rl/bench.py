@@ -243,6 +243,12 @@ def time_fractions(rows: Iterable[MetricsRow]) -> dict[str, float] | None:
     return {key: value / wall for key, value in totals.items()}
 
 
+def default_warmup(seconds: float) -> float:
+    """Seconds of training left out of the measured window after every member reports: a third
+    of the window, between 5 and 30 s (first updates, allocator and cuDNN warm-up)."""
+    return min(30.0, max(5.0, seconds / 3))
+
+
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
                      backends: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure raw envpool and the population training; return both rates and their ratio.
@@ -252,7 +258,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     one's rate and ratio, and the top-level ``population`` / ``ratio`` are the first one's.
     Empty: the config's own ``run.backend`` only.
     """
-    warmup = warmup_seconds if warmup_seconds is not None else min(30.0, max(5.0, seconds / 3))
+    warmup = warmup_seconds if warmup_seconds is not None else default_warmup(seconds)
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     names = tuple(backends) or (config.run.backend,)
     runs = {name: train_for_bench(config, name, seconds, warmup) for name in names}

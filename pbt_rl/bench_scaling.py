@@ -45,14 +45,14 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
     ``say`` gets the table's lines as they are measured (its header after the raw measurement,
     then one row per size), so a run cut short still shows the sizes it finished.
     """
-    from pbt_rl.bench import bench_raw_envpool, train_for_bench
+    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     result = {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": []}
     for line in header_lines(result):
         say(line)
-    warmup = min(30.0, max(5.0, seconds / 3))
+    warmup = default_warmup(seconds)
     for size, sized in zip(populations, configs):
         run = train_for_bench(sized, sized.run.backend, seconds, warmup)
         rate = run["population"]["env_steps_per_second"]
