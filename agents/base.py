@@ -37,6 +37,7 @@ from pbt_rl.agents.train_report import CallStats
 from pbt_rl.config import AgentConfig, EnvConfig, tunable_agent_fields
 
 if TYPE_CHECKING:
+    from pbt_rl.agents.acting_pool import ActingPool
     from pbt_rl.agents.networks import ActorCritic
 
 STATE_FORMAT = 2
@@ -94,6 +95,7 @@ class Learner:
             acting_generator=acting_generator,
             update_generator=update_generator,
         )
+        self._acting_pool: ActingPool | None = None
         self._closed = False
 
     # -- the state record's parts ---------------------------------------------------------------
@@ -176,7 +178,9 @@ class Learner:
                     deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sample actions for prepared observations ``[B, ...]`` with ``model`` (or take the mode).
 
-        Samples with the learner's acting generator. Returns host arrays ``(actions as sampled,
+        Samples with the learner's acting generator, together with the other members of its host
+        when it acts through their :class:`~pbt_rl.agents.acting_pool.ActingPool`
+        (:meth:`act_with`). Returns host arrays ``(actions as sampled,
         env actions (clipped to the bounds), log_probs)``. One device-to-host copy per call
         (:meth:`ActorCritic.act_packed`): with several members time-slicing one GPU every extra
         sync can wait for another process's kernels.
@@ -184,14 +188,23 @@ class Learner:
         Raises:
             TrainingDiverged: non-finite actions or log-probabilities from non-finite weights.
         """
-        with torch.no_grad():
-            packed = model.act_packed(to_device(obs, self.device), deterministic=deterministic,
-                                      generator=self.state.acting_generator).cpu().numpy()
+        obs_tensor = to_device(obs, self.device)
+        if self._acting_pool is not None:
+            packed = self._acting_pool.act(model, obs_tensor, deterministic, self.state.acting_generator)
+        else:
+            with torch.no_grad():
+                packed = model.act_packed(obs_tensor, deterministic=deterministic,
+                                          generator=self.state.acting_generator).cpu().numpy()
         if not np.isfinite(packed).all():
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged("non-finite policy weights while acting")
             raise ValueError("non-finite actions or log-probabilities from finite weights: check the observations")
         return model.unpack(packed)
+
+    def act_with(self, pool: "ActingPool | None") -> None:
+        """Choose actions through ``pool`` from now on, in one forward pass with the other learners
+        acting through it (None: alone again). Same weights, observations and random draws."""
+        self._acting_pool = pool
 
     def act(self, raw_obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Env actions ``[B, ...]`` of the current policy for raw observations ``[B, ...]``.

@@ -235,6 +235,16 @@ class ActorCritic(nn.Module):
         ``torch.no_grad()``.
         """
         dist_params, _value = self(obs)
+        return self.sample_packed(dist_params, deterministic, generator)
+
+    def sample_packed(self, dist_params: Tensor, deterministic: bool = False,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """:meth:`act_packed` after the forward pass: rows ``(action..., log_prob)`` sampled from
+        the distribution parameters ``[N, ...]`` (:meth:`forward`'s first output) with ``generator``.
+
+        A host that runs several members' forward passes as one (agents/acting_pool.py) samples
+        each member's actions here, from that member's own generator.
+        """
         if self.is_continuous:
             log_std = self.log_std.expand_as(dist_params)
             if deterministic:

@@ -157,14 +157,14 @@ def test_a_host_that_cannot_start_fails_its_members_in_one_message(tmp_path):
 # ------------------------------------------------------------------------------ same member, any host
 
 
-def real_config(run_dir: Path, per_host: int):
+def real_config(run_dir: Path, per_host: int, sharing: str = "turns"):
     return from_dict({
         "env": {"id": "CartPole-v1", "num_envs": 4, "num_threads": 1},
         "agent": {"algo": "a2c", "device": "cpu", "hidden_sizes": [16], "unroll_length": 5},
         "pbt": {"population_size": 2, "ready_after_steps": 1000, "burn_in_steps": 0, "min_episodes": 1,
                 "exploit": "none", "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2}}},
         "run": {"dir": str(run_dir), "total_env_steps": 3000, "seed": 5, "torch_threads": 1,
-                "members_per_host": per_host},
+                "members_per_host": per_host, "host_sharing": sharing},
         "logging": {"report": False},
     })
 
@@ -174,11 +174,13 @@ def final_state(run_dir: Path, member: int) -> dict:
     return store.load_checkpoint(store.read_summary()["members"][str(member)]["checkpoint"])["learner"]
 
 
-def test_a_member_on_a_host_trains_exactly_as_a_member_alone(tmp_path):
-    """Real A2C learners: one process each, then both in one host. Same seeds, same everything."""
+@pytest.mark.parametrize("sharing", ["turns", "batched", "free"])
+def test_a_member_on_a_host_trains_exactly_as_a_member_alone(tmp_path, sharing):
+    """Real A2C learners: one process each, then both in one host (taking turns, acting in batched
+    forward passes, or free). Same seeds, same everything."""
     alone, together = tmp_path / "alone", tmp_path / "together"
     assert train(real_config(alone, 1), console=False)["status"] == "finished"
-    assert train(real_config(together, 2), console=False)["status"] == "finished"
+    assert train(real_config(together, 2, sharing), console=False)["status"] == "finished"
     for member in (0, 1):
         a, b = final_state(alone, member), final_state(together, member)
         assert a["env_steps"] == b["env_steps"] >= 3000

@@ -6,7 +6,10 @@ once for ``run.members_per_host`` members. Each member keeps everything it is: i
 (weights, optimiser, normalisers, generators, envs, unroll length), its own
 :class:`~pbt_rl.runtime.member.MemberWorker` loop, its checkpoints and its messages. The members
 of a host share the process-wide settings (:func:`~pbt_rl.runtime.host.configure_process`, made
-once by the host) and the interpreter.
+once by the host) and the interpreter. How they share it is ``run.host_sharing``
+(:func:`sharing_factory`): taking turns at training (:class:`Turns`), training at once and
+acting in one batched forward pass per step (:mod:`pbt_rl.agents.acting_pool`), or training at
+once, each acting alone.
 
 Inside the process each member is an
 :class:`~pbt_rl.runtime.in_process.InProcessHandle` (a thread speaking the
@@ -53,6 +56,7 @@ class HostSettings:
     num_threads: int
     torch_threads: int = 0
     gpu_wait: str = "auto"
+    sharing: str = "turns"
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,12 @@ def host_settings(spec: MemberSpec) -> HostSettings:
     """The settings of a host whose members are specs like ``spec`` (one config per run)."""
     run = spec.config.run
     device = spec.device if spec.device is not None else spec.config.agent.device
-    return HostSettings(device, spec.num_threads, run.torch_threads, run.gpu_wait)
+    return HostSettings(device, spec.num_threads, run.torch_threads, run.gpu_wait, run.host_sharing)
 
 
 class Turns:
-    """The members of a host train one at a time, in the order they asked (first come, first served).
+    """``run.host_sharing: turns``: the members of a host train one at a time, in the order they
+    asked (first come, first served).
 
     Threads of one process share one interpreter lock; members that trained at the same time would
     hand it to each other at every env step and torch call (measured on 2 cores, quickstart, 4
@@ -156,6 +161,28 @@ class TakingTurns:
         return getattr(self._learner, name)
 
 
+def sharing_factory(learner_factory: Any, sharing: str) -> Any:
+    """The host's learner factory for ``run.host_sharing``: ``turns`` wraps each learner in
+    :class:`TakingTurns`, ``batched`` lets them act through one
+    :class:`~pbt_rl.agents.acting_pool.ActingPool`, ``free`` leaves them alone."""
+    if sharing == "turns":
+        turns = Turns()
+        return lambda *args, **kwargs: TakingTurns(learner_factory(*args, **kwargs), turns)
+    if sharing == "batched":
+        from pbt_rl.agents.acting_pool import ActingPool
+
+        pool = ActingPool()
+
+        def acting_together(*args: Any, **kwargs: Any) -> Any:
+            learner = learner_factory(*args, **kwargs)
+            if hasattr(learner, "act_with"):  # a learner of pbt_rl.agents (a test's fake acts alone)
+                learner.act_with(pool)
+            return learner
+
+        return acting_together
+    return learner_factory
+
+
 class MemberHost:
     """The members of one host and the forwarding between them and the controller.
 
@@ -163,9 +190,8 @@ class MemberHost:
     is made from the thread that calls :meth:`serve`.
     """
 
-    def __init__(self, learner_factory: Any, send: Any):
-        turns = Turns()
-        self.learner_factory = lambda *args, **kwargs: TakingTurns(learner_factory(*args, **kwargs), turns)
+    def __init__(self, learner_factory: Any, send: Any, sharing: str = "turns"):
+        self.learner_factory = sharing_factory(learner_factory, sharing)
         self.send = send
         self.wake = threading.Event()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -209,7 +235,7 @@ def start_host(learner_factory: str, settings: HostSettings, send: Any) -> Membe
 
         configure_process(settings.device, num_threads=settings.num_threads,
                           torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
-        return MemberHost(load_factory(learner_factory), send)
+        return MemberHost(load_factory(learner_factory), send, settings.sharing)
     except BaseException as exc:  # noqa: BLE001 - reported to the controller
         try:
             send(HostFailed(failure_message(exc)))
