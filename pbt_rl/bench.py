@@ -172,9 +172,9 @@ class _MachineSampler:
                         ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
                         capture_output=True, text=True, timeout=5,
                     ).stdout.strip().splitlines()
-                    util, memory = (float(x) for x in out[0].split(","))
-                    self.gpu_util.append(util)
-                    self.gpu_memory_mib.append(memory)
+                    per_gpu = [[float(x) for x in line.split(",")] for line in out]
+                    self.gpu_util.append(float(np.mean([util for util, _ in per_gpu])))  # over every GPU
+                    self.gpu_memory_mib.append(sum(memory for _, memory in per_gpu))
                 except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                     self._has_nvidia_smi = False
 

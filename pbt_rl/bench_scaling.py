@@ -1,4 +1,7 @@
-"""``pbt-rl bench CONFIG --populations 8,16,32,64``: one machine's envs split among more members.
+"""Scaling tables of ``pbt-rl bench``: one machine's envs split among more members
+(``--populations 8,16,32,64``), and a population over more of the machine's GPUs (``--gpus 1,2,4``).
+
+``--populations``:
 
 The config's total env count (``population_size x env.num_envs``) is kept and divided among each
 population size in turn (each member's async groups kept: ``num_envs / async_batch_size`` is the
@@ -6,6 +9,12 @@ same), so raw envpool stepping is measured once, at those envs and threads, and 
 size is compared with that one number. Each size trains as in :func:`pbt_rl.bench.bench_population`
 (a temporary run directory, metrics read back) and reports its env-step rate, the ratio to raw,
 its members per host process and how long after its start every member was training.
+
+``--gpus``: the config is one GPU's worth (its population, envs and each member's settings); on
+``g`` GPUs the population is ``g`` times as large, on the first ``g`` GPUs (``run.gpus``), with
+``g / N`` of the cores (``run.total_threads``; N = the GPUs visible). Raw envpool is measured at
+each size's envs and threads, so each row has its own ratio, and env steps per second per core
+shows how the rate scales from one GPU to N.
 
 Units: env steps per second summed over all envs (Atari: x4 for frames per second).
 """
@@ -17,7 +26,7 @@ import json
 from typing import Any, Callable
 
 from pbt_rl.config import ConfigError, ExperimentConfig
-from pbt_rl.runtime.resources import hosts_layout
+from pbt_rl.runtime.resources import hosts_layout, machine_threads
 
 
 def config_at_population(config: ExperimentConfig, population: int) -> ExperimentConfig:
@@ -88,4 +97,58 @@ def format_scaling(result: dict[str, Any]) -> str:
     return "\n".join([*lines, "json: " + json.dumps(result, default=float)])
 
 
-__all__ = ["bench_scaling", "config_at_population", "format_scaling"]
+def config_at_gpus(config: ExperimentConfig, gpus: int, visible: int) -> ExperimentConfig:
+    """``config`` (one GPU's population) on the first ``gpus`` of ``visible`` GPUs, with that share
+    of the cores. Raises ConfigError when there are not that many GPUs."""
+    if not 1 <= gpus <= visible:
+        raise ConfigError(f"--gpus: {gpus} GPUs asked for but {visible} {'is' if visible == 1 else 'are'} visible")
+    if config.agent.device == "cpu":
+        raise ConfigError("--gpus: agent.device is 'cpu'; the GPU scaling table needs GPU members")
+    threads = max(1, machine_threads(config.run.total_threads) * gpus // visible)
+    return dataclasses.replace(
+        config,
+        pbt=dataclasses.replace(config.pbt, population_size=config.pbt.population_size * gpus),
+        run=dataclasses.replace(config.run, gpus=gpus, total_threads=threads),
+    )
+
+
+def bench_gpu_scaling(config: ExperimentConfig, gpu_counts: tuple[int, ...], seconds: float, visible: int,
+                      say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """At each GPU count: raw envpool at that size's envs and threads, then the population; a row
+    each, said as it is measured."""
+    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
+
+    configs = [config_at_gpus(config, gpus, visible) for gpus in gpu_counts]  # every check first
+    result = {"env": config.env.id, "algo": config.agent.algo, "visible_gpus": visible, "rows": []}
+    for line in gpu_header_lines(result):
+        say(line)
+    warmup = default_warmup(seconds)
+    for gpus, sized in zip(gpu_counts, configs):
+        raw = bench_raw_envpool(sized, seconds=min(seconds, 20.0))
+        run = train_for_bench(sized, sized.run.backend, seconds, warmup)
+        rate = run["population"]["env_steps_per_second"]
+        row = {"gpus": gpus, "population_size": sized.pbt.population_size, "num_envs_per_member": sized.env.num_envs,
+               "threads": sized.run.total_threads, "raw": raw, "ratio": rate / raw["env_steps_per_second"],
+               "per_core": rate / sized.run.total_threads, **run}
+        result["rows"].append(row)
+        say(gpu_row_line(row))
+    return result
+
+
+def gpu_header_lines(result: dict[str, Any]) -> list[str]:
+    return [
+        f"{result['env']}  {result['algo']}  GPU scaling ({result['visible_gpus']} GPUs visible)",
+        "| GPUs | population x envs | threads | raw envpool env steps/s | population env steps/s | ratio | "
+        "env steps/s per core | all members training after | GPU busy (mean over all GPUs) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+
+def gpu_row_line(row: dict[str, Any]) -> str:
+    pop, busy = row["population"], row["machine"].get("gpu_utilization_percent")
+    return (f"| {row['gpus']} | {row['population_size']} x {row['num_envs_per_member']} | {row['threads']} | "
+            f"{row['raw']['env_steps_per_second']:,.0f} | {pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | "
+            f"{row['per_core']:,.0f} | {pop['startup_seconds']:.0f} s | {'-' if busy is None else f'{busy:.0f}%'} |")
+
+
+__all__ = ["bench_gpu_scaling", "bench_scaling", "config_at_gpus", "config_at_population", "format_scaling"]

@@ -143,12 +143,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--backends: ray needs Ray: pip install 'pbt-rl[ray]'")
+    if args.gpus:
+        if backends or args.populations:
+            raise ConfigError("--gpus: not with --populations or --backends (one table at a time)")
+        from pbt_rl.bench_scaling import bench_gpu_scaling
+        from pbt_rl.runtime.resources import cuda_device_count
+
+        result = bench_gpu_scaling(config, _sizes("--gpus", args.gpus, "GPU counts such as 1,2,4"), seconds=args.seconds,
+                                   visible=cuda_device_count(), say=lambda line: print(line, flush=True))
+        print("json: " + json.dumps(result, default=float))
+        return 0
     if args.populations:
         if backends:
             raise ConfigError("--populations and --backends: choose one (the scaling table uses run.backend)")
         from pbt_rl.bench_scaling import bench_scaling
 
-        result = bench_scaling(config, _populations(args.populations), seconds=args.seconds,
+        result = bench_scaling(config, _sizes("--populations", args.populations, "population sizes such as 8,16,32,64"),
+                               seconds=args.seconds,
                                say=lambda line: print(line, flush=True))
         print("json: " + json.dumps(result, default=float))
         return 0
@@ -156,13 +167,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _populations(text: str) -> tuple[int, ...]:
+def _sizes(option: str, text: str, example: str) -> tuple[int, ...]:
+    """A comma-separated list of counts >= 1 (``--populations``, ``--gpus``), or a one-line error."""
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ConfigError(f"--populations: expected population sizes such as 8,16,32,64, got {text!r}") from None
+        raise ConfigError(f"{option}: expected {example}, got {text!r}") from None
     if any(size < 1 for size in sizes):
-        raise ConfigError(f"--populations: every size must be >= 1, got {text!r}")
+        raise ConfigError(f"{option}: every count must be >= 1, got {text!r}")
     return sizes
 
 
@@ -291,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "e.g. local,ray (one raw measurement; default: the config's)")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
                                                           "each of these population sizes, e.g. 8,16,32,64 (one raw measurement)")
+    bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "
+                                                   "each of these numbers of GPUs, e.g. 1,2,4 (a raw measurement each)")
     experiment = add("experiment", cmd_experiment,
                      "Train every arm x seed of an experiment spec (resumable), then write results.md and figures.")
     experiment.add_argument("spec", help="experiment spec YAML (e.g. configs/experiments/cartpole_arms.yaml)")

@@ -202,3 +202,52 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
     assert calls == [("raw", 4, 16), ("train", 2, 32), ("train", 8, 8)]
     assert said[4:] == ["| 2 x 32 | 1 | 200 | 0.200 | 3 s | 500 |", "| 8 x 8 | 2 | 800 | 0.800 | 3 s | 500 |"]
     assert [row["population_size"] for row in result["sizes"]] == [2, 8]
+
+
+def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatch):
+    """--gpus 1,2,4 on a faked 4-GPU, 16-core machine: one GPU's population each, its share of cores,
+    raw envpool at each size, a row said as each size is measured."""
+    import pbt_rl.bench as bench
+    from pbt_rl.bench_scaling import bench_gpu_scaling
+    from pbt_rl.config import load_config
+
+    calls, said = [], []
+
+    def fake_raw(config, seconds):
+        calls.append(("raw", config.pbt.population_size, config.run.total_threads))
+        return {"env_steps_per_second": 1000.0 * config.run.total_threads}
+
+    def fake_train(config, backend, seconds, warmup):
+        calls.append(("train", config.pbt.population_size, config.run.gpus))
+        assert len(said) == 3 + (len(calls) - 2) // 2  # the header and every earlier row were said already
+        return {"population": {"env_steps_per_second": 900.0 * config.run.total_threads, "startup_seconds": 12.0},
+                "exploits": 0, "machine": {"gpu_utilization_percent": 50.0}}
+
+    monkeypatch.setattr(bench, "bench_raw_envpool", fake_raw)
+    monkeypatch.setattr(bench, "train_for_bench", fake_train)
+    config = load_config("configs/atari/pong_impala.yaml", ["run.total_threads=16"])
+    per_gpu = config.pbt.population_size
+    result = bench_gpu_scaling(config, (1, 2, 4), seconds=5.0, visible=4, say=said.append)
+    assert calls == [("raw", per_gpu, 4), ("train", per_gpu, 1), ("raw", 2 * per_gpu, 8), ("train", 2 * per_gpu, 2),
+                     ("raw", 4 * per_gpu, 16), ("train", 4 * per_gpu, 4)]
+    envs = config.env.num_envs
+    assert said[3:] == [f"| 1 | {per_gpu} x {envs} | 4 | 4,000 | 3,600 | 0.900 | 900 | 12 s | 50% |",
+                        f"| 2 | {2 * per_gpu} x {envs} | 8 | 8,000 | 7,200 | 0.900 | 900 | 12 s | 50% |",
+                        f"| 4 | {4 * per_gpu} x {envs} | 16 | 16,000 | 14,400 | 0.900 | 900 | 12 s | 50% |"]
+    assert [row["gpus"] for row in result["rows"]] == [1, 2, 4]
+
+
+def test_gpus_refuses_what_the_machine_cannot_do_in_one_line(capsys, monkeypatch):
+    import pbt_rl.runtime.resources as resources
+    from pbt_rl.cli import main
+
+    monkeypatch.setattr(resources, "cuda_device_count", lambda: 0)  # as on CI, wherever the test runs
+
+    assert main(["bench", "configs/atari/pong_impala.yaml", "--gpus", "1,x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus: expected GPU counts such as 1,2,4, got '1,x'" in err[0]
+    assert main(["bench", "configs/atari/pong_impala.yaml", "--gpus", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus: 2 GPUs asked for but 0 are visible" in err[0]
+    assert main(["bench", "configs/quickstart.yaml", "--gpus", "1", "--populations", "4"]) == 2
+    assert "not with --populations" in capsys.readouterr().err

@@ -29,12 +29,15 @@ def test_resources_split_threads_and_place_members():
     assert threads_per_member(2, total_threads=16) == 8
     assert threads_per_member(3, total_threads=16, env_threads=5) == 5
     assert threads_per_member(64, total_threads=0) >= 1
-    assert member_device("auto", 3, 0, 0) == "cpu"
-    assert member_device("auto", 3, 0, 2) == "cuda:0"
-    assert [member_device("auto", i, 2, 2) for i in range(6)] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:0", "cuda:0"]
-    assert member_device("cuda:1", 0, 0, 2) == "cuda:1"
+    one_each = {"per_host": 1, "population_size": 6}
+    assert member_device("auto", 3, 0, 0, **one_each) == "cpu"
+    assert member_device("auto", 3, 0, 1, **one_each) == "cuda:0"
+    assert [member_device("auto", i, 2, 2, **one_each) for i in range(6)] == [
+        "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:0", "cuda:0"]
+    assert [member_device("auto", i, 0, 2, **one_each) for i in range(6)] == ["cuda:0"] * 3 + ["cuda:1"] * 3
+    assert member_device("cuda:1", 0, 0, 2, **one_each) == "cuda:1"
     with pytest.raises(ConfigError):
-        member_device("cuda", 0, 0, 0)
+        member_device("cuda", 0, 0, 0, **one_each)
 
 
 def test_exploit_copies_donor_weights_then_sets_explored_hyperparameters(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from pbt_rl.runtime.population import fresh_population, read_population
 from pbt_rl.runtime.records import STATE_FORMAT, MemberRecord
 from pbt_rl.runtime.recovery import after_failure, apply_lineage_row
 from pbt_rl.runtime.loggers import Loggers
-from pbt_rl.runtime.resources import cuda_device_count, member_device, threads_per_member
+from pbt_rl.runtime.resources import member_devices, threads_per_member
 from pbt_rl.runtime.store import RunStore
 from pbt_rl.runtime.summary import build_summary, outcome_lines, population_row
 from pbt_rl.runtime.watchdog import SilenceWatch
@@ -74,7 +74,7 @@ class Controller:
         self.watch = SilenceWatch(config.run.hang_timeout_factor, config.run.hang_timeout_min_seconds)
         self.console = ConsoleProgress(config.logging.console_interval_seconds, config.run.total_env_steps,
                                        self.names, enabled=console, max_wall_seconds=config.run.max_wall_seconds)
-        self.cuda_count = cuda_device_count() if config.agent.device != "cpu" else 0
+        self.devices = member_devices(config)
         self.threads = threads_per_member(config.pbt.population_size, config.run.total_threads, config.env.num_threads)
         self.resumed = state is not None
         population = (read_population(store, config, self.scheduler, state) if self.resumed
@@ -130,10 +130,8 @@ class Controller:
     # ------------------------------------------------------------------ members
 
     def _spec(self, record: MemberRecord) -> MemberSpec:
-        device = member_device(self.config.agent.device, record.member_id, self.config.run.members_per_gpu,
-                               self.cuda_count)
         return MemberSpec(member_id=record.member_id, seed=record.seed, config=self.config,
-                          run_dir=str(self.store.root), restore=record.restore, device=device,
+                          run_dir=str(self.store.root), restore=record.restore, device=self.devices[record.member_id],
                           num_threads=self.threads)
 
     def _launch(self, record: MemberRecord) -> None:

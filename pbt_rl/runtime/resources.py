@@ -52,12 +52,27 @@ def members_per_host(population_size: int, members_per_host: int = 0, members_pe
     return per_host
 
 
-def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_device_count: int) -> str:
+def gpu_index(member_id: int, gpus: int, members_per_gpu: int, *, per_host: int, population_size: int) -> int:
+    """Which of ``gpus`` GPUs member ``member_id`` uses.
+
+    ``run.members_per_gpu`` k > 0: members 0..k-1 on GPU 0, k..2k-1 on GPU 1, and so on (wrapping
+    around when there are more members than the GPUs take). Auto (0): the population's hosts
+    (``per_host`` members each) spread evenly over the GPUs, host ``h`` of ``H`` on GPU
+    ``h * gpus // H``, so every GPU gets its share and a host's members share one GPU.
+    """
+    if members_per_gpu > 0:
+        return (member_id // members_per_gpu) % gpus
+    hosts = -(-population_size // per_host)
+    return (member_id // per_host) * gpus // hosts
+
+
+def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_device_count: int, *,
+                  per_host: int, population_size: int) -> str:
     """The torch device of one member.
 
-    ``agent.device`` 'auto' means CUDA when there is a GPU. All members share GPU 0 unless
-    ``run.members_per_gpu`` > 0, which puts members 0..k-1 on GPU 0, k..2k-1 on GPU 1, and so on
-    (wrapping around when there are more members than GPUs can take). An explicit 'cuda:N' is kept.
+    ``agent.device`` 'auto' means CUDA when there is a GPU; 'auto' and 'cuda' place the member on
+    one of the ``cuda_device_count`` GPUs the run uses (:func:`gpu_index`). An explicit 'cuda:N' is
+    kept for every member.
     """
     if agent_device == "cpu":
         return "cpu"
@@ -74,9 +89,7 @@ def member_device(agent_device: str, member_id: int, members_per_gpu: int, cuda_
         return agent_device
     if cuda_device_count <= 0:
         return "cpu"
-    if members_per_gpu <= 0:
-        return "cuda:0"
-    return f"cuda:{(member_id // members_per_gpu) % cuda_device_count}"
+    return f"cuda:{gpu_index(member_id, cuda_device_count, members_per_gpu, per_host=per_host, population_size=population_size)}"
 
 
 def cuda_device_count() -> int:
@@ -85,11 +98,32 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_devices(config) -> list[str]:
-    """Every member's device, or the ConfigError a member would hit: called before anything is written."""
-    device = config.agent.device
-    count = cuda_device_count() if device != "cpu" else 0
-    return [member_device(device, i, config.run.members_per_gpu, count) for i in range(config.pbt.population_size)]
+def run_gpus(config, visible: int | None = None) -> int:
+    """GPUs the run's members use: ``run.gpus`` (the first N visible), or every visible one when it
+    is 0; 0 on the CPU. ``visible`` defaults to what torch sees here. (On ``run.backend: ray``
+    Ray gives each host its GPU share instead: runtime/ray_backend.py.)
+
+    Raises ConfigError when ``run.gpus`` asks for more GPUs than are visible.
+    """
+    if config.agent.device == "cpu":
+        return 0
+    visible = cuda_device_count() if visible is None else visible
+    wanted = config.run.gpus if config.run.backend == "local" else 0
+    if wanted > visible:
+        from pbt_rl.config import ConfigError
+
+        raise ConfigError(f"run.gpus: {wanted} GPUs asked for but {visible} {'is' if visible == 1 else 'are'} visible")
+    return min(wanted, visible) if wanted > 0 else visible
+
+
+def member_devices(config, visible: int | None = None) -> list[str]:
+    """Every member's device (:func:`member_device` over the run's GPUs and host layout), or the
+    ConfigError a member would hit: called before anything is written."""
+    gpus = run_gpus(config, visible)
+    per_host, _ = hosts_layout(config)
+    population = config.pbt.population_size
+    return [member_device(config.agent.device, i, config.run.members_per_gpu, gpus, per_host=per_host,
+                          population_size=population) for i in range(population)]
 
 
 def hosts_layout(config) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from pbt_rl.config import ExperimentConfig
 from pbt_rl.runtime.backend import Backend, make_backend
 from pbt_rl.runtime.controller import Controller
 from pbt_rl.runtime.loggers import check_loggers, default_loggers
-from pbt_rl.runtime.resources import check_devices
+from pbt_rl.runtime.resources import member_devices
 from pbt_rl.runtime.store import RunDirError, RunStore
 
 
@@ -26,7 +26,7 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
     Nothing is written until every check has passed; the run directory then appears whole
     (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
     """
-    check_devices(config)
+    member_devices(config)
     check_loggers(config)
     store = RunStore(config.run_dir)
     # A cluster backend connects and reserves resources here: unreachable or too small, nothing is written.
@@ -60,7 +60,7 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
     store.require_run()
     config = store.read_config()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(store.root)))
-    check_devices(config)
+    member_devices(config)
     check_loggers(config)
     backend = backend or make_backend(config.run.backend, config)  # before the lock: see train
     try:
