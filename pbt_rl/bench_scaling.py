@@ -54,22 +54,37 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
     ``say`` gets the table's lines as they are measured (its header after the raw measurement,
     then one row per size), so a run cut short still shows the sizes it finished.
     """
-    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
+    from pbt_rl.bench import bench_raw_envpool
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     result = {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": []}
     for line in header_lines(result):
         say(line)
-    warmup = default_warmup(seconds)
-    for size, sized in zip(populations, configs):
+    result["sizes"] = _measured_rows(configs, seconds, lambda row: say(row_line(row)), raw=raw)
+    return result
+
+
+def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callable[[dict], None],
+                   raw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each config's population trained in turn, against ``raw`` (or raw envpool measured at its
+    own envs and threads, kept in the row): a row each, handed to ``said`` as it is measured."""
+    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
+
+    warmup, rows = default_warmup(seconds), []
+    for sized in configs:
+        own_raw = raw or bench_raw_envpool(sized, seconds=min(seconds, 20.0))
         run = train_for_bench(sized, sized.run.backend, seconds, warmup)
         rate = run["population"]["env_steps_per_second"]
-        row = {"population_size": size, "num_envs_per_member": sized.env.num_envs,
-               "members_per_host": hosts_layout(sized)[0], "ratio": rate / raw["env_steps_per_second"], **run}
-        result["sizes"].append(row)
-        say(row_line(row))
-    return result
+        row = {"gpus": sized.run.gpus, "population_size": sized.pbt.population_size,
+               "num_envs_per_member": sized.env.num_envs, "members_per_host": hosts_layout(sized)[0],
+               "threads": sized.run.total_threads, "ratio": rate / own_raw["env_steps_per_second"],
+               "per_core": rate / machine_threads(sized.run.total_threads), **run}
+        if raw is None:
+            row["raw"] = own_raw
+        rows.append(row)
+        said(row)
+    return rows
 
 
 def header_lines(result: dict[str, Any]) -> list[str]:
@@ -116,22 +131,11 @@ def bench_gpu_scaling(config: ExperimentConfig, gpu_counts: tuple[int, ...], sec
                       say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """At each GPU count: raw envpool at that size's envs and threads, then the population; a row
     each, said as it is measured."""
-    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
-
     configs = [config_at_gpus(config, gpus, visible) for gpus in gpu_counts]  # every check first
     result = {"env": config.env.id, "algo": config.agent.algo, "visible_gpus": visible, "rows": []}
     for line in gpu_header_lines(result):
         say(line)
-    warmup = default_warmup(seconds)
-    for gpus, sized in zip(gpu_counts, configs):
-        raw = bench_raw_envpool(sized, seconds=min(seconds, 20.0))
-        run = train_for_bench(sized, sized.run.backend, seconds, warmup)
-        rate = run["population"]["env_steps_per_second"]
-        row = {"gpus": gpus, "population_size": sized.pbt.population_size, "num_envs_per_member": sized.env.num_envs,
-               "threads": sized.run.total_threads, "raw": raw, "ratio": rate / raw["env_steps_per_second"],
-               "per_core": rate / sized.run.total_threads, **run}
-        result["rows"].append(row)
-        say(gpu_row_line(row))
+    result["rows"] = _measured_rows(configs, seconds, lambda row: say(gpu_row_line(row)))
     return result
 
 
