@@ -13,9 +13,9 @@ from pbt_rl.config import ConfigError, from_dict
 from pbt_rl.runtime.resources import gpu_index, hosts_layout, member_devices, run_gpus
 
 
-def gpu_config(population: int, **run) -> object:
+def gpu_config(population: int, device: str = "auto", **run) -> object:
     return from_dict({
-        "agent": {"device": "auto"},
+        "agent": {"device": device},
         "pbt": {"population_size": population,
                 "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}},
         "run": {"total_threads": 16, **run},
@@ -37,9 +37,9 @@ def test_run_gpus_uses_the_first_n_gpus_and_refuses_more_than_are_visible():
         member_devices(gpu_config(8, gpus=4), visible=2)
     with pytest.raises(ConfigError, match=r"^run.gpus: 1 GPUs asked for but 0 are visible$"):
         member_devices(gpu_config(8, gpus=1), visible=0)
-    cpu = from_dict({"agent": {"device": "cpu"}, "pbt": {"population_size": 2, "search_space": {
-        "lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}}, "run": {"gpus": 4}})
-    assert member_devices(cpu, visible=0) == ["cpu", "cpu"]  # the CPU needs no GPU count
+    for device in ("cpu", "cuda:1"):  # members that can only be on one device
+        with pytest.raises(ConfigError, match=rf"^run.gpus: 4 GPUs asked for, but agent.device is '{device}'; use"):
+            gpu_config(2, gpus=4, device=device)
 
 
 def test_explicit_members_per_gpu_keeps_its_blocks():

@@ -30,6 +30,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"with N a GPU index 0, 1, 2, ..."
         )
     run = config.run
+    if run.gpus > 0 and agent.device not in ("auto", "cuda"):
+        raise ConfigError(f"run.gpus: {run.gpus} GPUs asked for, but agent.device is {agent.device!r}; "
+                          f"use agent.device: auto (or cuda) to spread members over GPUs")
     if run.members_per_host > 1 and run.members_per_gpu and run.members_per_gpu % run.members_per_host:
         raise ConfigError(f"run.members_per_host: {run.members_per_host} must divide run.members_per_gpu "
                           f"({run.members_per_gpu}): the members of a host share its GPU")
