@@ -268,6 +268,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
+        "hosts": hosts_of(config),
         "raw": raw,
         "population": first["population"],
         "ratio": first["population"]["env_steps_per_second"] / raw["env_steps_per_second"],
@@ -308,7 +309,8 @@ def format_population_bench(result: dict[str, Any]) -> str:
     )
     cpu = f"CPU busy {100 * machine['cpu_busy_fraction']:.0f}% of {machine['cpu_count']} cores" if machine.get("cpu_busy_fraction") is not None else "CPU: n/a"
     return "\n".join([
-        f"{result['env']}  {result['algo']}  population {result['population_size']} x {result['num_envs_per_member']} envs",
+        f"{result['env']}  {result['algo']}  population {result['population_size']} x {result['num_envs_per_member']} envs"
+        + _format_hosts(result.get("hosts")),
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
         f"{raw['env_steps_per_second']:,.0f} env steps/s",
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
@@ -319,6 +321,20 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"{cpu}; {gpu}",
         "json: " + json.dumps(result, default=float),
     ])
+
+
+def hosts_of(config: ExperimentConfig) -> dict[str, Any]:
+    """How the bench's population shares host processes: members per host and ``run.host_sharing``."""
+    from pbt_rl.runtime.resources import hosts_layout
+
+    per_host, hosts = hosts_layout(config)
+    return {"members_per_host": per_host, "hosts": hosts, "sharing": config.run.host_sharing}
+
+
+def _format_hosts(hosts: dict[str, Any] | None) -> str:
+    if not hosts or hosts["members_per_host"] == 1:
+        return "" if not hosts else ", a process each"
+    return f", {hosts['hosts']} hosts of {hosts['members_per_host']} ({hosts['sharing']})"
 
 
 def _format_startup(population: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
-    result = {"env": config.env.id, "algo": config.agent.algo, "raw": raw, "sizes": []}
+    result = {"env": config.env.id, "algo": config.agent.algo, "sharing": config.run.host_sharing, "raw": raw,
+              "sizes": []}
     for line in header_lines(result):
         say(line)
     result["sizes"] = _measured_rows(configs, seconds, lambda row: say(row_line(row)), raw=raw)
@@ -90,7 +91,8 @@ def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callab
 def header_lines(result: dict[str, Any]) -> list[str]:
     raw = result["raw"]
     return [
-        f"{result['env']}  {result['algo']}  population scaling at {raw['total_envs']} envs in all",
+        f"{result['env']}  {result['algo']}  population scaling at {raw['total_envs']} envs in all"
+        f" (run.host_sharing: {result.get('sharing', 'turns')})",
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
         f"{raw['env_steps_per_second']:,.0f} env steps/s",
         "| population x envs | members per host | population env steps/s | ratio | all members training after | "

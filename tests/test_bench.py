@@ -251,3 +251,15 @@ def test_gpus_refuses_what_the_machine_cannot_do_in_one_line(capsys, monkeypatch
     assert len(err) == 1 and "--gpus: 2 GPUs asked for but 0 are visible" in err[0]
     assert main(["bench", "configs/quickstart.yaml", "--gpus", "1", "--populations", "4"]) == 2
     assert "not with --populations" in capsys.readouterr().err
+
+
+def test_the_bench_names_how_its_members_share_host_processes():
+    from pbt_rl.bench import _format_hosts, hosts_of
+    from pbt_rl.config import load_config
+
+    shared = hosts_of(load_config("configs/quickstart.yaml", ["pbt.population_size=8", "run.total_threads=2",
+                                                              "run.host_sharing=batched"]))
+    assert shared == {"members_per_host": 2, "hosts": 4, "sharing": "batched"}
+    assert _format_hosts(shared) == ", 4 hosts of 2 (batched)"
+    alone = hosts_of(load_config("configs/quickstart.yaml", ["run.total_threads=2"]))
+    assert _format_hosts(alone) == ", a process each"
