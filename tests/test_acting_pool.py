@@ -126,10 +126,10 @@ def test_an_error_reaches_the_member_that_asked():
     assert pool.act(member, torch.zeros(3, 5), True, None).shape == (3, 2)  # the pool still works
 
 
-def cartpole_learner(seed: int):
+def cartpole_learner(seed: int, algo: str = "a2c", **env):
     config = from_dict({
-        "env": {"id": "CartPole-v1", "num_envs": 4, "num_threads": 1},
-        "agent": {"algo": "a2c", "device": "cpu", "hidden_sizes": [16], "unroll_length": 5},
+        "env": {"id": "CartPole-v1", "num_envs": 4, "num_threads": 1, **env},
+        "agent": {"algo": algo, "device": "cpu", "hidden_sizes": [16], "unroll_length": 5},
         "pbt": {"population_size": 2, "search_space": {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-2}}},
     })
     return make_learner(config, seed)
@@ -155,3 +155,27 @@ def test_learners_acting_through_one_pool_train_exactly_as_alone():
             for name, tensor in reference.model.state_dict().items():
                 assert torch.equal(tensor, together[i].model.state_dict()[name]), name
         together[i].close()
+
+
+def test_impala_actors_act_through_the_pool_from_their_own_threads():
+    """IMPALA's actor thread asks the pool with the actor's copy of the policy; both members train on."""
+    pool = ActingPool()
+    learners = [cartpole_learner(seed, "impala", async_batch_size=2) for seed in (5, 6)]
+    reports: dict[int, object] = {}
+    try:
+        for learner in learners:
+            learner.act_with(pool)
+        threads = [threading.Thread(target=lambda i=i: reports.__setitem__(i, learners[i].train(1500))) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(reports) == [0, 1]
+        for report in reports.values():
+            assert report.env_steps >= 1500 and report.updates > 0
+            assert all(np.isfinite(value) for value in report.losses.values())
+        # Every env step of both actors was chosen through the pool (2 envs per request).
+        assert pool.stats.requests >= sum(learner.env_steps for learner in learners) // 2
+    finally:
+        for learner in learners:
+            learner.close()
