@@ -93,6 +93,10 @@ class ActingPool:
         if batch:
             try:
                 act_together(batch)
+            except BaseException as exc:  # noqa: BLE001 - a failure outside the groups: everyone's
+                for waiting in batch:
+                    if not waiting.done:
+                        waiting.error, waiting.done = exc, True
             finally:
                 with self._cond:
                     self._running = False

@@ -179,3 +179,17 @@ def test_impala_actors_act_through_the_pool_from_their_own_threads():
     finally:
         for learner in learners:
             learner.close()
+
+
+def test_a_pass_that_fails_as_a_whole_fails_every_request_in_it(monkeypatch):
+    import pbt_rl.agents.acting_pool as acting_pool
+
+    def broken(requests):
+        raise MemoryError("no room for the stacked parameters")
+
+    monkeypatch.setattr(acting_pool, "act_together", broken)
+    member = models(VECTOR, gym.spaces.Discrete(2), 1, hidden_sizes=[8])[0]
+    pool = ActingPool()
+    with pytest.raises(MemoryError):
+        pool.act(member, torch.zeros(3, 5), True, None)
+    assert pool.stats.passes == 1 and not pool._running  # the next member can run a pass
