@@ -4,7 +4,7 @@ One actor per member host (``run.members_per_host`` members; 1 unless set), each
 worker process, placed in one bundle of a placement group that :mod:`~pbt_rl.runtime.ray_cluster`
 reserves (spread or packed over the nodes). The actor hosts its members exactly as a local host
 process does (:class:`~pbt_rl.runtime.member_host.MemberHost`): same learner factory, same
-:class:`~pbt_rl.runtime.member.MemberWorker` per member, members taking turns at training, same
+:class:`~pbt_rl.runtime.member.MemberWorker` per member, sharing as ``run.host_sharing`` says, same
 messages tagged with each member's incarnation; the controller's side is the local backend's
 :class:`~pbt_rl.runtime.backend.HostedMemberHandle` over a Ray transport (:class:`RayHost`).
 
@@ -82,9 +82,16 @@ class HostActor:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def start_member(self, item: StartMember) -> None:
+    def command(self, item: StartMember | ToMember) -> None:
+        """A start or a command from the controller, for the host to carry out."""
         if self._host is None:
             return  # the host could not start: HostFailed is in the outbox
+        if isinstance(item, StartMember) and not self._run_dir_visible(item):
+            return
+        self._host.put(item)
+
+    def _run_dir_visible(self, item: StartMember) -> bool:
+        """Whether this node sees the run directory; if not, the member fails with the reason."""
         from pbt_rl.runtime.store import RunStore
 
         if not RunStore(item.spec.run_dir).state_path.is_file():
@@ -92,12 +99,8 @@ class HostActor:
                      f"on storage every node mounts (docs/cluster.md)")
             self._outbox.put(FromMember(item.incarnation, protocol.Failed(f"RuntimeError: {error}")))
             self._outbox.put(FromMember(item.incarnation, protocol.Exited(1)))
-            return
-        self._host.put(item)
-
-    def command(self, item: ToMember) -> None:
-        if self._host is not None:
-            self._host.put(item)
+            return False
+        return True
 
     def take(self, timeout: float = TAKE_SECONDS) -> list:
         """What the host's members sent since the last call (FromMember, HostFailed): waits up to
@@ -135,8 +138,7 @@ class RayHost(HostMailboxes):
         self._take = actor.take.remote(TAKE_SECONDS)
 
     def start(self, incarnation: int, spec: MemberSpec) -> None:
-        self.mailboxes[incarnation] = []
-        self.actor.start_member.remote(StartMember(incarnation, spec))
+        super().start(incarnation, spec)
         self._unplaced.append(spec.member_id)
         self._note_placement()
 
