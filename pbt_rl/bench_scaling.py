@@ -26,7 +26,7 @@ import json
 from typing import Any, Callable
 
 from pbt_rl.config import ConfigError, ExperimentConfig
-from pbt_rl.runtime.resources import hosts_layout, machine_threads
+from pbt_rl.runtime.resources import hosts_layout, machine_threads, too_few_gpus
 
 
 def config_at_population(config: ExperimentConfig, population: int) -> ExperimentConfig:
@@ -118,7 +118,7 @@ def config_at_gpus(config: ExperimentConfig, gpus: int, visible: int) -> Experim
     """``config`` (one GPU's population) on the first ``gpus`` of ``visible`` GPUs, with that share
     of the cores. Raises ConfigError when there are not that many GPUs."""
     if not 1 <= gpus <= visible:
-        raise ConfigError(f"--gpus: {gpus} GPUs asked for but {visible} {'is' if visible == 1 else 'are'} visible")
+        raise too_few_gpus("--gpus", gpus, visible)
     if config.agent.device == "cpu":
         raise ConfigError("--gpus: agent.device is 'cpu'; the GPU scaling table needs GPU members")
     threads = max(1, machine_threads(config.run.total_threads) * gpus // visible)

@@ -98,6 +98,13 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def too_few_gpus(option: str, wanted: int, visible: int):
+    """The one-line error for asking ``option`` for more GPUs than are visible."""
+    from pbt_rl.config import ConfigError
+
+    return ConfigError(f"{option}: {wanted} GPUs asked for but {visible} {'is' if visible == 1 else 'are'} visible")
+
+
 def run_gpus(config, visible: int | None = None) -> int:
     """GPUs the run's members use: ``run.gpus`` (the first N visible), or every visible one when it
     is 0; 0 on the CPU. ``visible`` defaults to what torch sees here. (On ``run.backend: ray``
@@ -110,9 +117,7 @@ def run_gpus(config, visible: int | None = None) -> int:
     visible = cuda_device_count() if visible is None else visible
     wanted = config.run.gpus if config.run.backend == "local" else 0
     if wanted > visible:
-        from pbt_rl.config import ConfigError
-
-        raise ConfigError(f"run.gpus: {wanted} GPUs asked for but {visible} {'is' if visible == 1 else 'are'} visible")
+        raise too_few_gpus("run.gpus", wanted, visible)
     return min(wanted, visible) if wanted > 0 else visible
 
 
