@@ -268,7 +268,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
-        "hosts": hosts_of(config),
+        "hosts": {**hosts_of(config), "cuda_mps": first.get("cuda_mps", False)},
         "raw": raw,
         "population": first["population"],
         "ratio": first["population"]["env_steps_per_second"] / raw["env_steps_per_second"],
@@ -282,8 +282,10 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
 
 def train_for_bench(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
     """The population trained on ``backend`` into a temporary run directory, for ``seconds`` after
-    start-up and warm-up: its rate from the metrics (:func:`population_rate_from_metrics`)."""
+    start-up and warm-up: its rate from the metrics (:func:`population_rate_from_metrics`), and
+    whether its hosts shared the GPU through the run's own CUDA MPS daemon (runtime/mps.py)."""
     from pbt_rl.runtime import train
+    from pbt_rl.runtime.mps import plan
 
     # Members need a while to start (processes, torch, CUDA, envs); the window begins after that.
     startup_allowance = max(30.0, float(config.pbt.population_size))
@@ -297,7 +299,7 @@ def train_for_bench(config: ExperimentConfig, backend: str, seconds: float, warm
             train(bench_config, console=False)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
         exploits = len(RunStore(bench_config.run_dir).read_lineage())
-    return {"population": population, "exploits": exploits,
+    return {"population": population, "exploits": exploits, "cuda_mps": plan(bench_config),
             "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()}}
 
 
@@ -332,9 +334,10 @@ def hosts_of(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _format_hosts(hosts: dict[str, Any] | None) -> str:
+    mps = ", CUDA MPS" if hosts and hosts.get("cuda_mps") else ""
     if not hosts or hosts["members_per_host"] == 1:
-        return "" if not hosts else ", a process each"
-    return f", {hosts['hosts']} hosts of {hosts['members_per_host']} ({hosts['sharing']})"
+        return "" if not hosts else f", a process each{mps}"
+    return f", {hosts['hosts']} hosts of {hosts['members_per_host']} ({hosts['sharing']}{mps})"
 
 
 def _format_startup(population: dict[str, Any]) -> str:

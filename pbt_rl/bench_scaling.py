@@ -103,9 +103,14 @@ def header_lines(result: dict[str, Any]) -> list[str]:
 
 def row_line(row: dict[str, Any]) -> str:
     pop, memory = row["population"], row["machine"].get("resident_mib_max")
-    return (f"| {row['population_size']} x {row['num_envs_per_member']} | {row['members_per_host']} | "
+    return (f"| {row['population_size']} x {row['num_envs_per_member']} | {_per_host(row)} | "
             f"{pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
             f"{'-' if memory is None else f'{memory:,.0f}'} |")
+
+
+def _per_host(row: dict[str, Any]) -> str:
+    """Members per host, and ', MPS' when the row's hosts shared the GPU through a CUDA MPS daemon."""
+    return f"{row['members_per_host']}{', MPS' if row.get('cuda_mps') else ''}"
 
 
 def format_scaling(result: dict[str, Any]) -> str:

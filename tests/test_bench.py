@@ -136,15 +136,15 @@ def test_scaling_table_has_a_row_per_population_size():
 
     raw = {"env_steps_per_second": 1000.0, "mode": "async", "total_envs": 64, "batch_size": 32, "threads": 2}
 
-    def size(population, rate, startup, memory):
+    def size(population, rate, startup, memory, mps=False):
         return {"population_size": population, "num_envs_per_member": 64 // population, "members_per_host": 1,
                 "ratio": rate / 1000.0, "population": {"env_steps_per_second": rate, "startup_seconds": startup},
-                "machine": {"resident_mib_max": memory}}
+                "machine": {"resident_mib_max": memory}, "cuda_mps": mps}
 
     text = format_scaling({"env": "CartPole-v1", "algo": "a2c", "raw": raw,
-                           "sizes": [size(4, 900.0, 5.2, 1500.0), size(8, 850.0, 9.7, None)]})
+                           "sizes": [size(4, 900.0, 5.2, 1500.0), size(8, 850.0, 9.7, None, mps=True)]})
     assert "| 4 x 16 | 1 | 900 | 0.900 | 5 s | 1,500 |" in text
-    assert "| 8 x 8 | 1 | 850 | 0.850 | 10 s | - |" in text
+    assert "| 8 x 8 | 1, MPS | 850 | 0.850 | 10 s | - |" in text  # its hosts shared the GPU through MPS
 
 
 def test_resident_memory_counts_a_process_and_its_children():
@@ -263,3 +263,6 @@ def test_the_bench_names_how_its_members_share_host_processes():
     assert _format_hosts(shared) == ", 4 hosts of 2 (batched)"
     alone = hosts_of(load_config("configs/quickstart.yaml", ["run.total_threads=2"]))
     assert _format_hosts(alone) == ", a process each"
+    # hosts that shared their GPU through the run's own MPS daemon (train_for_bench says which)
+    assert _format_hosts({**shared, "cuda_mps": True}) == ", 4 hosts of 2 (batched, CUDA MPS)"
+    assert _format_hosts({**alone, "cuda_mps": True}) == ", a process each, CUDA MPS"

@@ -10,9 +10,11 @@ decides how learners are built. The scheduler, learners and controller do not ch
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
+import sys
 from multiprocessing.connection import Connection, wait
 from typing import Protocol
 
@@ -204,11 +206,12 @@ class LocalProcessBackend:
     starts a new host for its slot.
     """
 
-    def __init__(self, learner_factory: str = DEFAULT_LEARNER_FACTORY) -> None:
+    def __init__(self, learner_factory: str = DEFAULT_LEARNER_FACTORY, config=None) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.learner_factory = learner_factory
         self.hosts: dict[int, _HostProcess] = {}
         self._incarnations = itertools.count()
+        self.mps = _start_mps(config) if config is not None else None
 
     def start(self, spec: MemberSpec) -> HostedMemberHandle:
         per_host, _ = hosts_layout(spec.config)
@@ -217,7 +220,10 @@ class LocalProcessBackend:
         if host is None or not host.alive():
             if host is not None:
                 host.kill()  # reap a dead or failed host before its slot gets a new one
-            host = self.hosts[index] = _HostProcess(index, self.context, self.learner_factory, host_settings(spec))
+            settings = host_settings(spec)
+            if self.mps is not None:
+                settings = dataclasses.replace(settings, environment=tuple(self.mps.environment().items()))
+            host = self.hosts[index] = _HostProcess(index, self.context, self.learner_factory, settings)
         incarnation = next(self._incarnations)
         host.start(incarnation, spec)
         return HostedMemberHandle(spec.member_id, host, incarnation)
@@ -235,13 +241,37 @@ class LocalProcessBackend:
         for host in self.hosts.values():
             host.kill()
         self.hosts.clear()
+        if self.mps is not None:
+            self.mps.stop()  # after the hosts: its clients have ended
+
+
+def _start_mps(config):
+    """The run's private MPS daemon when ``run.cuda_mps`` wants one (runtime/mps.py), else None.
+
+    Raises:
+        ConfigError: ``on`` and the daemon cannot start (``auto`` says so in one line and goes on
+            without: the hosts then time-slice the GPU).
+    """
+    from pbt_rl.runtime import mps
+
+    if not mps.plan(config):
+        return None
+    try:
+        return mps.MpsDaemon.start()
+    except mps.MpsError as exc:
+        if config.run.cuda_mps == "on":
+            from pbt_rl.config import ConfigError
+
+            raise ConfigError(f"run.cuda_mps: {exc}") from None
+        print(f"run.cuda_mps: auto: no MPS daemon ({exc}); the hosts time-slice the GPU", file=sys.stderr)
+        return None
 
 
 def make_backend(name: str, config=None) -> Backend:
     """The backend ``run.backend`` names. 'ray' joins the cluster and reserves the members'
     resources now (``config``: the experiment's), so call it before writing anything."""
     if name == "local":
-        return LocalProcessBackend()
+        return LocalProcessBackend(config=config)
     from pbt_rl.config import ConfigError
 
     if name == "ray":

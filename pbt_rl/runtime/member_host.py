@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
 import signal
 import sys
@@ -57,6 +58,8 @@ class HostSettings:
     torch_threads: int = 0
     gpu_wait: str = "auto"
     sharing: str = "turns"
+    environment: tuple[tuple[str, str], ...] = ()
+    """Environment variables set before the host touches CUDA (a CUDA MPS daemon's pipes: runtime/mps.py)."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ def start_host(learner_factory: str, settings: HostSettings, send: Any) -> Membe
     try:
         from pbt_rl.runtime.host import configure_process
 
+        os.environ.update(dict(settings.environment))
         configure_process(settings.device, num_threads=settings.num_threads,
                           torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
         return MemberHost(load_factory(learner_factory), send, settings.sharing)

@@ -19,6 +19,14 @@ from pbt_rl.runtime.resources import member_devices
 from pbt_rl.runtime.store import RunDirError, RunStore
 
 
+def say_mps(backend: Backend) -> None:
+    """One console line when the run's host processes share their GPU through its own MPS daemon."""
+    daemon = getattr(backend, "mps", None)
+    if daemon is not None:
+        print(f"CUDA MPS: the host processes on a GPU run their kernels together through this run's daemon "
+              f"({daemon.pipe_dir}; run.cuda_mps)")
+
+
 def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
           backend: Backend | None = None) -> dict:
     """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
@@ -44,6 +52,7 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
             print(f"Training {config.pbt.population_size} members ({config.agent.algo} on {config.env.id}), "
                   f"{config.run.total_env_steps:,} env steps each, {controller.threads} env thread(s) per member; "
                   f"run directory {store.root}")
+            say_mps(backend)
         return controller.run()
     finally:
         store.release()
@@ -80,6 +89,7 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
         if console:
             steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
             print(f"Resuming {store.root} (env steps per member {steps})")
+            say_mps(backend)
         return controller.run()
     finally:
         backend.close()  # idempotent (the controller closes it too); covers a refused resume
