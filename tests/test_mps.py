@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,22 @@ def test_a_host_sets_its_environment_before_it_touches_cuda(monkeypatch):
     settings = HostSettings(device="cpu", num_threads=1, environment=((mps.PIPE_ENV, "/run/mps/pipe"),))
     assert start_host("unused:factory", settings, send=lambda item: None) is not None
     assert seen["pipe"] == "/run/mps/pipe"
+
+
+def test_a_killed_controller_leaves_no_daemon_behind(control):
+    """SIGKILL gives the controller no chance to stop its daemon: the watcher does it."""
+    log, _ = control
+    controller = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pbt_rl.runtime.mps import MpsDaemon; d = MpsDaemon.start(); "
+                               "print(d.root, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    root = Path(controller.stdout.readline().strip())
+    assert (root / "pipe" / "control").exists()
+    controller.kill()
+    controller.wait()
+    for _ in range(600):  # the watcher ends the daemon when its pipe closes: a generous bound
+        if not root.exists():
+            break
+        time.sleep(0.05)
+    assert not root.exists()
+    assert "stdin=quit" in log.read_text()

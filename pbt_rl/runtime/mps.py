@@ -18,9 +18,13 @@ of 4 (``pbt-rl bench``): 19,405 env steps/s time-slicing, 35,212 through MPS (do
 - ``off``: never.
 
 The daemon's pipes live in a directory of its own under the temporary directory, named with the
-controller's pid. The backend stops the daemon when it closes (after its hosts have ended); a
-daemon whose controller was killed is stopped by the next run that starts one
-(:func:`sweep_orphans`). Only the local backend starts one: on Ray, start MPS on the nodes.
+controller's pid. The backend stops the daemon when it closes (after its hosts have ended). A
+controller can also end without closing anything (SIGTERM, SIGKILL, a crash): for that, a small
+watcher process (this file run by ``python -I``: the standard library only, no torch; in a
+session of its own, so that Ctrl-C does not reach it) holds the read end of a pipe from the controller, and when that pipe closes, for
+whatever reason, it quits the daemon and removes its directory. A daemon left even so (its watcher
+killed too) is stopped by the next run that starts one (:func:`sweep_orphans`). Only the local
+backend starts one: on Ray, start MPS on the nodes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -97,6 +102,7 @@ class MpsDaemon:
         self.control = control
         self.root = root
         self.stopped = False
+        self.watcher: subprocess.Popen | None = None
 
     @property
     def pipe_dir(self) -> Path:
@@ -127,18 +133,31 @@ class MpsDaemon:
                     raise MpsError(f"{CONTROL} -d opened no control pipe in {daemon.pipe_dir} "
                                    f"within {START_SECONDS:.0f} s")
                 time.sleep(0.05)
+            daemon.watcher = subprocess.Popen([sys.executable, "-I", __file__, control, str(daemon.root)],
+                                              stdin=subprocess.PIPE, start_new_session=True)
         except (OSError, subprocess.TimeoutExpired, MpsError) as exc:
             daemon.stop()
             raise exc if isinstance(exc, MpsError) else MpsError(f"{CONTROL} -d: {exc}") from exc
         return daemon
 
     def stop(self) -> None:
-        """Ask the daemon to quit (it stops its server) and remove its directory (idempotent)."""
+        """Ask the daemon to quit (it stops its server) and remove its directory (idempotent):
+        the watcher does it when its pipe closes; done here too if the watcher is gone."""
         if self.stopped:
             return
         self.stopped = True
-        _quit(self.control, self.pipe_dir)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.watcher is not None:
+            self.watcher.stdin.close()
+            try:
+                self.watcher.wait(timeout=2 * START_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.watcher.kill()
+        _end(self.control, self.root)
+
+
+def _end(control: str, root: Path) -> None:
+    _quit(control, root / "pipe")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _quit(control: str, pipe_dir: Path) -> None:
@@ -169,7 +188,17 @@ def sweep_orphans(control: str, tmp_dir: str | None = None) -> list[Path]:
         pid = root.name[len(PREFIX):].split("-", 1)[0]
         if not (root.is_dir() and pid.isdigit()) or _pid_alive(int(pid)):
             continue
-        _quit(control, root / "pipe")
-        shutil.rmtree(root, ignore_errors=True)
+        _end(control, root)
         swept.append(root)
     return swept
+
+
+def watch(control: str, root: Path) -> None:
+    """The watcher: wait until the controller's end of stdin closes, then end the daemon."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    _end(control, root)
+
+
+if __name__ == "__main__":
+    watch(sys.argv[1], Path(sys.argv[2]))
