@@ -245,3 +245,15 @@ def test_a_killed_controller_leaves_no_daemon_behind(control):
         time.sleep(0.05)
     assert not root.exists()
     assert "stdin=quit" in log.read_text()
+
+
+def test_the_run_says_in_one_line_when_its_hosts_use_its_daemon(capsys):
+    from types import SimpleNamespace
+
+    from pbt_rl.runtime.run import say_mps
+
+    say_mps(SimpleNamespace(mps=SimpleNamespace(pipe_dir=Path("/tmp/pbt-rl-mps-1-x/pipe"))))
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and said[0].startswith("CUDA MPS:") and "/tmp/pbt-rl-mps-1-x/pipe" in said[0]
+    say_mps(SimpleNamespace(mps=None))  # no daemon (time slicing, CPU members, Ray): nothing said
+    assert capsys.readouterr().out == ""
