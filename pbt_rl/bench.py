@@ -250,34 +250,64 @@ def default_warmup(seconds: float) -> float:
 
 
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
-                     backends: tuple[str, ...] = ()) -> dict[str, Any]:
+                     variants: tuple[tuple[str, ExperimentConfig], ...] = ()) -> dict[str, Any]:
     """Measure raw envpool and the population training; return both rates and their ratio.
 
-    ``backends`` (``run.backend`` values, e.g. ``("local", "ray")``): train the population once
-    on each, in this order, against the one raw measurement; ``result["backends"]`` holds each
-    one's rate and ratio, and the top-level ``population`` / ``ratio`` are the first one's.
-    Empty: the config's own ``run.backend`` only.
+    ``variants`` (``(label, config)`` pairs, e.g. ``run.backend=ray`` or ``run.cuda_mps=off``, from
+    :func:`variant_configs`): train each population in this order against the one raw
+    measurement of ``config``; ``result["variants"]`` holds each one's rate, ratio and hosts, and
+    the top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
     """
     warmup = warmup_seconds if warmup_seconds is not None else default_warmup(seconds)
+    variants = tuple(variants) or (("", config),)
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
-    names = tuple(backends) or (config.run.backend,)
-    runs = {name: train_for_bench(config, name, seconds, warmup) for name in names}
-    first = runs[names[0]]
+    runs = []
+    for label, variant in variants:
+        run = train_for_bench(variant, variant.run.backend, seconds, warmup)
+        runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
+                     "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
+    first = runs[0]
     return {
         "env": config.env.id,
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
-        "hosts": {**hosts_of(config), "cuda_mps": first.get("cuda_mps", False)},
+        "hosts": first["hosts"],
         "raw": raw,
         "population": first["population"],
-        "ratio": first["population"]["env_steps_per_second"] / raw["env_steps_per_second"],
+        "ratio": first["ratio"],
         "exploits": first["exploits"],
         "machine": first["machine"],
-        "backends": {name: {"backend": name, **run,
-                            "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]}
-                     for name, run in runs.items()},
+        "variants": runs,
     }
+
+
+def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tuple[tuple[str, ExperimentConfig], ...]:
+    """``config`` with each list of overrides applied in turn, labelled by them: the populations a
+    bench trains against one raw measurement. A variant may change how the population trains
+    (backend, hosts, sharing, MPS, agent settings) but not what raw envpool is measured at.
+
+    Raises ConfigError for an override that does not apply, or one that changes the envs, the
+    population size or the threads.
+    """
+    from pbt_rl.config import ConfigError, apply_overrides
+
+    base = to_dict(config)
+    variants = []
+    for texts in overrides:
+        label = " ".join(texts)
+        try:
+            variant = from_dict(apply_overrides(to_dict(config), texts))
+        except ConfigError as exc:
+            raise ConfigError(f"--variant {label!r}: {exc}") from None
+        raw = to_dict(variant)
+        fixed = [("env", key) for key in base["env"]] + [("pbt", "population_size"), ("run", "total_threads")]
+        changed = [f"{section}.{key}" for section, key in fixed if raw[section][key] != base[section][key]]
+        if changed:
+            raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured once, so "
+                              "every variant keeps the envs, the population size and the threads")
+        variants.append((label, variant))
+    return tuple(variants)
 
 
 def train_for_bench(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
@@ -318,7 +348,7 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s" + _format_startup(pop) + _format_memory(machine),
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
-        *_format_backends(result),
+        *_format_variants(result),
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         "json: " + json.dumps(result, default=float),
@@ -337,7 +367,8 @@ def _format_hosts(hosts: dict[str, Any] | None) -> str:
     mps = ", CUDA MPS" if hosts and hosts.get("cuda_mps") else ""
     if not hosts or hosts["members_per_host"] == 1:
         return "" if not hosts else f", a process each{mps}"
-    return f", {hosts['hosts']} hosts of {hosts['members_per_host']} ({hosts['sharing']}{mps})"
+    hosts_word = "host" if hosts["hosts"] == 1 else "hosts"
+    return f", {hosts['hosts']} {hosts_word} of {hosts['members_per_host']} ({hosts['sharing']}{mps})"
 
 
 def _format_startup(population: dict[str, Any]) -> str:
@@ -350,18 +381,19 @@ def _format_memory(machine: dict[str, Any]) -> str:
     return "" if memory is None else f"; resident memory at most {memory:,.0f} MiB (controller and hosts, summed)"
 
 
-def _format_backends(result: dict[str, Any]) -> list[str]:
-    """With several backends: one line per backend after the first, and its rate over the first's."""
-    backends = list(result.get("backends", {}).values())
-    if len(backends) < 2:
+def _format_variants(result: dict[str, Any]) -> list[str]:
+    """With several variants: which one the lines above are, then one line per other variant with
+    its hosts, rate and ratio, and its rate over the first's."""
+    variants = result.get("variants", [])
+    if len(variants) < 2:
         return []
-    first = backends[0]
-    lines = [f"(the lines above: run.backend={first['backend']})"]
-    for other in backends[1:]:
+    first = variants[0]
+    lines = [f"(the lines above: {first['label']})"]
+    for other in variants[1:]:
         rate = other["population"]["env_steps_per_second"]
-        lines.append(f"run.backend={other['backend']}: {rate:,.0f} env steps/s ({other['population']['window_seconds']:.0f} s "
-                     f"window), ratio to raw {other['ratio']:.3f}, "
-                     f"{other['backend']} / {first['backend']}: {rate / first['population']['env_steps_per_second']:.3f}")
+        lines.append(f"{other['label']}{_format_hosts(other.get('hosts'))}: {rate:,.0f} env steps/s "
+                     f"({other['population']['window_seconds']:.0f} s window), ratio to raw {other['ratio']:.3f}, "
+                     f"over the first: {rate / first['population']['env_steps_per_second']:.3f}")
     return lines
 
 

@@ -143,9 +143,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--backends: ray needs Ray: pip install 'pbt-rl[ray]'")
+    if backends and args.variant:
+        raise ConfigError("--backends and --variant: choose one (--variant run.backend=ray does what --backends does)")
+    from pbt_rl.bench import variant_configs
+
+    variants = variant_configs(config, [[f"run.backend={name}"] for name in backends]
+                               + [text.split() for text in args.variant or ()])
+    if args.variant:  # the config as given first, then each variant
+        variants = (("the config as given", config), *variants)
     if args.gpus:
-        if backends or args.populations:
-            raise ConfigError("--gpus: not with --populations or --backends (one table at a time)")
+        if variants or args.populations:
+            raise ConfigError("--gpus: not with --populations, --backends or --variant (one table at a time)")
         from pbt_rl.bench_scaling import bench_gpu_scaling
         from pbt_rl.runtime.resources import cuda_device_count
 
@@ -154,8 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("json: " + json.dumps(result, default=float))
         return 0
     if args.populations:
-        if backends:
-            raise ConfigError("--populations and --backends: choose one (the scaling table uses run.backend)")
+        if variants:
+            raise ConfigError("--populations: not with --backends or --variant (one table at a time)")
         from pbt_rl.bench_scaling import bench_scaling
 
         result = bench_scaling(config, _sizes("--populations", args.populations, "population sizes such as 8,16,32,64"),
@@ -163,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                say=lambda line: print(line, flush=True))
         print("json: " + json.dumps(result, default=float))
         return 0
-    print(format_population_bench(bench_population(config, seconds=args.seconds, backends=backends)))
+    print(format_population_bench(bench_population(config, seconds=args.seconds, variants=variants)))
     return 0
 
 
@@ -301,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
     bench.add_argument("--backends", default="", help="population training on each of these run.backend values, "
                                                        "e.g. local,ray (one raw measurement; default: the config's)")
+    bench.add_argument("--variant", action="append", metavar="OVERRIDES",
+                       help="train the population once more with these overrides (quoted, space-separated), "
+                            "against the same raw measurement; repeatable, e.g. --variant run.cuda_mps=off")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
                                                           "each of these population sizes, e.g. 8,16,32,64 (one raw measurement)")
     bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "

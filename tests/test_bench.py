@@ -90,21 +90,78 @@ def test_raw_envpool_counts_env_steps_at_the_population_size():
     assert result["env_steps_per_second"] == pytest.approx(steps / result["seconds"])
 
 
-def test_a_bench_over_two_backends_prints_each_rate_and_their_ratio():
+def test_a_bench_over_two_variants_prints_each_rate_hosts_and_their_ratio():
     from pbt_rl.bench import format_population_bench
 
-    def run(rate):
-        return {"population": {"env_steps_per_second": rate, "window_seconds": 20.0, "members": 4}, "exploits": 0,
-                "machine": {}}
+    def run(label, rate, hosts):
+        return {"label": label, "population": {"env_steps_per_second": rate, "window_seconds": 20.0, "members": 4},
+                "exploits": 0, "machine": {}, "ratio": rate / 1000.0, "hosts": hosts}
 
     raw = {"env_steps_per_second": 1000.0, "mode": "async", "total_envs": 32, "batch_size": 16, "threads": 2}
-    backends = {"local": {"backend": "local", **run(800.0), "ratio": 0.8},
-                "ray": {"backend": "ray", **run(760.0), "ratio": 0.76}}
+    variants = [run("run.backend=local", 800.0, {"members_per_host": 1, "hosts": 4, "sharing": "turns"}),
+                run("run.backend=ray", 760.0, None),
+                run("run.cuda_mps=off run.members_per_host=2", 600.0,
+                    {"members_per_host": 2, "hosts": 2, "sharing": "turns", "cuda_mps": False})]
     text = format_population_bench({"env": "CartPole-v1", "algo": "a2c", "population_size": 4, "num_envs_per_member": 8,
-                                    "raw": raw, "population": backends["local"]["population"], "ratio": 0.8,
-                                    "exploits": 0, "machine": {"cpu_count": 2}, "backends": backends})
+                                    "raw": raw, "population": variants[0]["population"], "ratio": 0.8,
+                                    "exploits": 0, "machine": {"cpu_count": 2}, "variants": variants})
     assert "(the lines above: run.backend=local)" in text
-    assert "run.backend=ray: 760 env steps/s (20 s window), ratio to raw 0.760, ray / local: 0.950" in text
+    assert "run.backend=ray: 760 env steps/s (20 s window), ratio to raw 0.760, over the first: 0.950" in text
+    assert ("run.cuda_mps=off run.members_per_host=2, 2 hosts of 2 (turns): 600 env steps/s (20 s window), "
+            "ratio to raw 0.600, over the first: 0.750") in text
+
+
+def test_variants_change_how_the_population_trains_but_not_what_raw_envpool_measures():
+    from pbt_rl.bench import variant_configs
+    from pbt_rl.config import ConfigError, load_config
+
+    config = load_config("configs/quickstart.yaml")
+    (label, variant), = variant_configs(config, [["run.cuda_mps=off", "run.members_per_host=2"]])
+    assert label == "run.cuda_mps=off run.members_per_host=2"
+    assert (variant.run.cuda_mps, variant.run.members_per_host) == ("off", 2)
+    assert variant.env == config.env and config.run.members_per_host == 0  # the base is untouched
+    for texts, changed in ((["env.num_envs=8"], "env.num_envs"), (["pbt.population_size=8"], "pbt.population_size"),
+                           (["run.total_threads=1"], "run.total_threads")):
+        with pytest.raises(ConfigError, match=rf"^--variant '{texts[0]}' changes {changed}: raw envpool is measured once"):
+            variant_configs(config, [texts])
+    with pytest.raises(ConfigError, match=r"^--variant 'run.cuda_mps=maybe': run.cuda_mps"):
+        variant_configs(config, [["run.cuda_mps=maybe"]])
+
+
+def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement(monkeypatch, capsys):
+    from pbt_rl import bench
+    from pbt_rl.cli import main
+
+    raws, trained = [], []
+    monkeypatch.setattr(bench, "bench_raw_envpool", lambda config, seconds: raws.append(config) or
+                        {"env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64,
+                         "threads": 2})
+
+    def fake_train(config, backend, seconds, warmup):
+        trained.append((config.run.host_sharing, backend))
+        rate = {"turns": 900.0, "free": 450.0}[config.run.host_sharing]
+        return {"population": {"env_steps_per_second": rate, "window_seconds": 10.0, "members": 4},
+                "exploits": 0, "cuda_mps": False, "machine": {"cpu_count": 2}}
+
+    monkeypatch.setattr(bench, "train_for_bench", fake_train)
+    assert main(["bench", "configs/quickstart.yaml", "--variant", "run.host_sharing=free run.members_per_host=4",
+                 "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert len(raws) == 1 and trained == [("turns", "local"), ("free", "local")]
+    assert "ratio population / raw: 0.900" in out and "(the lines above: the config as given)" in out
+    assert ("run.host_sharing=free run.members_per_host=4, 1 host of 4 (free): 450 env steps/s (10 s window), "
+            "ratio to raw 0.450, over the first: 0.500") in out
+
+
+def test_bench_refuses_variants_with_another_table_in_one_line(capsys):
+    from pbt_rl.cli import main
+
+    for extra in (["--backends", "local", "--variant", "run.cuda_mps=off"],
+                  ["--variant", "run.cuda_mps=off", "--populations", "2,4"],
+                  ["--variant", "env.num_envs=8"]):
+        assert main(["bench", "configs/quickstart.yaml", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("--variant" in err[0] or "--backends" in err[0]), err
 
 
 def test_bench_refuses_an_unknown_backend_in_one_line(capsys):

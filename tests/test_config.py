@@ -163,6 +163,19 @@ def test_bad_overrides(tmp_path, override, expected):
         load_config(path, [override])
 
 
+def test_on_and_off_stay_words_in_fields_that_choose_between_them(tmp_path):
+    # YAML 1.1 reads on/off as booleans, on the command line and in a file alike.
+    quickstart = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    config = load_config(quickstart, ["run.cuda_mps=off", "agent.normalize_observations=on"])
+    assert (config.run.cuda_mps, config.agent.normalize_observations) == ("off", "on")
+    path = tmp_path / "c.yaml"
+    path.write_text("agent:\n  normalize_observations: off\nrun:\n  cuda_mps: on\n")
+    config = load_config(path)
+    assert (config.run.cuda_mps, config.agent.normalize_observations) == ("on", "off")
+    with pytest.raises(ConfigError, match=r"^logging.report: expected true or false"):  # booleans stay booleans
+        load_config(quickstart, ["logging.report=maybe"])
+
+
 def test_parse_override_reads_yaml_values():
     assert parse_override("agent.hidden_sizes=[8, 8]") == (["agent", "hidden_sizes"], [8, 8])
     assert parse_override("run.name=a=b") == (["run", "name"], "a=b")

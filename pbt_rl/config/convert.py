@@ -73,6 +73,14 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def switch_word(value: Any, meta: Mapping[str, Any]) -> Any:
+    """YAML 1.1 reads ``on``/``off`` (and ``yes``/``no``) as booleans; a text field whose choices
+    are 'on' and 'off' takes a boolean back as that word (``run.cuda_mps=off`` on the command line)."""
+    if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices", ())):
+        return "on" if value else "off"
+    return value
+
+
 def check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])

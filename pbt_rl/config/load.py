@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from pbt_rl.config.convert import check_range, close_matches, convert
+from pbt_rl.config.convert import check_range, close_matches, convert, switch_word
 from pbt_rl.config.schema import SECTIONS, ConfigError, ExperimentConfig, ParamSpec, PBTConfig
 from pbt_rl.config.validate import validate
 from pbt_rl.strict_yaml import MAX_YAML_DEPTH, DuplicateKeyError, NestingError, StrictLoader
@@ -35,7 +35,7 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         if cls is PBTConfig and key == "search_space":
             kwargs[key] = _build_search_space(value, full)
             continue
-        converted = convert(value, hints[key], full)
+        converted = convert(switch_word(value, fields[key].metadata), hints[key], full)
         check_range(converted, fields[key].metadata, full)
         kwargs[key] = converted
     return cls(**kwargs)
