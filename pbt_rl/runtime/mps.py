@@ -45,6 +45,8 @@ DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
 PREFIX = "pbt-rl-mps-"
 START_SECONDS = 10.0
 """How long a started daemon may take to open its control pipe."""
+COMMAND_SECONDS = 10.0
+"""How long one call of the control program may take."""
 
 
 class MpsError(RuntimeError):
@@ -124,7 +126,7 @@ class MpsDaemon:
             Path(path).mkdir()
         try:
             done = subprocess.run([control, "-d"], env={**os.environ, **daemon.environment()},
-                                  capture_output=True, text=True, timeout=START_SECONDS)
+                                  capture_output=True, text=True, timeout=COMMAND_SECONDS)
             if done.returncode != 0:
                 raise MpsError(f"{CONTROL} -d exited with {done.returncode}: {(done.stderr or done.stdout).strip()}")
             deadline = time.monotonic() + START_SECONDS
@@ -149,7 +151,7 @@ class MpsDaemon:
         if self.watcher is not None:
             self.watcher.stdin.close()
             try:
-                self.watcher.wait(timeout=2 * START_SECONDS)
+                self.watcher.wait(timeout=2 * COMMAND_SECONDS)
             except subprocess.TimeoutExpired:
                 self.watcher.kill()
         _end(self.control, self.root)
@@ -165,7 +167,7 @@ def _quit(control: str, pipe_dir: Path) -> None:
         return
     try:
         subprocess.run([control], input="quit\n", env={**os.environ, PIPE_ENV: str(pipe_dir)},
-                       capture_output=True, text=True, timeout=START_SECONDS)
+                       capture_output=True, text=True, timeout=COMMAND_SECONDS)
     except (OSError, subprocess.TimeoutExpired):
         pass
 
