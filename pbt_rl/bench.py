@@ -263,7 +263,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     runs = []
     for label, variant in variants:
-        run = train_for_bench(variant, variant.run.backend, seconds, warmup)
+        run = train_for_bench(variant, seconds, warmup)
         runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
                      "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
     first = runs[0]
@@ -297,7 +297,7 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
     for texts in overrides:
         label = " ".join(texts)
         try:
-            variant = from_dict(apply_overrides(to_dict(config), texts))
+            variant = from_dict(apply_overrides(base, texts))  # a copy: base stays as it is
         except ConfigError as exc:
             raise ConfigError(f"--variant {label!r}: {exc}") from None
         raw = to_dict(variant)
@@ -310,26 +310,31 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
     return tuple(variants)
 
 
-def train_for_bench(config: ExperimentConfig, backend: str, seconds: float, warmup: float) -> dict[str, Any]:
-    """The population trained on ``backend`` into a temporary run directory, for ``seconds`` after
-    start-up and warm-up: its rate from the metrics (:func:`population_rate_from_metrics`), and
-    whether its hosts shared the GPU through the run's own CUDA MPS daemon (runtime/mps.py)."""
+def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> dict[str, Any]:
+    """The population trained (on its ``run.backend``) into a temporary run directory, for
+    ``seconds`` after start-up and warm-up: its rate from the metrics
+    (:func:`population_rate_from_metrics`), and whether its backend started a CUDA MPS daemon
+    for its hosts (runtime/mps.py)."""
     from pbt_rl.runtime import train
-    from pbt_rl.runtime.mps import plan
+    from pbt_rl.runtime.backend import make_backend
 
     # Members need a while to start (processes, torch, CUDA, envs); the window begins after that.
     startup_allowance = max(30.0, float(config.pbt.population_size))
     with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
         raw_cfg = to_dict(config)
         raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds,
-                              total_env_steps=10**12, backend=backend)
+                              total_env_steps=10**12)
         raw_cfg["logging"].update(report=False, wandb="disabled", tensorboard=False)
         bench_config = from_dict(raw_cfg)
-        with _MachineSampler() as sampler:
-            train(bench_config, console=False)
+        backend = make_backend(bench_config.run.backend, bench_config)  # its MPS daemon, if any, is the row's
+        try:
+            with _MachineSampler() as sampler:
+                train(bench_config, console=False, backend=backend)
+        finally:
+            backend.close()  # idempotent (the run closes it too)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
         exploits = len(RunStore(bench_config.run_dir).read_lineage())
-    return {"population": population, "exploits": exploits, "cuda_mps": plan(bench_config),
+    return {"population": population, "exploits": exploits, "cuda_mps": getattr(backend, "mps", None) is not None,
             "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()}}
 
 
@@ -348,9 +353,9 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s" + _format_startup(pop) + _format_memory(machine),
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
-        *_format_variants(result),
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
+        *_format_variants(result),  # after every line of the first variant, which it names
         "json: " + json.dumps(result, default=float),
     ])
 

@@ -75,7 +75,7 @@ def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callab
     warmup, rows = default_warmup(seconds), []
     for sized in configs:
         own_raw = raw or bench_raw_envpool(sized, seconds=min(seconds, 20.0))
-        run = train_for_bench(sized, sized.run.backend, seconds, warmup)
+        run = train_for_bench(sized, seconds, warmup)
         rate = run["population"]["env_steps_per_second"]
         row = {"gpus": sized.run.gpus, "population_size": sized.pbt.population_size,
                "num_envs_per_member": sized.env.num_envs, "members_per_host": hosts_layout(sized)[0],

@@ -137,8 +137,8 @@ def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement
                         {"env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64,
                          "threads": 2})
 
-    def fake_train(config, backend, seconds, warmup):
-        trained.append((config.run.host_sharing, backend))
+    def fake_train(config, seconds, warmup):
+        trained.append((config.run.host_sharing, config.run.backend))
         rate = {"turns": 900.0, "free": 450.0}[config.run.host_sharing]
         return {"population": {"env_steps_per_second": rate, "window_seconds": 10.0, "members": 4},
                 "exploits": 0, "cuda_mps": False, "machine": {"cpu_count": 2}}
@@ -246,7 +246,7 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
         calls.append(("raw", config.pbt.population_size, config.env.num_envs))
         return raw
 
-    def fake_train(config, backend, seconds, warmup):
+    def fake_train(config, seconds, warmup):
         calls.append(("train", config.pbt.population_size, config.env.num_envs))
         assert len(said) == 4 + len(calls) - 2  # the header and every earlier size were said already
         return {"population": {"env_steps_per_second": 100.0 * config.pbt.population_size, "startup_seconds": 3.0},
@@ -274,7 +274,7 @@ def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatc
         calls.append(("raw", config.pbt.population_size, config.run.total_threads))
         return {"env_steps_per_second": 1000.0 * config.run.total_threads}
 
-    def fake_train(config, backend, seconds, warmup):
+    def fake_train(config, seconds, warmup):
         calls.append(("train", config.pbt.population_size, config.run.gpus))
         assert len(said) == 3 + (len(calls) - 2) // 2  # the header and every earlier row were said already
         return {"population": {"env_steps_per_second": 900.0 * config.run.total_threads, "startup_seconds": 12.0},
