@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch is installed first on machines without an NVIDIA GPU, so that
-# resolving the package's "torch>=2.2" never downloads CUDA wheels.
+# resolving the package's "torch>=2.4" never downloads CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv quickstart test test-fast clean

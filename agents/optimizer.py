@@ -16,9 +16,10 @@ def build_optimizer(params: Any, agent: AgentConfig) -> torch.optim.Optimizer:
         )
     if agent.optimizer == "adam":
         params = list(params)
-        # On CUDA the fused kernel: one launch per step instead of a dozen, for learners that
-        # share one GPU with the whole population.
-        fused = bool(params) and all(p.is_cuda for p in params)
+        # The fused kernel: on CUDA one launch per step instead of a dozen, for learners that share
+        # one GPU with the whole population; on the CPU one pass over the parameters (a HalfCheetah
+        # update of 32 minibatch steps, one thread: 67 ms against 71-76 ms unfused).
+        fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
         return torch.optim.Adam(params, lr=agent.lr, betas=(agent.adam_beta1, agent.adam_beta2), eps=agent.optimizer_eps,
                                 fused=fused or None)
     raise ConfigError(f"agent.optimizer: {agent.optimizer!r} is not allowed; choose 'rmsprop' or 'adam'")
