@@ -255,7 +255,8 @@ class Learner:
             if num_minibatches == 1:
                 minibatches = [batch]
             else:
-                order = torch.randperm(num_envs, generator=self.state.update_generator).to(self.device)
+                # Drawn on the CPU, copied through pinned memory: a plain copy would wait for the GPU.
+                order = to_device(torch.randperm(num_envs, generator=self.state.update_generator).numpy(), self.device)
                 minibatches = [{name: tensor.index_select(1, columns) for name, tensor in batch.items()}
                                for columns in torch.tensor_split(order, num_minibatches)]
             for minibatch in minibatches:

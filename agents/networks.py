@@ -204,10 +204,15 @@ class ActorCritic(nn.Module):
         return self.policy_head(features), self.value_head(features).squeeze(-1)
 
     def distribution(self, dist_params: Tensor) -> Distribution:
-        """Categorical over logits ``[N, A]`` or Normal with means ``[N, D]`` and ``exp(log_std)``."""
+        """Categorical over logits ``[N, A]`` or Normal with means ``[N, D]`` and ``exp(log_std)``.
+
+        Not validated (``validate_args=False``): a check of the parameters, and of the actions
+        :meth:`evaluate` scores, is a device-to-host wait each (three per gradient step on a GPU,
+        where the learner's step is launch-bound). Non-finite parameters give a non-finite loss
+        instead, which the learner's gradient step refuses (``TrainingDiverged``)."""
         if not self.is_continuous:
-            return Categorical(logits=dist_params)
-        return Normal(dist_params, torch.exp(self.log_std).expand_as(dist_params))
+            return Categorical(logits=dist_params, validate_args=False)
+        return Normal(dist_params, torch.exp(self.log_std).expand_as(dist_params), validate_args=False)
 
     def _log_prob(self, distribution: Distribution, actions: Tensor) -> Tensor:
         log_prob = distribution.log_prob(actions)

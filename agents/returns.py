@@ -98,7 +98,10 @@ def _closed_form_block(x: Tensor, coefficients: Tensor, final: Tensor) -> Tensor
 
 def _per_step_lambda(td_lambda: float | Tensor, trace_cut: Tensor | None, like: Tensor) -> Tensor:
     """λ_t as a [T, B] tensor: ``td_lambda`` everywhere except 0 where the trace is cut."""
-    lambdas = torch.as_tensor(td_lambda, dtype=like.dtype, device=like.device).expand_as(like)
+    if isinstance(td_lambda, Tensor):
+        lambdas = td_lambda.to(dtype=like.dtype, device=like.device).expand_as(like)
+    else:  # a fill on the device: a number copied from the host would make the host wait for the GPU
+        lambdas = torch.full_like(like, float(td_lambda))
     if trace_cut is None:
         return lambdas
     if trace_cut.shape != like.shape:

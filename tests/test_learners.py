@@ -298,6 +298,20 @@ def test_nan_weights_raise_training_diverged_and_stay_as_they_were(learners):
     assert_same_tensors(parameters(learner), before)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_an_update_with_non_finite_policy_weights_is_refused_as_diverged(learners, algo):
+    # The distributions are not validated (a device wait each on a GPU): non-finite logits reach
+    # the loss, and the gradient step refuses it, the weights as they were.
+    learner = learners(make_config(algo, num_envs=4))
+    with torch.no_grad():
+        learner.model.policy_head.bias.fill_(float("nan"))
+    before = parameters(learner)
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        learner.update(cartpole_unroll(5, 4))
+    assert_same_tensors(parameters(learner), before)
+    assert learner.updates == 0
+
+
 # ----------------------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------------------
