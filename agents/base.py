@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pbt_rl.agents.device import resolve_device, to_device
 from pbt_rl.agents.hyperparameters import coerce_hyperparameters
-from pbt_rl.agents.losses import actor_critic_loss, policy_ratio_stats
+from pbt_rl.agents.losses import ValidSteps, actor_critic_loss, policy_ratio_stats
 from pbt_rl.agents.normalizer import RewardScaler, RunningMeanStd, uses_observation_normalization
 from pbt_rl.agents.optimizer import apply_optimizer_hyperparameters, build_optimizer
 from pbt_rl.agents.rollout import Unroll
@@ -291,11 +291,11 @@ class Learner:
         bootstrap_value = values[length].detach()
         values = values[:length]
         advantages, value_targets = self.targets(batch, log_probs, values, bootstrap_value)
-        mask = batch["valid"].float()
+        steps = ValidSteps(batch["valid"])
         behaviour_log_probs = batch["behaviour_log_probs"]
-        loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, mask, self.agent_cfg,
+        loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, steps, self.agent_cfg,
                                         behaviour_log_probs=behaviour_log_probs)
-        parts.update(policy_ratio_stats(log_probs, behaviour_log_probs, mask, self.agent_cfg.ppo_clip))
+        parts.update(policy_ratio_stats(log_probs, behaviour_log_probs, steps, self.agent_cfg.ppo_clip))
         grad_norm = self.gradient_step(loss)
         self.updates += 1
         return parts, grad_norm

@@ -14,7 +14,7 @@ import torch
 
 from learner_support import assert_same_tensors, cartpole_unroll, make_config, parameters, round_trip
 from pbt_rl.agents import TrainingDiverged
-from pbt_rl.agents.losses import actor_critic_loss, masked_mean, normalized_advantages
+from pbt_rl.agents.losses import ValidSteps, actor_critic_loss, masked_mean, normalized_advantages
 from pbt_rl.agents.rollout import Unroll
 from pbt_rl.agents.vtrace import vtrace
 from pbt_rl.config import AgentConfig, ConfigError, from_dict
@@ -83,6 +83,17 @@ def test_clip_zero_is_the_plain_policy_gradient_and_needs_no_behaviour_policy():
     assert torch.equal(parts["policy_loss"], -masked_mean(advantages * log_probs, mask))
     with pytest.raises(ValueError, match="behaviour_log_probs"):
         actor_critic_loss(log_probs, zeros, zeros, advantages, zeros, mask, AgentConfig(ppo_clip=0.2))
+
+
+def test_the_masked_mean_is_over_the_valid_steps_only_whatever_the_others_hold():
+    values = torch.tensor([[1.0, math.inf], [3.0, math.nan], [-math.inf, 8.0]], dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True, False], [True, False], [False, True]])
+    for mask in (valid, valid.double(), ValidSteps(valid)):
+        mean = masked_mean(values, mask)
+        assert mean.item() == pytest.approx(4.0)
+        (grad,) = torch.autograd.grad(mean, values)
+        assert torch.equal(grad, valid.double() / 3)  # nothing flows to (or from) the masked steps
+    assert masked_mean(values, torch.zeros(3, 2, dtype=torch.bool)).item() == 0.0  # no valid step: 0
 
 
 def test_normalized_advantages_have_mean_zero_and_std_one_over_valid_steps():
