@@ -207,7 +207,7 @@ class ActorCritic(nn.Module):
         """Categorical over logits ``[N, A]`` or Normal with means ``[N, D]`` and ``exp(log_std)``.
 
         Not validated (``validate_args=False``): a check of the parameters, and of the actions
-        :meth:`evaluate` scores, is a device-to-host wait each (three per gradient step on a GPU,
+        :meth:`evaluate` scores, is a device-to-host wait each (two or three per gradient step on a GPU,
         where the learner's step is launch-bound). Non-finite parameters give a non-finite loss
         instead, which the learner's gradient step refuses (``TrainingDiverged``)."""
         if not self.is_continuous:
