@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from pbt_rl.agents.device import resolve_device, to_device
+from pbt_rl.agents.graphed_steps import GraphedSteps, StepTotals, select_columns
 from pbt_rl.agents.hyperparameters import coerce_hyperparameters
 from pbt_rl.agents.losses import ValidSteps, actor_critic_loss, policy_ratio_stats
 from pbt_rl.agents.normalizer import RewardScaler, RunningMeanStd, uses_observation_normalization
-from pbt_rl.agents.optimizer import apply_optimizer_hyperparameters, build_optimizer
+from pbt_rl.agents.optimizer import apply_optimizer_hyperparameters, build_optimizer, graphable
 from pbt_rl.agents.rollout import Unroll
 from pbt_rl.agents.state import LearnerState, seeded_build
 from pbt_rl.agents.train_report import CallStats
@@ -95,6 +96,7 @@ class Learner:
             acting_generator=acting_generator,
             update_generator=update_generator,
         )
+        self._graphs = GraphedSteps(self) if graphable(list(model.parameters()), agent) else None
         self._acting_pool: ActingPool | None = None
         self._closed = False
 
@@ -150,7 +152,13 @@ class Learner:
         converted = coerce_hyperparameters(dict(values))
         self.agent_cfg = dataclasses.replace(self.agent_cfg, **converted)
         apply_optimizer_hyperparameters(self.optimizer, self.agent_cfg)
+        self._graph_inputs_changed()
         self._hyperparameters_changed(set(converted))
+
+    def _graph_inputs_changed(self) -> None:
+        """The gradient step's graph baked in the old constants or optimiser state: capture it again."""
+        if self._graphs is not None:
+            self._graphs.invalidate()
 
     def _hyperparameters_changed(self, names: set[str]) -> None:
         """Hook for subclasses (e.g. to resize buffers); ``self.agent_cfg`` is already updated."""
@@ -242,31 +250,33 @@ class Learner:
         Raises:
             TrainingDiverged: non-finite loss or gradient norm. The failing step has changed no
                 parameter or optimiser state; the steps of earlier minibatches of this call have
-                been applied (and counted in ``updates``).
+                been applied (and counted in ``updates``). With the steps replayed as CUDA graphs
+                (``agent.cuda_graphs`` on a GPU: :mod:`pbt_rl.agents.graphed_steps`) the failure
+                is found at the end of the call, and the steps after the failing one were not
+                applied either.
         """
-        agent = self.agent_cfg
         batch = self._batch_tensors(unroll)
-        num_envs = unroll.num_envs
+        plan = self._minibatch_plan(unroll.num_envs)
+        if self._graphs is not None and self._graphs.can_run(plan):
+            return self._graphs.update(batch, plan)
+        totals = StepTotals()  # summed on the device: one host copy at the end, not per step
+        for columns in plan:
+            parts, grad_norm = self.minibatch_step(select_columns(batch, columns))
+            totals.add({**parts, "grad_norm": grad_norm})
+        return totals.means()
+
+    def _minibatch_plan(self, num_envs: int) -> list[Tensor | None]:
+        """The env columns of each gradient step's minibatch (None: the whole batch), epoch by epoch."""
+        agent = self.agent_cfg
         num_minibatches = min(agent.num_minibatches, num_envs)
-        names: list[str] = []
-        totals: Tensor | None = None  # summed on the device: one host copy at the end, not per step
-        steps = 0
+        if num_minibatches == 1:
+            return [None] * agent.num_epochs
+        plan: list[Tensor | None] = []
         for _epoch in range(agent.num_epochs):
-            if num_minibatches == 1:
-                minibatches = [batch]
-            else:
-                # Drawn on the CPU, copied through pinned memory: a plain copy would wait for the GPU.
-                order = to_device(torch.randperm(num_envs, generator=self.state.update_generator).numpy(), self.device)
-                minibatches = [{name: tensor.index_select(1, columns) for name, tensor in batch.items()}
-                               for columns in torch.tensor_split(order, num_minibatches)]
-            for minibatch in minibatches:
-                parts, grad_norm = self.minibatch_step(minibatch)
-                parts = {**parts, "grad_norm": grad_norm}
-                names = list(parts)
-                stacked = torch.stack([parts[name].float() for name in names])
-                totals = stacked if totals is None else totals + stacked
-                steps += 1
-        return dict(zip(names, (totals / steps).tolist()))
+            # Drawn on the CPU, copied through pinned memory: a plain copy would wait for the GPU.
+            order = to_device(torch.randperm(num_envs, generator=self.state.update_generator).numpy(), self.device)
+            plan.extend(torch.tensor_split(order, num_minibatches))
+        return plan
 
     def _learn(self, unroll: Unroll, stats: CallStats) -> None:
         """:meth:`update` on ``unroll``, accounted in ``stats`` with its number of gradient steps."""
@@ -275,10 +285,20 @@ class Learner:
         stats.add_update(losses, unroll, self.updates - updates_before)
 
     def minibatch_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``.
+        """One gradient step on a (mini)batch of whole unrolls, as device tensors ``[T, b, ...]``:
+        :meth:`minibatch_loss`, then :meth:`gradient_step`.
 
         Returns the loss parts and :func:`policy_ratio_stats` and the gradient norm (0-d tensors).
         """
+        loss, parts = self.minibatch_loss(batch)
+        grad_norm = self.gradient_step(loss)
+        self.updates += 1
+        return parts, grad_norm
+
+    def minibatch_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a (mini)batch ``[T, b, ...]`` with its targets from the current weights, and
+        its parts with :func:`policy_ratio_stats` (0-d tensors). Waits for nothing: a CUDA graph
+        captures it (:mod:`pbt_rl.agents.graphed_steps`)."""
         obs = batch["obs"]  # [T + 1, b, ...]
         length, num_envs = batch["rewards"].shape
         # One forward pass over the T + 1 observations: the last row gives the bootstrap value
@@ -296,9 +316,7 @@ class Learner:
         loss, parts = actor_critic_loss(log_probs, entropy, values, advantages, value_targets, steps, self.agent_cfg,
                                         behaviour_log_probs=behaviour_log_probs)
         parts.update(policy_ratio_stats(log_probs, behaviour_log_probs, steps, self.agent_cfg.ppo_clip))
-        grad_norm = self.gradient_step(loss)
-        self.updates += 1
-        return parts, grad_norm
+        return loss, parts
 
     def gradient_step(self, loss: Tensor) -> Tensor:
         """Backward, clip, check and step; returns the gradient norm before clipping (0-d tensor).
@@ -342,6 +360,7 @@ class Learner:
         self.state.load_state_dict(state, resume=resume)
         self.agent_cfg = dataclasses.replace(self.agent_cfg, **hyperparameters)
         apply_optimizer_hyperparameters(self.optimizer, self.agent_cfg)
+        self._graph_inputs_changed()
         self._hyperparameters_changed(set(hyperparameters))
         self._state_loaded()
 
