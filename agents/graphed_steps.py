@@ -173,6 +173,12 @@ class GraphedSteps:
             TrainingDiverged: a step's loss or gradient norm was not finite; it and the later steps
                 were not applied, the earlier ones were (and are counted in ``updates``).
         """
+        # The graph is captured on, and must be launched from, the learner's device (a member on
+        # cuda:1 of a multi-GPU host): the current device of this thread is made that one.
+        with torch.cuda.device(self._learner.device):
+            return self._update(batch, plan)
+
+    def _update(self, batch: dict[str, Tensor], plan: list[Tensor | None]) -> dict[str, float]:
         from pbt_rl.agents.base import TrainingDiverged
 
         learner = self._learner

@@ -205,3 +205,20 @@ def test_a_graphed_learner_trains_beside_its_acting(learners, algo):
     clone = learners(config, seed=1)
     clone.load_state_dict(copy.deepcopy(learner.state_dict()))
     assert_same_tensors(parameters(clone), parameters(learner))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_graphed_learner_on_the_second_gpu_learns_there(learners):
+    """A member placed on cuda:1 (run.gpus) captures and replays its graph on that device, from a
+    thread whose current device is cuda:0."""
+    config = make_config("impala", num_envs=4, num_epochs=2, num_minibatches=2, ppo_clip=0.2)
+    on_second = dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda:1"))
+    eager = dataclasses.replace(on_second, agent=dataclasses.replace(on_second.agent, cuda_graphs=False))
+    graphed, reference = learners(on_second, seed=5), learners(eager, seed=5)
+    torch.cuda.set_device(0)
+    for seed in range(4):
+        unroll = cartpole_unroll(6, 4, seed)
+        graphed.update(unroll), reference.update(unroll)
+    assert graphed._graphs.captures == 1
+    assert all(p.device == torch.device("cuda:1") for p in graphed.model.parameters())
+    _assert_close_parameters(graphed, reference)
