@@ -6,11 +6,21 @@ log-prob, reward, end flags, the update count of the acting weights). An env ste
 is completed when the env returns ``e`` again. As soon as ``B = env.batch_size`` env ids
 (``num_envs`` for a synchronous env, ``async_batch_size`` for an asynchronous one) each hold
 ``T = unroll_length`` completed steps, the first ``T`` steps of those ``B`` envs (the ones with
-the most steps waiting first) become one unroll, and ``obs[T]`` of each is its bootstrap
-observation. envpool's asynchronous ``recv`` returns whichever envs are ready, so an unroll's
-envs need not have been received together; each column is still ``T`` consecutive steps of one
-env. A new ``unroll_length`` applies to unrolls cut after the change; one update only
-concatenates unrolls of equal length.
+the most steps waiting first, lower env ids first among equals) become one unroll, and
+``obs[T]`` of each is its bootstrap observation. envpool's asynchronous ``recv`` returns
+whichever envs are ready, so an unroll's envs need not have been received together; each column
+is still ``T`` consecutive steps of one env. A new ``unroll_length`` applies to unrolls cut after
+the change; one update only concatenates unrolls of equal length.
+
+Storage. The actor calls :meth:`~EnvTrajectories.receive` and :meth:`~EnvTrajectories.sent` for
+every env batch, so they are vectorised over the batch: each field lives in one array ``[envs,
+capacity, ...]`` used as a ring per env, with a window (``head``, ``steps``) per env, and a batch
+is written with one fancy-indexed assignment per field instead of a Python loop over its envs. A
+cut gathers the unroll ``[T, B, ...]`` in one copy per field and moves the windows on; the rings
+grow (rarely: a longer ``unroll_length``) when a window needs more room. Measured on the 2-core
+CPU machine with Pong-sized frames (uint8 4 x 84 x 84), receive, sent and cut per env batch:
+128 envs in batches of 64, 790 us against 1,080 us for the lists of Python tuples this replaced;
+16 envs in batches of 8, 70 us against 340 us.
 """
 
 from __future__ import annotations
@@ -19,75 +29,124 @@ import numpy as np
 
 from pbt_rl.agents.rollout import Unroll
 
+_STEP_FIELDS = {"behaviour_log_probs": np.float32, "policy_updates": np.int64, "rewards": np.float32,
+                "terminated": bool, "truncated": bool, "valid": bool}
+
 
 class EnvTrajectories:
     """Per env id: the observations acted on and the completed steps not yet cut into unrolls.
 
-    For env ``e``, ``obs[e][i]`` is the observation step ``steps[e][i]`` acted on, and the last
-    entry of ``obs[e]`` is the observation its next (possibly in-flight) action is chosen on.
+    For env ``e``, the observation at ring position ``head[e] + i`` (modulo the capacity) of its
+    row is the one step ``i`` acted on (``i < steps[e]``); the one at ``head[e] + steps[e]`` is the
+    observation its next (possibly in-flight, ``pending[e]``) action is chosen on.
     """
 
     def __init__(self, num_envs: int) -> None:
-        self.obs: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        self.steps: list[list[tuple]] = [[] for _ in range(num_envs)]
-        # Action sent and not yet returned: (action, log_prob, policy_updates).
-        self.pending: list[tuple | None] = [None] * num_envs
+        self.num_envs = num_envs
+        self.head = np.zeros(num_envs, dtype=np.int64)
+        self.steps = np.zeros(num_envs, dtype=np.int64)  # completed steps held
+        self.pending = np.zeros(num_envs, dtype=bool)  # an action was sent and not yet returned
+        self._capacity = 0
+        self._obs: np.ndarray | None = None  # [envs, capacity, *obs_shape]
+        self._actions: np.ndarray | None = None  # [envs, capacity, *action_shape]
+        self._fields: dict[str, np.ndarray] = {}  # [envs, capacity] each
+        # The in-flight step of each env: its action, log-prob and the acting weights' update count.
+        self._pending_action: np.ndarray | None = None
+        self._pending_log_prob = np.zeros(num_envs, dtype=np.float32)
+        self._pending_updates = np.zeros(num_envs, dtype=np.int64)
 
     def drop_experience(self) -> None:
         """Forget every completed and in-flight step; keep only observations still to be acted on."""
-        for env_id in range(len(self.obs)):
-            keep = self.obs[env_id][-1:] if self.pending[env_id] is None else []
-            self.obs[env_id] = keep
-            self.steps[env_id] = []
-            self.pending[env_id] = None
+        waiting = np.flatnonzero(~self.pending)  # their last observation is still to be acted on
+        if self._obs is not None and waiting.size:
+            self._obs[waiting, 0] = self._obs[waiting, self._at(waiting, self.steps[waiting])]
+        self.head[:] = 0
+        self.steps[:] = 0
+        self.pending[:] = False  # in flight: its env's next arrival starts a fresh trajectory
 
     def receive(self, env_ids: np.ndarray, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray, is_first: np.ndarray) -> None:
-        """Complete the in-flight steps of a received batch ``[B]`` and record its observations."""
-        for row, env_id in enumerate(env_ids.tolist()):
-            pending = self.pending[env_id]
-            if pending is None:
-                # First arrival (reset) or after dropped experience: start a fresh trajectory.
-                self.obs[env_id] = []
-                self.steps[env_id] = []
-            else:
-                self.steps[env_id].append(
-                    (*pending, rewards[row], terminated[row], truncated[row], not is_first[row])
-                )
-                self.pending[env_id] = None
-            self.obs[env_id].append(np.array(obs[row]))
+        """Complete the in-flight steps of a received batch ``[B]`` (distinct env ids) and record
+        its observations."""
+        env_ids = np.asarray(env_ids, dtype=np.int64)
+        if self._obs is None:
+            self._obs = np.zeros((self.num_envs, 0, *obs.shape[1:]), dtype=obs.dtype)
+        completes = self.pending[env_ids]
+        # First arrival (reset) or after dropped experience: a fresh trajectory.
+        fresh = env_ids[~completes]
+        self.head[fresh] = 0
+        self.steps[fresh] = 0
+        self._make_room(env_ids, completes.astype(np.int64))
+        rows = np.flatnonzero(completes)
+        if rows.size:
+            ids = env_ids[rows]
+            at = self._at(ids, self.steps[ids])
+            self._actions[ids, at] = self._pending_action[ids]
+            step = {"behaviour_log_probs": self._pending_log_prob[ids], "policy_updates": self._pending_updates[ids],
+                    "rewards": rewards[rows], "terminated": terminated[rows], "truncated": truncated[rows],
+                    "valid": ~np.asarray(is_first, dtype=bool)[rows]}
+            for name, values in step.items():
+                self._fields[name][ids, at] = values
+            self.steps[ids] += 1
+            self.pending[ids] = False
+        self._obs[env_ids, self._at(env_ids, self.steps[env_ids])] = obs
 
     def sent(self, env_ids: np.ndarray, actions: np.ndarray, log_probs: np.ndarray, policy_updates: int) -> None:
-        for row, env_id in enumerate(env_ids.tolist()):
-            self.pending[env_id] = (actions[row], log_probs[row], policy_updates)
+        """Record the actions sent for envs ``env_ids`` (chosen on their last observations)."""
+        env_ids = np.asarray(env_ids, dtype=np.int64)
+        actions = np.asarray(actions)
+        if self._pending_action is None:
+            self._pending_action = np.zeros((self.num_envs, *actions.shape[1:]), dtype=actions.dtype)
+            self._actions = np.zeros((self.num_envs, self._capacity, *actions.shape[1:]), dtype=actions.dtype)
+        self._pending_action[env_ids] = actions
+        self._pending_log_prob[env_ids] = log_probs
+        self._pending_updates[env_ids] = policy_updates
+        self.pending[env_ids] = True
 
     def cut(self, length: int, group_size: int, version: int) -> Unroll | None:
         """An unroll ``[length, group_size]`` if that many envs have ``length`` steps, else None."""
-        ready = [env_id for env_id, steps in enumerate(self.steps) if len(steps) >= length]
-        if len(ready) < group_size:
+        ready = np.flatnonzero(self.steps >= length)
+        if ready.size < group_size:
             return None
-        ready.sort(key=lambda env_id: -len(self.steps[env_id]))
-        group = ready[:group_size]
-        obs = np.stack([np.stack(self.obs[e][: length + 1]) for e in group], axis=1)  # [T + 1, B, ...]
-        columns = [list(zip(*self.steps[e][:length])) for e in group]  # per env: fields of T steps
-
-        def field(index: int, dtype: type) -> np.ndarray:
-            """Field ``index`` of the step tuples as ``[T, B]``."""
-            return np.stack([np.asarray(column[index], dtype=dtype) for column in columns], axis=1)
-
-        actions = np.stack([np.stack(column[0]) for column in columns], axis=1)  # [T, B, *action_shape]
-        unroll = Unroll(
-            obs=obs,
-            actions=actions,
-            behaviour_log_probs=field(1, np.float32),
-            policy_updates=field(2, np.int64),
-            rewards=field(3, np.float32),
-            terminated=field(4, bool),
-            truncated=field(5, bool),
-            valid=field(6, bool),
-            policy_version=version,
-        )
-        for e in group:
-            self.obs[e] = self.obs[e][length:]
-            self.steps[e] = self.steps[e][length:]
+        group = ready[np.argsort(-self.steps[ready], kind="stable")[:group_size]]  # most steps first
+        times = (self.head[group][None, :] + np.arange(length + 1)[:, None]) % self._capacity  # [T + 1, B]
+        rows = group[None, :]
+        fields = {name: values[rows, times[:length]] for name, values in self._fields.items()}
+        unroll = Unroll(obs=self._obs[rows, times], actions=self._actions[rows, times[:length]],
+                        policy_version=version, **fields)
+        self.head[group] = (self.head[group] + length) % self._capacity
+        self.steps[group] -= length
         return unroll
+
+    def _at(self, env_ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Ring positions of entries ``offsets`` of the windows of ``env_ids``."""
+        return (self.head[env_ids] + offsets) % self._capacity
+
+    def _make_room(self, env_ids: np.ndarray, extra: np.ndarray) -> None:
+        """Room in the rings of ``env_ids`` for their windows after a batch: ``steps + 1``
+        observations, and one entry more where the batch completes a step (``extra`` 1)."""
+        needed = self.steps[env_ids] + 1 + extra
+        if needed.max(initial=0) > self._capacity:
+            # A little room past the largest window (a ring needs no more), at least 1.5 times the
+            # old rings so that a window growing one step at a time does not copy every step.
+            self._grow(max(int(needed.max()) + 4, 3 * self._capacity // 2))
+
+    def _grow(self, capacity: int) -> None:
+        """Rings of ``capacity`` entries, every window copied to the start of its ring."""
+        arrays = [a for a in (self._obs, self._actions, *self._fields.values()) if a is not None]
+        grown = [np.zeros((self.num_envs, capacity, *a.shape[2:]), dtype=a.dtype) for a in arrays]
+        if self._capacity:
+            width = int(self.steps.max()) + 1
+            envs, offsets = np.arange(self.num_envs)[:, None], np.arange(width)[None, :]
+            source = (self.head[:, None] + offsets) % self._capacity  # [envs, width] ring positions
+            for array, target in zip(arrays, grown):
+                target[envs, offsets] = array[envs, source]
+        self._obs = grown[0]
+        if self._actions is not None:
+            self._actions = grown[1]
+        names = list(self._fields)
+        self._fields = dict(zip(names, grown[len(grown) - len(names):]))
+        for name, dtype in _STEP_FIELDS.items():
+            self._fields.setdefault(name, np.zeros((self.num_envs, capacity), dtype=dtype))
+        self.head[:] = 0
+        self._capacity = capacity

@@ -140,3 +140,49 @@ def naive_vtrace(log_rhos, rewards, values, bootstrap, discounts, cut, rho_clip,
             advantages[s, b] = rewards[s, b] + discounts[s, b] * q_next - values[s, b]
             pg[s, b] = min(pg_rho_clip, math.exp(log_rhos[s, b])) * advantages[s, b]
     return vs, pg, advantages
+
+
+class NaiveEnvTrajectories:
+    """agents/trajectories.py's definition, one env at a time with Python lists: env ``e``'s
+    observations ``obs[e]`` (the last one still to be acted on) and its completed steps; a cut
+    takes the first ``length`` steps of the ``group_size`` envs with the most steps (lower ids
+    first among equals) and the observation after them."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.obs = [[] for _ in range(num_envs)]
+        self.steps = [[] for _ in range(num_envs)]
+        self.pending = [None] * num_envs
+
+    def drop_experience(self) -> None:
+        for e in range(len(self.obs)):
+            self.obs[e] = self.obs[e][-1:] if self.pending[e] is None else []
+            self.steps[e], self.pending[e] = [], None
+
+    def receive(self, env_ids, obs, rewards, terminated, truncated, is_first) -> None:
+        for row, e in enumerate(env_ids):
+            if self.pending[e] is None:
+                self.obs[e], self.steps[e] = [], []
+            else:
+                action, log_prob, updates = self.pending[e]
+                self.steps[e].append((action, log_prob, updates, rewards[row], terminated[row], truncated[row],
+                                      not is_first[row]))
+                self.pending[e] = None
+            self.obs[e].append(np.array(obs[row]))
+
+    def sent(self, env_ids, actions, log_probs, policy_updates) -> None:
+        for row, e in enumerate(env_ids):
+            self.pending[e] = (np.array(actions[row]), log_probs[row], policy_updates)
+
+    def cut(self, length: int, group_size: int):
+        ready = sorted((e for e in range(len(self.steps)) if len(self.steps[e]) >= length),
+                       key=lambda e: (-len(self.steps[e]), e))
+        if len(ready) < group_size:
+            return None
+        group = ready[:group_size]
+        columns = {"obs": [self.obs[e][: length + 1] for e in group]}
+        names = ("actions", "behaviour_log_probs", "policy_updates", "rewards", "terminated", "truncated", "valid")
+        for index, name in enumerate(names):
+            columns[name] = [[step[index] for step in self.steps[e][:length]] for e in group]
+        for e in group:
+            self.obs[e], self.steps[e] = self.obs[e][length:], self.steps[e][length:]
+        return group, {name: np.stack([np.stack(column) for column in value], axis=1) for name, value in columns.items()}
