@@ -69,6 +69,8 @@ class EnvTrajectories:
         """Complete the in-flight steps of a received batch ``[B]`` (distinct env ids) and record
         its observations."""
         env_ids = np.asarray(env_ids, dtype=np.int64)
+        if env_ids.size == 0:
+            return
         if self._obs is None:
             self._obs = np.zeros((self.num_envs, 0, *obs.shape[1:]), dtype=obs.dtype)
         completes = self.pending[env_ids]
