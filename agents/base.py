@@ -60,8 +60,8 @@ class Learner:
 
     The phases of learning are public, so tools and tests can run or observe each one on data of
     their own: :meth:`policy_step` (act on prepared observations), :meth:`update` (learn from one
-    unroll), :meth:`minibatch_step` (one gradient step's loss on a minibatch), :meth:`targets`
-    and :meth:`gradient_step` (backward, clip, check, step).
+    unroll), :meth:`minibatch_step` (one gradient step on a minibatch: :meth:`minibatch_loss`,
+    with :meth:`targets`, then :meth:`gradient_step`: backward, clip, check, step).
     """
 
     algo = "base"
