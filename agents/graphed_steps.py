@@ -186,12 +186,12 @@ class GraphedSteps:
         if key != self._key:
             self.invalidate()
             self._key = key
-        eager = StepTotals()
+        totals = StepTotals()
         self._check.reset()
         replays = 0
         for columns in plan:
             if self._graph is None and self._eager_steps < WARMUP_STEPS:
-                self._eager_step(batch, columns, eager)
+                self._eager_step(batch, columns, totals)
                 continue
             if self._graph is None:
                 self._capture(batch, columns)
@@ -203,7 +203,6 @@ class GraphedSteps:
                 self._columns.copy_(columns)
             self._graph.replay()
             replays += 1
-        totals = eager
         if replays:
             totals.add(dict(zip(self._names, self._totals.unbind())), steps=replays)
             flags = torch.stack([self._check.applied, self._check.diverged]).tolist()
@@ -235,7 +234,6 @@ class GraphedSteps:
         self._static = {name: tensor.clone() for name, tensor in batch.items()}
         self._columns = None if columns is None else columns.clone()
         self._totals = torch.zeros(len(names), device=learner.device)
-        self._check.reset()
         graph = torch.cuda.CUDAGraph()
         learner.optimizer.zero_grad(set_to_none=True)
         # thread_local: the IMPALA actor thread (and the other members of a host) keep acting,
