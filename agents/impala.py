@@ -50,6 +50,7 @@ from pbt_rl.agents.trajectories import EnvTrajectories
 from pbt_rl.agents.train_report import CallStats, TrainReport
 from pbt_rl.agents.vtrace import vtrace
 from pbt_rl.config import AgentConfig, EnvConfig
+from pbt_rl.machine_use import ACTOR, set_thread_name
 
 _ACTOR_JOIN_SECONDS = 30.0
 
@@ -219,6 +220,7 @@ class ImpalaLearner(Learner):
             raise self._actor_error
 
     def _actor_main(self) -> None:
+        set_thread_name(ACTOR)
         try:
             self._actor_loop()
         except BaseException as exc:  # re-raised in the learner thread by train()

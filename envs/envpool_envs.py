@@ -34,6 +34,7 @@ import gymnasium
 import numpy as np
 
 from pbt_rl.config import EnvConfig
+from pbt_rl.machine_use import ENVPOOL, thread_named
 from pbt_rl.envs.batched import BackendBatch, BatchedEnv, per_env_seeds
 from pbt_rl.envs.registry import ATARI
 
@@ -116,15 +117,16 @@ class EnvpoolPool:
             # envpool builds float32 Box spaces from float64 bounds and Gymnasium warns about the
             # harmless cast (e.g. CartPole); that is noise for our users.
             warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
-            self._pool = envpool.make(
-                env_cfg.id,
-                env_type="gymnasium",
-                num_envs=num_envs,
-                batch_size=batch_size,
-                num_threads=num_threads,
-                seed=np.asarray(env_seeds).tolist(),
-                **self.options,
-            )
+            with thread_named(ENVPOOL):  # envpool's worker threads take the name (the bench's CPU attribution)
+                self._pool = envpool.make(
+                    env_cfg.id,
+                    env_type="gymnasium",
+                    num_envs=num_envs,
+                    batch_size=batch_size,
+                    num_threads=num_threads,
+                    seed=np.asarray(env_seeds).tolist(),
+                    **self.options,
+                )
             observation_space = self._pool.observation_space  # built lazily, hence inside the filter
             self.action_space = self._pool.action_space
         if family != ATARI and isinstance(observation_space, gymnasium.spaces.Box):

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
+from pbt_rl.machine_use import ENVPOOL, MachineSampler, cores_by_thread_name, thread_cpu_seconds, thread_named
 from pbt_rl.runtime.resources import machine_threads
 from pbt_rl.runtime.run_format import MetricsRow
 from pbt_rl.runtime.store import RunStore
@@ -49,15 +47,16 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     # The same cores the population has: run.total_threads or the core count (members may
     # oversubscribe envpool threads; raw stepping is measured at one thread per core).
     threads = min(machine_threads(config.run.total_threads), os.cpu_count() or 1)
-    pool = envpool.make(
-        config.env.id,
-        env_type="gymnasium",
-        num_envs=total_envs,
-        batch_size=batch_size,
-        num_threads=min(threads, batch_size),
-        seed=config.run.seed,
-        **envpool_options(config.env, family),
-    )
+    with thread_named(ENVPOOL):  # its worker threads carry the name: their CPU time is told apart
+        pool = envpool.make(
+            config.env.id,
+            env_type="gymnasium",
+            num_envs=total_envs,
+            batch_size=batch_size,
+            num_threads=min(threads, batch_size),
+            seed=config.run.seed,
+            **envpool_options(config.env, family),
+        )
     rng = np.random.default_rng(config.run.seed)
     space = pool.action_space
     # Pre-drawn actions, so that the measurement is envpool and not Python's sampling.
@@ -84,15 +83,18 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     while time.perf_counter() < deadline:
         one_batch(i)
         i += 1
+    cpu_before = thread_cpu_seconds([os.getpid()])
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         one_batch(i)
         i += 1
         steps += batch_size
     elapsed = time.perf_counter() - start
+    cores = cores_by_thread_name(cpu_before, thread_cpu_seconds([os.getpid()]), elapsed)
     pool.close()
     return {
         "env_steps_per_second": steps / elapsed,
+        "envpool_cores": cores.get(ENVPOOL),
         "env_steps": steps,
         "total_envs": total_envs,
         "batch_size": batch_size,
@@ -100,103 +102,6 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
         "mode": "async" if is_async else "sync",
         "seconds": elapsed,
     }
-
-
-def resident_mib(root_pid: int) -> float | None:
-    """Resident memory (MiB) of a process and all its descendants, summed (Linux /proc; None elsewhere).
-
-    Pages shared between processes (libraries) count once per process, as ``ps`` shows them.
-    """
-    proc = Path("/proc")
-    children: dict[int, list[int]] = {}
-    try:
-        for entry in proc.iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue  # ended while we looked
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    except OSError:
-        return None
-    total_kib, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, ()))
-        try:
-            for line in (proc / str(pid) / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total_kib / 1024
-
-
-class _MachineSampler:
-    """Samples machine-wide CPU use (/proc/stat), GPU use (nvidia-smi) and the resident memory of
-    this process with its children (the controller and its member hosts) once a second."""
-
-    def __init__(self) -> None:
-        self.resident: list[float] = []
-        self.cpu_busy: list[float] = []
-        self.gpu_util: list[float] = []
-        self.gpu_memory_mib: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._has_nvidia_smi = shutil.which("nvidia-smi") is not None
-
-    @staticmethod
-    def _cpu_times() -> tuple[float, float] | None:
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        except OSError:
-            return None
-        values = [float(v) for v in fields]
-        idle = values[3] + (values[4] if len(values) > 4 else 0.0)
-        return sum(values), idle
-
-    def _run(self) -> None:
-        previous = self._cpu_times()
-        while not self._stop.wait(1.0):
-            current = self._cpu_times()
-            if previous and current and current[0] > previous[0]:
-                total, idle = current[0] - previous[0], current[1] - previous[1]
-                self.cpu_busy.append(1.0 - idle / total)
-            previous = current
-            memory = resident_mib(os.getpid())
-            if memory is not None:
-                self.resident.append(memory)
-            if self._has_nvidia_smi:
-                try:
-                    out = subprocess.run(
-                        ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
-                        capture_output=True, text=True, timeout=5,
-                    ).stdout.strip().splitlines()
-                    per_gpu = [[float(x) for x in line.split(",")] for line in out]
-                    self.gpu_util.append(float(np.mean([util for util, _ in per_gpu])))  # over every GPU
-                    self.gpu_memory_mib.append(sum(memory for _, memory in per_gpu))
-                except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                    self._has_nvidia_smi = False
-
-    def __enter__(self) -> "_MachineSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def summary(self, skip_first: int = 0) -> dict[str, float | None]:
-        def mean(values: list[float]) -> float | None:
-            values = values[skip_first:] or values
-            return float(np.mean(values)) if values else None
-
-        return {
-            "cpu_busy_fraction": mean(self.cpu_busy),
-            "gpu_utilization_percent": mean(self.gpu_util),
-            "gpu_memory_mib_max": max(self.gpu_memory_mib) if self.gpu_memory_mib else None,
-            "resident_mib_max": max(self.resident) if self.resident else None,
-        }
 
 
 def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[str, Any]:
@@ -328,14 +233,15 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
         bench_config = from_dict(raw_cfg)
         backend = make_backend(bench_config.run.backend, bench_config)  # its MPS daemon, if any, is the row's
         try:
-            with _MachineSampler() as sampler:
+            with MachineSampler() as sampler:
                 train(bench_config, console=False, backend=backend)
         finally:
             backend.close()  # idempotent (the run closes it too)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
         exploits = len(RunStore(bench_config.run_dir).read_lineage())
     return {"population": population, "exploits": exploits, "cuda_mps": getattr(backend, "mps", None) is not None,
-            "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup)), "cpu_count": os.cpu_count()}}
+            "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup), window=max(1, int(seconds) - 2)),  # ends before the stop
+                        "cpu_count": os.cpu_count()}}
 
 
 def format_population_bench(result: dict[str, Any]) -> str:
@@ -355,6 +261,7 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
+        *_format_thread_cores(raw, pop, machine),
         *_format_variants(result),  # after every line of the first variant, which it names
         "json: " + json.dumps(result, default=float),
     ])
@@ -384,6 +291,21 @@ def _format_startup(population: dict[str, Any]) -> str:
 def _format_memory(machine: dict[str, Any]) -> str:
     memory = machine.get("resident_mib_max")
     return "" if memory is None else f"; resident memory at most {memory:,.0f} MiB (controller and hosts, summed)"
+
+
+def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    """Where the cores went by OS thread name (machine_use), and envpool's CPU time per env step in
+    the population against raw stepping (the same work: more means envpool itself ran slower)."""
+    cores = machine.get("cores_by_thread")
+    if not cores:
+        return []
+    shown = [f"{name} {value:.2f}" for name, value in cores.items() if value >= 0.05]
+    lines = [f"cores by thread over the window: {', '.join(shown) or 'none above 0.05'} (total {sum(cores.values()):.1f})"]
+    if raw.get("envpool_cores") and cores.get(ENVPOOL):
+        per_step = [1e6 * c / r for c, r in ((raw["envpool_cores"], raw["env_steps_per_second"]),
+                                              (cores[ENVPOOL], population["env_steps_per_second"]))]
+        lines.append(f"envpool CPU per env step: raw {per_step[0]:.0f} us, population {per_step[1]:.0f} us")
+    return lines
 
 
 def _format_variants(result: dict[str, Any]) -> list[str]:

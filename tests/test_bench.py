@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -204,25 +203,6 @@ def test_scaling_table_has_a_row_per_population_size():
     assert "| 8 x 8 | 1, MPS | 850 | 0.850 | 10 s | - |" in text  # its hosts shared the GPU through MPS
 
 
-def test_resident_memory_counts_a_process_and_its_children():
-    import subprocess
-    import sys
-
-    from pbt_rl.bench import resident_mib
-
-    alone = resident_mib(os.getpid())
-    # A child holding 200 MiB it has touched.
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 << 20); "
-                              "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "ready\n"
-        assert resident_mib(os.getpid()) >= alone + 200
-    finally:
-        child.kill()
-        child.wait()
-
-
 def test_populations_refuses_bad_sizes_in_one_line(capsys):
     from pbt_rl.cli import main
 
@@ -323,3 +303,19 @@ def test_the_bench_names_how_its_members_share_host_processes():
     # hosts that shared their GPU through the run's own MPS daemon (train_for_bench says which)
     assert _format_hosts({**shared, "cuda_mps": True}) == ", 4 hosts of 2 (batched, CUDA MPS)"
     assert _format_hosts({**alone, "cuda_mps": True}) == ", a process each, CUDA MPS"
+
+
+def test_the_bench_prints_cores_by_thread_and_envpool_cpu_per_env_step_against_raw():
+    from pbt_rl.bench import format_population_bench
+
+    raw = {"env_steps_per_second": 40_000.0, "mode": "async", "total_envs": 1024, "batch_size": 512, "threads": 16,
+           "envpool_cores": 15.2}
+    population = {"env_steps_per_second": 32_000.0, "window_seconds": 12.0, "members": 8}
+    machine = {"cpu_count": 16, "cores_by_thread": {"pbt-envpool": 12.8, "pbt-actor": 1.6, "pbt-member": 0.4,
+                                                    "python": 0.01}}
+    text = format_population_bench({"env": "Pong-v5", "algo": "impala", "population_size": 8,
+                                    "num_envs_per_member": 128, "raw": raw, "population": population,
+                                    "ratio": 0.8, "exploits": 0, "machine": machine})
+    assert "cores by thread over the window: pbt-envpool 12.80, pbt-actor 1.60, pbt-member 0.40 (total 14.8)" in text
+    # 15.2 cores / 40k steps/s = 380 us; 12.8 / 32k = 400 us
+    assert "envpool CPU per env step: raw 380 us, population 400 us" in text

@@ -14,6 +14,7 @@ import queue
 import threading
 from typing import Any, Callable
 
+from pbt_rl.machine_use import MEMBER, set_thread_name
 from pbt_rl.runtime import protocol
 from pbt_rl.runtime.member import MemberSpec, MemberWorker, close_learner, failure_message
 
@@ -49,6 +50,7 @@ class InProcessHandle:
         return command
 
     def _main(self, spec: MemberSpec, learner_factory: Callable[..., Any]) -> None:
+        set_thread_name(MEMBER)  # its envs' and torch's threads start from it with that name
         learner, code = None, 0
         try:
             learner = learner_factory(spec.config, seed=spec.seed, device=spec.device, num_threads=spec.num_threads)
