@@ -131,6 +131,7 @@ def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[s
         raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
     steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
     return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series),
+            "window_start_seconds": start, "window_end_seconds": end,
             "startup_seconds": max(s[0, 0] for s in series),
             "time_fractions": time_fractions(row for row in all_rows if start < row.wall_seconds <= end)}
 
@@ -238,10 +239,12 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
         finally:
             backend.close()  # idempotent (the run closes it too)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
+        # The run's wall clock starts as the sampler's does (give or take the run directory's
+        # creation): machine use over the same window as the rate.
+        machine = sampler.summary(population["window_start_seconds"], population["window_end_seconds"])
         exploits = len(RunStore(bench_config.run_dir).read_lineage())
     return {"population": population, "exploits": exploits, "cuda_mps": getattr(backend, "mps", None) is not None,
-            "machine": {**sampler.summary(skip_first=int(startup_allowance + warmup), window=max(1, int(seconds) - 2)),  # ends before the stop
-                        "cpu_count": os.cpu_count()}}
+            "machine": {**machine, "cpu_count": os.cpu_count()}}
 
 
 def format_population_bench(result: dict[str, Any]) -> str:

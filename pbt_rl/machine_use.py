@@ -151,17 +151,15 @@ def cores_by_thread_name(before: ThreadTimes, after: ThreadTimes, seconds: float
 class MachineSampler:
     """Samples machine-wide CPU use (/proc/stat), GPU use (nvidia-smi), and the resident memory and
     CPU time per thread of this process with its children (the controller and its member hosts)
-    once a second."""
+    about once a second; every sample carries its time, seconds since the sampler started, so that
+    :meth:`summary` covers a window of wall time however long sampling takes."""
 
     def __init__(self) -> None:
-        self.resident: list[float] = []
-        self.cpu_busy: list[float] = []
-        self.gpu_util: list[float] = []
-        self.gpu_memory_mib: list[float] = []
-        self.thread_times: list[tuple[float, ThreadTimes]] = []
+        self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._has_nvidia_smi = shutil.which("nvidia-smi") is not None
+        self._started = time.monotonic()
 
     @staticmethod
     def _cpu_times() -> tuple[float, float] | None:
@@ -173,33 +171,40 @@ class MachineSampler:
         idle = values[3] + (values[4] if len(values) > 4 else 0.0)
         return sum(values), idle
 
+    def _gpu(self) -> tuple[float, float] | None:
+        """Mean utilisation (%) over every GPU and their memory in use (MiB), or None."""
+        if not self._has_nvidia_smi:
+            return None
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=5,
+            ).stdout.strip().splitlines()
+            per_gpu = [[float(x) for x in line.split(",")] for line in out]
+            return float(np.mean([util for util, _ in per_gpu])), sum(memory for _, memory in per_gpu)
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            self._has_nvidia_smi = False
+            return None
+
     def _run(self) -> None:
         previous = self._cpu_times()
         while not self._stop.wait(1.0):
+            sample: dict[str, Any] = {"seconds": time.monotonic() - self._started}
             current = self._cpu_times()
             if previous and current and current[0] > previous[0]:
                 total, idle = current[0] - previous[0], current[1] - previous[1]
-                self.cpu_busy.append(1.0 - idle / total)
+                sample["cpu_busy"] = 1.0 - idle / total
             previous = current
-            memory = resident_mib(os.getpid())
-            if memory is not None:
-                self.resident.append(memory)
+            sample["resident"] = resident_mib(os.getpid())
             pids = process_tree(os.getpid())
-            if pids is not None:
-                self.thread_times.append((time.monotonic(), thread_cpu_seconds(pids)))
-            if self._has_nvidia_smi:
-                try:
-                    out = subprocess.run(
-                        ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
-                        capture_output=True, text=True, timeout=5,
-                    ).stdout.strip().splitlines()
-                    per_gpu = [[float(x) for x in line.split(",")] for line in out]
-                    self.gpu_util.append(float(np.mean([util for util, _ in per_gpu])))  # over every GPU
-                    self.gpu_memory_mib.append(sum(memory for _, memory in per_gpu))
-                except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                    self._has_nvidia_smi = False
+            sample["threads"] = thread_cpu_seconds(pids) if pids is not None else None
+            gpu = self._gpu()
+            if gpu is not None:
+                sample["gpu_util"], sample["gpu_memory_mib"] = gpu
+            self.samples.append(sample)
 
     def __enter__(self) -> "MachineSampler":
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -207,29 +212,33 @@ class MachineSampler:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def summary(self, skip_first: int = 0, window: int | None = None) -> dict[str, Any]:
-        """Means over the samples after the first ``skip_first``, and the cores each kind of thread
-        used over ``window`` samples from there (all that follow when None)."""
-        def mean(values: list[float]) -> float | None:
-            values = values[skip_first:] or values
+    def summary(self, start: float = 0.0, end: float = float("inf")) -> dict[str, Any]:
+        """Means over the samples taken from ``start`` to ``end`` seconds after the sampler started
+        (all samples when none fall there), maxima over all samples, and the cores used by each
+        OS thread name between the window's first and last samples (None with fewer than two)."""
+        window = [s for s in self.samples if start <= s["seconds"] <= end] or self.samples
+
+        def mean(key: str) -> float | None:
+            values = [s[key] for s in window if s.get(key) is not None]
             return float(np.mean(values)) if values else None
 
+        def maximum(key: str) -> float | None:
+            values = [s[key] for s in self.samples if s.get(key) is not None]
+            return max(values) if values else None
+
+        with_threads = [s for s in window if s.get("threads") is not None]
+        cores = None
+        if len(with_threads) >= 2:
+            first, last = with_threads[0], with_threads[-1]
+            cores = cores_by_thread_name(first["threads"], last["threads"], last["seconds"] - first["seconds"])
         return {
-            "cores_by_thread": self._cores_by_thread(skip_first, window),
-            "cpu_busy_fraction": mean(self.cpu_busy),
-            "gpu_utilization_percent": mean(self.gpu_util),
-            "gpu_memory_mib_max": max(self.gpu_memory_mib) if self.gpu_memory_mib else None,
-            "resident_mib_max": max(self.resident) if self.resident else None,
+            "cores_by_thread": cores,
+            "cpu_busy_fraction": mean("cpu_busy"),
+            "gpu_utilization_percent": mean("gpu_util"),
+            "gpu_memory_mib_max": maximum("gpu_memory_mib"),
+            "resident_mib_max": maximum("resident"),
         }
 
-    def _cores_by_thread(self, skip_first: int, window: int | None) -> dict[str, float] | None:
-        if len(self.thread_times) < 2:
-            return None
-        first = min(skip_first, len(self.thread_times) - 2)
-        last = len(self.thread_times) - 1 if window is None else min(first + max(1, window), len(self.thread_times) - 1)
-        (start, before), (end, after) = self.thread_times[first], self.thread_times[last]
-        return cores_by_thread_name(before, after, end - start)
 
-
-__all__ = ["ACTOR", "ENVPOOL", "MEMBER", "MachineSampler", "ThreadTimes", "cores_by_thread_name", "process_tree", "resident_mib",
-           "set_thread_name", "thread_cpu_seconds", "thread_name", "thread_named"]
+__all__ = ["ACTOR", "ENVPOOL", "MEMBER", "MachineSampler", "ThreadTimes", "cores_by_thread_name", "process_tree",
+           "resident_mib", "set_thread_name", "thread_cpu_seconds", "thread_name", "thread_named"]

@@ -116,3 +116,40 @@ def test_resident_memory_counts_a_process_and_its_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_sampler_summarises_the_samples_of_a_window_of_wall_time():
+    from pbt_rl.machine_use import MachineSampler
+
+    sampler = MachineSampler()
+    # Sampling slower than once a second: the window is in seconds, not in samples.
+    sampler.samples = [
+        {"seconds": 1.5, "cpu_busy": 0.1, "resident": 100.0, "threads": {(1, 1): ("pbt-envpool", 0.0)}},
+        {"seconds": 3.0, "cpu_busy": 0.9, "resident": 900.0, "gpu_util": 40.0,
+         "threads": {(1, 1): ("pbt-envpool", 1.0), (1, 2): ("pbt-actor", 0.0)}},
+        {"seconds": 4.5, "cpu_busy": 0.7, "resident": 800.0, "gpu_util": 60.0, "threads": None},
+        {"seconds": 7.0, "cpu_busy": 0.8, "resident": 700.0, "gpu_util": 50.0,
+         "threads": {(1, 1): ("pbt-envpool", 9.0), (1, 2): ("pbt-actor", 2.0)}},
+        {"seconds": 9.0, "cpu_busy": 0.2, "resident": 200.0, "threads": {(1, 1): ("pbt-envpool", 9.5)}},
+    ]
+    summary = sampler.summary(2.0, 8.0)
+    assert summary["cpu_busy_fraction"] == pytest.approx(0.8)
+    assert summary["gpu_utilization_percent"] == pytest.approx(50.0)
+    assert summary["resident_mib_max"] == 900.0
+    assert summary["cores_by_thread"] == {"pbt-envpool": pytest.approx(2.0), "pbt-actor": pytest.approx(0.5)}
+    # A window with no samples: all of them; fewer than two thread readings: no cores.
+    assert sampler.summary(20.0, 30.0)["cpu_busy_fraction"] == pytest.approx(0.54)
+    assert sampler.summary(4.0, 5.0)["cores_by_thread"] is None
+
+
+def test_the_sampler_reads_this_process_while_it_runs():
+    from pbt_rl.machine_use import MachineSampler
+
+    with MachineSampler() as sampler:
+        deadline = time.monotonic() + 60
+        while len(sampler.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(sampler.samples) >= 3
+    summary = sampler.summary()
+    assert summary["resident_mib_max"] > 10
+    assert summary["cores_by_thread"] is not None and summary["cpu_busy_fraction"] is not None
