@@ -153,3 +153,57 @@ def test_the_sampler_reads_this_process_while_it_runs():
     summary = sampler.summary()
     assert summary["resident_mib_max"] > 10
     assert summary["cores_by_thread"] is not None and summary["cpu_busy_fraction"] is not None
+
+
+def test_threads_spawned_nicer_run_at_the_niceness_added_and_the_caller_keeps_its_own():
+    from pbt_rl.machine_use import spawned_threads
+
+    started, release = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        release.wait(30)
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base > 14:
+        pytest.skip("this process already runs too nice to add 5")
+    with spawned_threads("pbt-test-nice", nice=5):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert started.wait(30)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, tids[0]) == base + 5
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+        assert thread_name() != "pbt-test-nice"
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_envpool_workers_run_at_the_configured_niceness():
+    pytest.importorskip("envpool")
+    from pbt_rl.config import EnvConfig
+    from pbt_rl.envs.envpool_envs import EnvpoolPool
+    from pbt_rl.envs.registry import env_family
+    from pbt_rl.machine_use import env_thread_nice, set_env_thread_nice
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base > 16:
+        pytest.skip("this process already runs too nice to add 3")
+    previous = env_thread_nice()
+    before = set(thread_cpu_seconds([os.getpid()]))
+    set_env_thread_nice(3)
+    try:
+        pool = EnvpoolPool(EnvConfig(id="CartPole-v1"), env_family("CartPole-v1"), num_envs=2, batch_size=2,
+                           num_threads=2, env_seeds=[0, 1])
+    finally:
+        set_env_thread_nice(previous)
+    try:
+        new = [tid for (pid, tid), (name, _s) in thread_cpu_seconds([os.getpid()]).items()
+               if name == ENVPOOL and (pid, tid) not in before]
+        assert len(new) >= 2
+        assert all(os.getpriority(os.PRIO_PROCESS, tid) == base + 3 for tid in new)
+    finally:
+        pool.close()
