@@ -34,7 +34,7 @@ import gymnasium
 import numpy as np
 
 from pbt_rl.config import EnvConfig
-from pbt_rl.machine_use import ENVPOOL, env_thread_nice, spawned_threads
+from pbt_rl.machine_use import ENVPOOL, thread_named
 from pbt_rl.envs.batched import BackendBatch, BatchedEnv, per_env_seeds
 from pbt_rl.envs.registry import ATARI
 
@@ -117,8 +117,7 @@ class EnvpoolPool:
             # envpool builds float32 Box spaces from float64 bounds and Gymnasium warns about the
             # harmless cast (e.g. CartPole); that is noise for our users.
             warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
-            # envpool's worker threads take the name (the bench's CPU attribution) and run.env_thread_nice
-            with spawned_threads(ENVPOOL, nice=env_thread_nice()):
+            with thread_named(ENVPOOL):  # envpool's worker threads take the name (the bench's CPU attribution)
                 self._pool = envpool.make(
                     env_cfg.id,
                     env_type="gymnasium",

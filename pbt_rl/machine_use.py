@@ -72,53 +72,6 @@ def thread_named(name: str) -> Iterator[None]:
             set_thread_name(previous)
 
 
-_env_thread_nice = 0
-
-
-def set_env_thread_nice(nice: int) -> None:
-    """The niceness (0-19) that :func:`spawned_threads` adds to the envpool workers of this process
-    (``run.env_thread_nice``, set once per process as torch's thread count is)."""
-    global _env_thread_nice
-    _env_thread_nice = int(nice)
-
-
-def env_thread_nice() -> int:
-    return _env_thread_nice
-
-
-def _own_threads() -> dict[int, str]:
-    """This process's threads: tid -> OS name (empty where /proc is missing)."""
-    threads = {}
-    try:
-        for entry in (_PROC / "self" / "task").iterdir():
-            try:
-                threads[int(entry.name)] = (entry / "comm").read_text().strip()
-            except (OSError, ValueError):
-                continue
-    except OSError:
-        pass
-    return threads
-
-
-@contextlib.contextmanager
-def spawned_threads(name: str, nice: int = 0) -> Iterator[None]:
-    """Threads started by the block carry ``name`` (:func:`thread_named`); with ``nice > 0`` they
-    also run that much nicer than the caller, so that the caller's threads win a core from them
-    (lowering a thread's own process's priority needs no privileges; where it fails they keep the
-    caller's)."""
-    before = set(_own_threads()) if nice > 0 else set()
-    with thread_named(name):
-        yield
-    if nice > 0:
-        base = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's niceness (Linux: per thread)
-        for tid, thread_comm in _own_threads().items():
-            if tid not in before and thread_comm == name[:15]:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, min(19, base + nice))
-                except OSError:
-                    pass
-
-
 def process_tree(root_pid: int) -> list[int] | None:
     """``root_pid`` and every descendant's pid (None where /proc cannot be listed)."""
     children: dict[int, list[int]] = {}
@@ -288,5 +241,4 @@ class MachineSampler:
 
 
 __all__ = ["ACTOR", "ENVPOOL", "MEMBER", "MachineSampler", "ThreadTimes", "cores_by_thread_name", "process_tree",
-           "env_thread_nice", "resident_mib", "set_env_thread_nice", "set_thread_name", "spawned_threads",
-           "thread_cpu_seconds", "thread_name", "thread_named"]
+           "resident_mib", "set_thread_name", "thread_cpu_seconds", "thread_name", "thread_named"]

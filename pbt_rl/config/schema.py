@@ -154,7 +154,6 @@ class RunConfig:
     hang_timeout_factor: float = _f(10.0, "A member that works but sends nothing for max(hang_timeout_min_seconds, this x its longest gap between messages so far) is hung: it is killed and restarted like a crash (before its first message after a start it has this x hang_timeout_min_seconds); 0 = never.", min=0.0)
     hang_timeout_min_seconds: float = _f(60.0, "Shortest silence of a working member that counts as a hang (see hang_timeout_factor).", gt=0.0)
     cuda_mps: str = _f("auto", "run.backend=local: CUDA MPS lets the host processes on one GPU run their kernels at once instead of time-slicing it: 'auto' (a private MPS daemon for the run when 2+ hosts share a GPU and nvidia-cuda-mps-control is on the PATH, unless one is in use already), 'on' (a private daemon whenever hosts are on a GPU; no nvidia-cuda-mps-control is an error) or 'off'.", choices=("auto", "on", "off"))
-    env_thread_nice: int = _f(0, "Niceness added to each member's envpool worker threads (0-19): above 0, a member's own threads (acting, updating) get a core first when the env threads oversubscribe the cores. Threads of the member's own process: no privileges needed.", min=0, max=19)
     gpu_wait: str = _f("auto", "How a member's threads wait for their GPU: 'auto' (CUDA's choice: spin while a process has fewer contexts than there are cores), 'spin' (busy-wait: lowest latency), 'yield' (spin, yielding the core to runnable threads) or 'block' (sleep until the GPU signals: frees the core, adds wake-up latency).", choices=("auto", "spin", "yield", "block"))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from pbt_rl.agents.device import resolve_device, set_gpu_wait
-from pbt_rl.machine_use import set_env_thread_nice
 
 
 def torch_threads_for(device: torch.device, num_threads: int, torch_threads: int = 0) -> int | None:
@@ -30,7 +29,7 @@ def torch_threads_for(device: torch.device, num_threads: int, torch_threads: int
 
 
 def configure_process(device: str | torch.device | None, num_threads: int = 0, torch_threads: int = 0,
-                      gpu_wait: str = "auto", env_thread_nice: int = 0) -> torch.device:
+                      gpu_wait: str = "auto") -> torch.device:
     """Set this process up for a learner on ``device``; returns the resolved device.
 
     Sets torch's intra-op threads (:func:`torch_threads_for`), and on CUDA the GPU wait mode
@@ -43,10 +42,7 @@ def configure_process(device: str | torch.device | None, num_threads: int = 0, t
         num_threads: the learner's share of the cores (0: not decided).
         torch_threads: ``run.torch_threads`` (0: derived from the device and ``num_threads``).
         gpu_wait: ``run.gpu_wait``.
-        env_thread_nice: ``run.env_thread_nice``, for the envpool pools built in this process
-            from now on (:func:`~pbt_rl.machine_use.set_env_thread_nice`).
     """
-    set_env_thread_nice(env_thread_nice)
     resolved = resolve_device(device)
     threads = torch_threads_for(resolved, num_threads, torch_threads)
     if threads is not None:

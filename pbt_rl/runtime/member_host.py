@@ -58,7 +58,6 @@ class HostSettings:
     torch_threads: int = 0
     gpu_wait: str = "auto"
     sharing: str = "turns"
-    env_thread_nice: int = 0
     environment: tuple[tuple[str, str], ...] = ()
     """Environment variables set before the host touches CUDA (a CUDA MPS daemon's pipes: runtime/mps.py)."""
 
@@ -98,8 +97,7 @@ def host_settings(spec: MemberSpec) -> HostSettings:
     """The settings of a host whose members are specs like ``spec`` (one config per run)."""
     run = spec.config.run
     device = spec.device if spec.device is not None else spec.config.agent.device
-    return HostSettings(device, spec.num_threads, run.torch_threads, run.gpu_wait, run.host_sharing,
-                        run.env_thread_nice)
+    return HostSettings(device, spec.num_threads, run.torch_threads, run.gpu_wait, run.host_sharing)
 
 
 class Turns:
@@ -240,8 +238,7 @@ def start_host(learner_factory: str, settings: HostSettings, send: Any) -> Membe
 
         os.environ.update(dict(settings.environment))
         configure_process(settings.device, num_threads=settings.num_threads,
-                          torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait,
-                          env_thread_nice=settings.env_thread_nice)
+                          torch_threads=settings.torch_threads, gpu_wait=settings.gpu_wait)
         return MemberHost(load_factory(learner_factory), send, settings.sharing)
     except BaseException as exc:  # noqa: BLE001 - reported to the controller
         try:
