@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pbt_rl.agents.device import resolve_device, to_device
+from pbt_rl.agents.graphed_acting import GraphedActing
 from pbt_rl.agents.graphed_steps import GraphedSteps, StepTotals, select_columns
 from pbt_rl.agents.hyperparameters import coerce_hyperparameters
 from pbt_rl.agents.losses import ValidSteps, actor_critic_loss, policy_ratio_stats
@@ -96,7 +97,9 @@ class Learner:
             acting_generator=acting_generator,
             update_generator=update_generator,
         )
-        self._graphs = GraphedSteps(self) if graphable(list(model.parameters()), agent) else None
+        graphed = graphable(list(model.parameters()), agent)
+        self._graphs = GraphedSteps(self) if graphed else None
+        self._graphed_acting = GraphedActing(self.device) if graphed else None
         self._acting_pool: ActingPool | None = None
         self._closed = False
 
@@ -188,18 +191,22 @@ class Learner:
 
         Samples with the learner's acting generator, together with the other members of its host
         when it acts through their :class:`~pbt_rl.agents.acting_pool.ActingPool`
-        (:meth:`act_with`). Returns host arrays ``(actions as sampled,
-        env actions (clipped to the bounds), log_probs)``. One device-to-host copy per call
-        (:meth:`ActorCritic.act_packed`): with several members time-slicing one GPU every extra
-        sync can wait for another process's kernels.
+        (:meth:`act_with`), or else on a GPU with ``agent.cuda_graphs`` as a replayed CUDA graph
+        (:mod:`pbt_rl.agents.graphed_acting`: the same draws, one launch). Returns host arrays
+        ``(actions as sampled, env actions (clipped to the bounds), log_probs)``. One
+        device-to-host copy per call (:meth:`ActorCritic.act_packed`): with several members
+        time-slicing one GPU every extra sync can wait for another process's kernels.
 
         Raises:
             TrainingDiverged: non-finite actions or log-probabilities from non-finite weights.
         """
-        obs_tensor = to_device(obs, self.device)
         if self._acting_pool is not None:
-            packed = self._acting_pool.act(model, obs_tensor, deterministic, self.state.acting_generator)
+            packed = self._acting_pool.act(model, to_device(obs, self.device), deterministic,
+                                           self.state.acting_generator)
+        elif self._graphed_acting is not None and not deterministic:
+            packed = self._graphed_acting.act(model, obs, self.state.acting_generator)
         else:
+            obs_tensor = to_device(obs, self.device)
             with torch.no_grad():
                 packed = model.act_packed(obs_tensor, deterministic=deterministic,
                                           generator=self.state.acting_generator).cpu().numpy()

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 WARMUP_STEPS = 3
 """Eager steps (on the capture stream) before a graph is captured, as torch's CUDA graph docs ask."""
 
-_CAPTURE_LOCK = threading.Lock()
+CAPTURE_LOCK = threading.Lock()
 """One capture at a time per process (members of one host capture from their own threads)."""
 
 
@@ -238,7 +238,7 @@ class GraphedSteps:
         learner.optimizer.zero_grad(set_to_none=True)
         # thread_local: the IMPALA actor thread (and the other members of a host) keep acting,
         # waiting for the device as they need to, while this thread captures.
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+        with CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
             loss, parts = learner.minibatch_loss(select_columns(self._static, self._columns))
             grad_norm = self._check.step(loss, learner.agent_cfg.max_grad_norm)
             parts = {**parts, "grad_norm": grad_norm}

@@ -242,20 +242,31 @@ class ActorCritic(nn.Module):
         dist_params, _value = self(obs)
         return self.sample_packed(dist_params, deterministic, generator)
 
+    def draw_noise(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fill ``out`` ``[N, P]`` (float32, ``P`` = the policy head's outputs) with the random
+        numbers that :meth:`sample_packed` turns into actions, drawn from ``generator`` in one
+        kernel: uniforms (the Gumbel-max trick, Discrete) or standard normals (Box)."""
+        if self.is_continuous:
+            return out.normal_(generator=generator)  # randn_like's one kernel
+        return out.uniform_(generator=generator)  # rand_like's kernel
+
     def sample_packed(self, dist_params: Tensor, deterministic: bool = False,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """:meth:`act_packed` after the forward pass: rows ``(action..., log_prob)`` sampled from
         the distribution parameters ``[N, ...]`` (:meth:`forward`'s first output) with ``generator``.
 
-        A host that runs several members' forward passes as one (agents/acting_pool.py) samples
-        each member's actions here, from that member's own generator.
+        ``noise``: the draws, made already by :meth:`draw_noise` (the forward pass draws nothing,
+        so drawing them before it gives the same numbers): how a CUDA graph of the acting step
+        (agents/graphed_acting.py) takes them as an input. A host that runs several members'
+        forward passes as one (agents/acting_pool.py) samples each member's actions here, from
+        that member's own generator.
         """
+        if not deterministic and noise is None:
+            noise = self.draw_noise(torch.empty_like(dist_params, dtype=torch.float32), generator)
         if self.is_continuous:
             log_std = self.log_std.expand_as(dist_params)
             if deterministic:
                 noise = torch.zeros_like(dist_params)
-            else:  # randn_like's one kernel, drawing from the given generator
-                noise = torch.empty_like(dist_params).normal_(generator=generator)
             action = dist_params + torch.exp(log_std) * noise
             log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
             columns = action
@@ -264,8 +275,7 @@ class ActorCritic(nn.Module):
             if deterministic:
                 action = log_probs.argmax(-1)
             else:
-                uniform = torch.empty_like(log_probs).uniform_(generator=generator)  # rand_like's kernel
-                uniform.clamp_(min=torch.finfo(log_probs.dtype).tiny)
+                uniform = noise.clamp(min=torch.finfo(log_probs.dtype).tiny)
                 action = (log_probs - torch.log(-torch.log(uniform))).argmax(-1)
             log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
             columns = action.unsqueeze(-1)

@@ -201,6 +201,7 @@ def test_a_graphed_learner_trains_beside_its_acting(learners, algo):
     learner = learners(config)
     report = learner.train(4000)
     assert learner._graphs.captures >= 1 and report.updates > 3 * 2
+    assert learner._graphed_acting.captures >= 1  # its acting steps are replayed too (graphed_acting.py)
     assert all(math.isfinite(value) for value in report.losses.values())
     clone = learners(config, seed=1)
     clone.load_state_dict(copy.deepcopy(learner.state_dict()))

@@ -63,7 +63,7 @@ class AgentConfig:
     network: str = _f("auto", "'auto' (nature for pixels, mlp for vectors), 'nature', 'impala' (15-layer ResNet) or 'mlp'.", choices=("auto", "nature", "impala", "mlp"))
     hidden_sizes: tuple[int, ...] = _f((64, 64), "MLP hidden layer widths (vector observations).")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
-    cuda_graphs: bool = _f(True, "On CUDA, replay each gradient step as a CUDA graph (one launch instead of hundreds), checked for non-finite values once per update; false = eager steps. No effect on the CPU.")
+    cuda_graphs: bool = _f(True, "On CUDA, replay each gradient step and each sampling acting step as a CUDA graph (one launch instead of hundreds or dozens; the gradient steps checked for non-finite values once per update, the actions drawn as eagerly); false = eager steps. No effect on the CPU.")
     optimizer: str = _f("rmsprop", "'rmsprop' (the IMPALA/PBT papers' choice) or 'adam'.", choices=("rmsprop", "adam"))
     lr: float = _f(7e-4, "Learning rate.", gt=0.0, max=1.0, tunable=True)
     optimizer_eps: float = _f(1e-5, "Epsilon of RMSProp / Adam.", gt=0.0, max=1.0, tunable=True)

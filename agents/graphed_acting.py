@@ -1,0 +1,109 @@
+"""The acting step (forward pass and sampling) replayed as a CUDA graph.
+
+Every env step of a member runs its policy once: a Nature-CNN forward pass and the sampling are
+some thirty small kernels, each launched from Python by the member's acting thread, on cores the
+envs need. The bench's CPU attribution showed those threads taking 1.3-4.2 of 16 cores
+(docs/design.md, "Where the cores go"), most of it per acting step whatever the batch size.
+Captured once per batch shape, a step is one copy of the observations in, one draw of the
+random numbers, one graph launch and one copy of the actions out.
+
+The random numbers stay outside the graph: they are drawn eagerly from the member's acting
+generator (:meth:`~pbt_rl.agents.networks.ActorCritic.draw_noise`, one kernel) into the graph's
+static input, exactly the draws the eager step makes (the forward pass draws nothing), so a
+graphed member samples the same actions as an eager one and seeded runs stay seeded.
+
+The graph reads the model's parameters where they are, so weight updates in place (optimiser
+steps, ``load_state_dict``, the IMPALA actor loading published weights) are seen by the next
+replay; a model whose parameters moved (or another model) gets its own capture.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pbt_rl.agents.device import to_device
+from pbt_rl.agents.graphed_steps import CAPTURE_LOCK, WARMUP_STEPS
+
+
+@dataclass
+class _Captured:
+    """One model's acting graph for one observation shape and dtype."""
+
+    warmups: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    obs: Tensor | None = None
+    noise: Tensor | None = None
+    packed: Tensor | None = None
+    parameters: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _parameter_addresses(model: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+
+
+class GraphedActing:
+    """A learner's sampling acting steps on a GPU as replayed CUDA graphs (see the module's doc).
+
+    :meth:`act` returns what ``model.act_packed(obs, generator=generator).cpu().numpy()`` returns
+    eagerly: the first :data:`WARMUP_STEPS` calls for a model and shape run eagerly (on a side
+    stream, as capture needs), the next one captures and replays.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream = torch.cuda.Stream(device=device)
+        self._captured: dict[tuple, _Captured] = {}
+        self._lock = threading.Lock()  # one caller at a time (the acting thread; an evaluation)
+        self.captures = 0
+        """Graphs captured so far (for tests and reports)."""
+
+    def act(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Rows ``(action..., log_prob)`` for the prepared observations ``obs`` ``[N, ...]``,
+        sampled with ``generator`` (float64 ``[N, k + 1]``, on the host)."""
+        with self._lock, torch.cuda.device(self.device), torch.no_grad():
+            key = (id(model), obs.shape, obs.dtype.str)
+            entry = self._captured.get(key)
+            addresses = _parameter_addresses(model)
+            if entry is None or entry.parameters != addresses:
+                entry = self._captured[key] = _Captured(parameters=addresses)
+            if entry.graph is None and entry.warmups < WARMUP_STEPS:
+                entry.warmups += 1
+                return self._eager(model, obs, generator)
+            if entry.graph is None:
+                self._capture(entry, model, obs)
+            entry.obs.copy_(to_device(obs, self.device), non_blocking=True)
+            model.draw_noise(entry.noise, generator)
+            entry.graph.replay()
+            return entry.packed.cpu().numpy()
+
+    def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self._stream):
+                packed = model.act_packed(to_device(obs, self.device), generator=generator)
+        finally:
+            current.wait_stream(self._stream)
+        return packed.cpu().numpy()
+
+    def _capture(self, entry: _Captured, model: torch.nn.Module, obs: np.ndarray) -> None:
+        """Capture forward and sampling over static observations and noise (nothing runs yet)."""
+        entry.obs = torch.zeros(obs.shape, dtype=torch.from_numpy(obs[:0]).dtype, device=self.device)
+        entry.noise = torch.zeros((obs.shape[0], model.policy_head.out_features), dtype=torch.float32,
+                                  device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the other threads of the process (an IMPALA learner, the host's other
+        # members) keep launching work while this one captures.
+        with CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            dist_params, _value = model(entry.obs)
+            entry.packed = model.sample_packed(dist_params, noise=entry.noise)
+        entry.graph = graph
+        self.captures += 1
+
+
+__all__ = ["GraphedActing"]
