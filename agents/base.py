@@ -99,7 +99,7 @@ class Learner:
         )
         graphed = graphable(list(model.parameters()), agent)
         self._graphs = GraphedSteps(self) if graphed else None
-        self._graphed_acting = GraphedActing(self.device) if graphed else None
+        self._graphed_acting = GraphedActing(self.device) if graphed and agent.graphed_acting else None
         self._acting_pool: ActingPool | None = None
         self._closed = False
 
@@ -191,7 +191,7 @@ class Learner:
 
         Samples with the learner's acting generator, together with the other members of its host
         when it acts through their :class:`~pbt_rl.agents.acting_pool.ActingPool`
-        (:meth:`act_with`), or else on a GPU with ``agent.cuda_graphs`` as a replayed CUDA graph
+        (:meth:`act_with`), or else on a GPU with ``agent.graphed_acting`` as a replayed CUDA graph
         (:mod:`pbt_rl.agents.graphed_acting`: the same draws, one launch). Returns host arrays
         ``(actions as sampled, env actions (clipped to the bounds), log_probs)``. One
         device-to-host copy per call (:meth:`ActorCritic.act_packed`): with several members

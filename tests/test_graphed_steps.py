@@ -197,7 +197,7 @@ def test_a_diverged_graphed_step_stops_where_the_eager_one_stops(learners, optim
 def test_a_graphed_learner_trains_beside_its_acting(learners, algo):
     config = make_config(algo, num_envs=8, async_batch_size=4 if algo == "impala" else 0, num_epochs=2,
                          num_minibatches=2, unroll_length=8)
-    config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda"))
+    config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda", graphed_acting=True))
     learner = learners(config)
     report = learner.train(4000)
     assert learner._graphs.captures >= 1 and report.updates > 3 * 2
