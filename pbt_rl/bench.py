@@ -191,7 +191,8 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
 def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tuple[tuple[str, ExperimentConfig], ...]:
     """``config`` with each list of overrides applied in turn, labelled by them: the populations a
     bench trains against one raw measurement. A variant may change how the population trains
-    (backend, hosts, sharing, MPS, agent settings) but not what raw envpool is measured at.
+    (backend, hosts, sharing, MPS, agent settings, the members' env threads ``env.num_threads``)
+    but not what raw envpool is measured at.
 
     Raises ConfigError for an override that does not apply, or one that changes the envs, the
     population size or the threads.
@@ -207,7 +208,9 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
         except ConfigError as exc:
             raise ConfigError(f"--variant {label!r}: {exc}") from None
         raw = to_dict(variant)
-        fixed = [("env", key) for key in base["env"]] + [("pbt", "population_size"), ("run", "total_threads")]
+        # env.num_threads is the members' envpool threads; raw envpool always runs one per core.
+        fixed = ([("env", key) for key in base["env"] if key != "num_threads"]
+                 + [("pbt", "population_size"), ("run", "total_threads")])
         changed = [f"{section}.{key}" for section, key in fixed if raw[section][key] != base[section][key]]
         if changed:
             raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured once, so "

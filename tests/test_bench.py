@@ -119,6 +119,9 @@ def test_variants_change_how_the_population_trains_but_not_what_raw_envpool_meas
     assert label == "run.cuda_mps=off run.members_per_host=2"
     assert (variant.run.cuda_mps, variant.run.members_per_host) == ("off", 2)
     assert variant.env == config.env and config.run.members_per_host == 0  # the base is untouched
+    # The members' env threads may change: raw envpool runs one thread per core whatever they are.
+    (_, more_threads), = variant_configs(config, [["env.num_threads=4"]])
+    assert more_threads.env.num_threads == 4
     for texts, changed in ((["env.num_envs=8"], "env.num_envs"), (["pbt.population_size=8"], "pbt.population_size"),
                            (["run.total_threads=1"], "run.total_threads")):
         with pytest.raises(ConfigError, match=rf"^--variant '{texts[0]}' changes {changed}: raw envpool is measured once"):
