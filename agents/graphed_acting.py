@@ -12,6 +12,10 @@ generator (:meth:`~pbt_rl.agents.networks.ActorCritic.draw_noise`, one kernel) i
 static input, exactly the draws the eager step makes (the forward pass draws nothing), so a
 graphed member samples the same actions as an eager one and seeded runs stay seeded.
 
+Opt-in (``agent.graphed_acting``): on the H100 machine it took a 64-member population's actor
+threads from 4.13 to 2.81 cores, but that population did not step faster (docs/design.md, "Where
+the cores go", has the measurement and what is open).
+
 The graph reads the model's parameters where they are, so weight updates in place (optimiser
 steps, ``load_state_dict``, the IMPALA actor loading published weights) are seen by the next
 replay; a model whose parameters moved (or another model) gets its own capture.

@@ -26,6 +26,7 @@ import json
 from typing import Any, Callable
 
 from pbt_rl.config import ConfigError, ExperimentConfig
+from pbt_rl.machine_use import ACTOR, ENVPOOL, MEMBER
 from pbt_rl.runtime.resources import hosts_layout, machine_threads, too_few_gpus
 
 
@@ -96,8 +97,8 @@ def header_lines(result: dict[str, Any]) -> list[str]:
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
         f"{raw['env_steps_per_second']:,.0f} env steps/s",
         "| population x envs | members per host | population env steps/s | ratio | all members training after | "
-        "resident memory (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "resident memory (MiB) | cores: envpool / members' threads |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
 
@@ -105,7 +106,17 @@ def row_line(row: dict[str, Any]) -> str:
     pop, memory = row["population"], row["machine"].get("resident_mib_max")
     return (f"| {row['population_size']} x {row['num_envs_per_member']} | {_per_host(row)} | "
             f"{pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
-            f"{'-' if memory is None else f'{memory:,.0f}'} |")
+            f"{'-' if memory is None else f'{memory:,.0f}'} | {_cores(row)} |")
+
+
+def _cores(row: dict[str, Any]) -> str:
+    """Cores of envpool's workers and of the members' own threads (actors, member threads) over
+    the row's window (machine_use's thread names), or '-' where they were not read."""
+    cores = row["machine"].get("cores_by_thread")
+    if not cores:
+        return "-"
+    members = cores.get(ACTOR, 0.0) + cores.get(MEMBER, 0.0)
+    return f"{cores.get(ENVPOOL, 0.0):.1f} / {members:.1f}"
 
 
 def _per_host(row: dict[str, Any]) -> str:

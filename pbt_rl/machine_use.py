@@ -99,8 +99,10 @@ def resident_mib(root_pid: int) -> float | None:
     Pages shared between processes (libraries) count once per process, as ``ps`` shows them.
     """
     pids = process_tree(root_pid)
-    if pids is None:
-        return None
+    return None if pids is None else _resident_mib(pids)
+
+
+def _resident_mib(pids: list[int]) -> float:
     total_kib = 0
     for pid in pids:
         try:
@@ -195,8 +197,8 @@ class MachineSampler:
                 total, idle = current[0] - previous[0], current[1] - previous[1]
                 sample["cpu_busy"] = 1.0 - idle / total
             previous = current
-            sample["resident"] = resident_mib(os.getpid())
             pids = process_tree(os.getpid())
+            sample["resident"] = _resident_mib(pids) if pids is not None else None
             sample["threads"] = thread_cpu_seconds(pids) if pids is not None else None
             gpu = self._gpu()
             if gpu is not None:

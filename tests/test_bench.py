@@ -195,15 +195,16 @@ def test_scaling_table_has_a_row_per_population_size():
 
     raw = {"env_steps_per_second": 1000.0, "mode": "async", "total_envs": 64, "batch_size": 32, "threads": 2}
 
-    def size(population, rate, startup, memory, mps=False):
+    def size(population, rate, startup, memory, mps=False, cores=None):
         return {"population_size": population, "num_envs_per_member": 64 // population, "members_per_host": 1,
                 "ratio": rate / 1000.0, "population": {"env_steps_per_second": rate, "startup_seconds": startup},
-                "machine": {"resident_mib_max": memory}, "cuda_mps": mps}
+                "machine": {"resident_mib_max": memory, "cores_by_thread": cores}, "cuda_mps": mps}
 
+    cores = {"pbt-envpool": 1.24, "pbt-actor": 0.5, "pbt-member": 0.21, "python": 0.05}
     text = format_scaling({"env": "CartPole-v1", "algo": "a2c", "raw": raw,
-                           "sizes": [size(4, 900.0, 5.2, 1500.0), size(8, 850.0, 9.7, None, mps=True)]})
-    assert "| 4 x 16 | 1 | 900 | 0.900 | 5 s | 1,500 |" in text
-    assert "| 8 x 8 | 1, MPS | 850 | 0.850 | 10 s | - |" in text  # its hosts shared the GPU through MPS
+                           "sizes": [size(4, 900.0, 5.2, 1500.0, cores=cores), size(8, 850.0, 9.7, None, mps=True)]})
+    assert "| 4 x 16 | 1 | 900 | 0.900 | 5 s | 1,500 | 1.2 / 0.7 |" in text  # envpool's and the members' cores
+    assert "| 8 x 8 | 1, MPS | 850 | 0.850 | 10 s | - | - |" in text  # its hosts shared the GPU through MPS
 
 
 def test_populations_refuses_bad_sizes_in_one_line(capsys):
