@@ -241,7 +241,7 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
     config = load_config("configs/quickstart.yaml", ["run.total_threads=2"])  # hosts as on a 2-core machine
     result = bench_scaling(config, (2, 8), seconds=5.0, say=said.append)
     assert calls == [("raw", 4, 16), ("train", 2, 32), ("train", 8, 8)]
-    assert said[4:] == ["| 2 x 32 | 1 | 200 | 0.200 | 3 s | 500 |", "| 8 x 8 | 2 | 800 | 0.800 | 3 s | 500 |"]
+    assert said[4:] == ["| 2 x 32 | 1 | 200 | 0.200 | 3 s | 500 | - |", "| 8 x 8 | 2 | 800 | 0.800 | 3 s | 500 | - |"]
     assert [row["population_size"] for row in result["sizes"]] == [2, 8]
 
 
