@@ -17,6 +17,7 @@ import ctypes.util
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,23 +42,24 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-_LIBC = _libc() if os.name == "posix" else None
+# Linux's prctl (None elsewhere, e.g. macOS, whose libc has no such call).
+_PRCTL = getattr(_libc(), "prctl", None) if sys.platform.startswith("linux") else None
 
 
 def thread_name() -> str | None:
     """The calling thread's OS name (None where it cannot be read)."""
-    if _LIBC is None:
+    if _PRCTL is None:
         return None
     buffer = ctypes.create_string_buffer(16)
-    if _LIBC.prctl(_PR_GET_NAME, buffer, 0, 0, 0) != 0:
+    if _PRCTL(_PR_GET_NAME, buffer, 0, 0, 0) != 0:
         return None
     return buffer.value.decode(errors="replace")
 
 
 def set_thread_name(name: str) -> None:
     """Give the calling thread an OS name (cut to 15 bytes), as ``top -H`` and /proc show it."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 @contextlib.contextmanager
