@@ -34,9 +34,9 @@ import gymnasium
 import numpy as np
 
 from pbt_rl.config import EnvConfig
-from pbt_rl.machine_use import ENVPOOL, thread_named
 from pbt_rl.envs.batched import BackendBatch, BatchedEnv, per_env_seeds
 from pbt_rl.envs.registry import ATARI
+from pbt_rl.machine_use import ENVPOOL, thread_named
 
 ATARI_TRUNCATION_FRAMES = 108_000
 """Machado et al. 2018: an Atari episode is cut after 108k emulator frames (30 minutes of play)."""
