@@ -27,15 +27,19 @@ def resolve_device(requested: str | torch.device | None) -> torch.device:
     return device
 
 
-def to_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """A host array as a tensor on ``device``, keeping its dtype (uint8 frames stay uint8).
+def to_device(array: np.ndarray, device: torch.device, out: Tensor | None = None) -> Tensor:
+    """A host array as a tensor on ``device``, keeping its dtype (uint8 frames stay uint8); with
+    ``out`` (a tensor of that shape on ``device``, e.g. a CUDA graph's static input) copied into
+    it instead of a new tensor.
 
     For CUDA the copy goes through pinned memory and does not block the host.
     """
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+        tensor = tensor.pin_memory()
+    if out is not None:
+        return out.copy_(tensor, non_blocking=True)
+    return tensor.to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 _CU_CTX_SCHED = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}

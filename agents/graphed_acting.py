@@ -80,7 +80,7 @@ class GraphedActing:
                 return self._eager(model, obs, generator)
             if entry.graph is None:
                 self._capture(entry, model, obs)
-            entry.obs.copy_(to_device(obs, self.device), non_blocking=True)
+            to_device(obs, self.device, out=entry.obs)  # pinned host -> the graph's input, one copy
             model.draw_noise(entry.noise, generator)
             entry.graph.replay()
             return entry.packed.cpu().numpy()

@@ -57,6 +57,15 @@ def test_noise_drawn_before_the_forward_pass_samples_what_act_packed_samples(nam
             assert noise.shape == (5, 6)
 
 
+def test_to_device_fills_a_given_input_tensor_in_place():
+    from pbt_rl.agents.device import to_device
+
+    frames = _obs("discrete pixels", 2, 0)
+    static = torch.zeros(frames.shape, dtype=torch.uint8)
+    assert to_device(frames, torch.device("cpu"), out=static) is static  # the graph's input, not a new tensor
+    np.testing.assert_array_equal(static.numpy(), frames)
+
+
 @cuda
 @pytest.mark.parametrize("name", list(SPACES))
 def test_graphed_acting_samples_what_eager_acting_samples(name):
