@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -156,22 +156,28 @@ def default_warmup(seconds: float) -> float:
 
 
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
-                     variants: tuple[tuple[str, ExperimentConfig], ...] = ()) -> dict[str, Any]:
+                     variants: tuple[tuple[str, ExperimentConfig], ...] = (),
+                     say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Measure raw envpool and the population training; return both rates and their ratio.
 
     ``variants`` (``(label, config)`` pairs, e.g. ``run.backend=ray`` or ``run.cuda_mps=off``, from
     :func:`variant_configs`): train each population in this order against the one raw
     measurement of ``config``; ``result["variants"]`` holds each one's rate, ratio and hosts, and
     the top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
+
+    ``say`` gets a progress line as each measurement ends (raw, then each population), so a
+    bench cut short (a time limit on a lent machine) still shows what it measured.
     """
     warmup = warmup_seconds if warmup_seconds is not None else default_warmup(seconds)
     variants = tuple(variants) or (("", config),)
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
+    say(f"measured: raw envpool {raw['env_steps_per_second']:,.0f} env steps/s")
     runs = []
     for label, variant in variants:
         run = train_for_bench(variant, seconds, warmup)
         runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
                      "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
+        say(_progress_line(raw, runs[-1]))
     first = runs[0]
     return {
         "env": config.env.id,
@@ -312,6 +318,14 @@ def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machin
                                               (cores[ENVPOOL], population["env_steps_per_second"]))]
         lines.append(f"envpool CPU per env step: raw {per_step[0]:.0f} us, population {per_step[1]:.0f} us")
     return lines
+
+
+def _progress_line(raw: dict[str, Any], run: dict[str, Any]) -> str:
+    """One measured population as soon as it ends: its rate and ratio, and where the cores went."""
+    population = run["population"]
+    cores = _format_thread_cores(raw, population, run["machine"])
+    return (f"measured: {run['label'] or 'the population'}: {population['env_steps_per_second']:,.0f} env steps/s, "
+            f"ratio to raw {run['ratio']:.3f}" + "".join(f"; {line}" for line in cores))
 
 
 def _format_variants(result: dict[str, Any]) -> list[str]:

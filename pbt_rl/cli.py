@@ -171,7 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                say=lambda line: print(line, flush=True))
         print("json: " + json.dumps(result, default=float))
         return 0
-    print(format_population_bench(bench_population(config, seconds=args.seconds, variants=variants)))
+    result = bench_population(config, seconds=args.seconds, variants=variants, say=lambda line: print(line, flush=True))
+    print(format_population_bench(result))
     return 0
 
 

@@ -153,6 +153,12 @@ def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement
     assert "ratio population / raw: 0.900" in out and "(the lines above: the config as given)" in out
     assert ("run.host_sharing=free run.members_per_host=4, 1 host of 4 (free): 450 env steps/s (10 s window), "
             "ratio to raw 0.450, over the first: 0.500") in out
+    # Each measurement is printed as it ends, before the summary: a bench cut short keeps them.
+    progress = [line for line in out.splitlines() if line.startswith("measured: ")]
+    assert progress == ["measured: raw envpool 1,000 env steps/s",
+                        "measured: the config as given: 900 env steps/s, ratio to raw 0.900",
+                        "measured: run.host_sharing=free run.members_per_host=4: 450 env steps/s, ratio to raw 0.450"]
+    assert out.index(progress[-1]) < out.index("ratio population / raw: 0.900")
 
 
 def test_bench_refuses_variants_with_another_table_in_one_line(capsys):
