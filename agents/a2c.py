@@ -48,11 +48,12 @@ class A2CLearner(Learner):
         if self._obs is None:
             self._obs = self._reset_all(stats)
         while self.env_steps < until_env_steps:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             unroll = self._collect(stats)
             acted = time.perf_counter()
+            stats.acting.cpu_seconds += time.thread_time() - cpu_started
             self._learn(unroll, stats)
-            stats.act_seconds += acted - started
+            stats.acting.seconds += acted - started
             stats.update_seconds += time.perf_counter() - acted
         return stats.report(self.env_steps, self.updates, unroll_length=self.agent_cfg.unroll_length)
 
@@ -67,13 +68,13 @@ class A2CLearner(Learner):
             env.send(env_actions, np.arange(group * size, (group + 1) * size, dtype=np.int32))
         else:
             self._in_flight.append(env.step(env_actions))
-        stats.env_seconds += time.perf_counter() - started
+        stats.acting.env_seconds += time.perf_counter() - started
 
     def _recv(self, group: int, stats: CallStats) -> StepBatch:
         """The step results of ``group``, which must be the oldest group in flight."""
         started = time.perf_counter()
         batch = self.env.recv() if self.env.is_async else self._in_flight.pop(0)
-        stats.env_seconds += time.perf_counter() - started
+        stats.acting.env_seconds += time.perf_counter() - started
         first = group * self.env.batch_size
         if int(batch.env_ids[0]) != first:  # the grouped env returns groups in the order sent
             raise RuntimeError(f"expected env group {group}, received envs from {int(batch.env_ids[0])}")
@@ -125,9 +126,11 @@ class A2CLearner(Learner):
                     stats.add_episodes(batch.episode_returns, batch.episode_lengths)
                 if t == length:
                     continue
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.thread_time()
                 actions, env_actions, log_probs = self.policy_step(model, self._obs[cols])
-                stats.inference_seconds += time.perf_counter() - started
+                stats.acting.inference_seconds += time.perf_counter() - started
+                stats.acting.inference_cpu_seconds += time.thread_time() - cpu_started
+                stats.acting.policy_steps += 1
                 if unroll is None:
                     unroll = self._buffer(actions)
                 unroll.obs[t, cols] = self._obs[cols]

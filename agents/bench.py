@@ -9,7 +9,11 @@ time have passed. Reported rates:
   stepping; for IMPALA the actor thread's busy time);
 - ``learner_samples_per_second``: gradient steps x samples per step (``T x B`` / minibatches) /
   seconds spent in updates (forward, backward, optimiser step; for IMPALA also publishing the weights);
-- ``learner_samples_per_second_wall``: the same samples / wall seconds.
+- ``learner_samples_per_second_wall``: the same samples / wall seconds;
+- ``acting_cpu_us_per_policy_step``: the acting thread's CPU time per policy step (one env
+  batch), and ``inference_cpu_us_per_policy_step`` the part of it in the policy step (copy in,
+  forward pass, sampling, copy out): the per-batch cost a population pays per member, whatever
+  the batch size (docs/design.md, "Where the cores go").
 
 For A2C acting and learning alternate, so wall time ~ acting + updating; for IMPALA they overlap.
 """
@@ -49,8 +53,8 @@ def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = N
         warm_rate = learner.env_steps / max(time.perf_counter() - warm_started, 1e-6)
         call_steps = max(steps_per_update, int(warm_rate * _CALL_SECONDS))
 
-        env_steps = updates = 0
-        act_seconds = update_seconds = 0.0
+        env_steps = updates = policy_steps = 0
+        act_seconds = update_seconds = act_cpu_seconds = inference_cpu_seconds = 0.0
         lags: list[float] = []
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -59,6 +63,9 @@ def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = N
             updates += report.updates
             act_seconds += report.extra["act_seconds"]
             update_seconds += report.extra["update_seconds"]
+            act_cpu_seconds += report.extra["act_cpu_seconds"]
+            inference_cpu_seconds += report.extra["inference_cpu_seconds"]
+            policy_steps += report.extra["policy_steps"]
             if report.updates and "policy_lag" in report.extra:
                 lags.append(report.extra["policy_lag"])
         wall = time.perf_counter() - started
@@ -81,6 +88,12 @@ def bench_agent(config: ExperimentConfig, seconds: float, device: str | None = N
             "learner_samples_per_second": samples / update_seconds if update_seconds else float("nan"),
             "learner_samples_per_second_wall": samples / wall,
             "policy_lag": sum(lags) / len(lags) if lags else None,
+            "policy_steps": policy_steps,
+            # The acting thread's CPU per policy step (one env batch), and the part in the policy
+            # step itself (observations in, forward pass, sampling, actions out): per-step cost
+            # that a population pays once per member per batch.
+            "acting_cpu_us_per_policy_step": 1e6 * act_cpu_seconds / policy_steps if policy_steps else None,
+            "inference_cpu_us_per_policy_step": 1e6 * inference_cpu_seconds / policy_steps if policy_steps else None,
         }
     finally:
         learner.close()
@@ -98,6 +111,10 @@ def format_bench(result: dict[str, Any]) -> str:
         f"  learner samples/s {result['learner_samples_per_second_wall']:,.0f} (wall)   "
         f"{result['learner_samples_per_second']:,.0f} (while updating)",
     ]
+    if result.get("acting_cpu_us_per_policy_step") is not None:
+        acting, inference = result["acting_cpu_us_per_policy_step"], result["inference_cpu_us_per_policy_step"]
+        lines.append(f"  acting CPU        {acting:,.0f} us per policy step of the acting thread: "
+                     f"{inference:,.0f} in the policy step, {acting - inference:,.0f} the rest (env, bookkeeping)")
     if result.get("policy_lag") is not None:
         lines.append(f"  policy lag        {result['policy_lag']:.2f} updates")
     return "\n".join(lines)

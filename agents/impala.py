@@ -47,7 +47,7 @@ from torch import Tensor
 from pbt_rl.agents.base import Learner
 from pbt_rl.agents.rollout import Unroll
 from pbt_rl.agents.trajectories import EnvTrajectories
-from pbt_rl.agents.train_report import CallStats, TrainReport
+from pbt_rl.agents.train_report import ActingTime, CallStats, TrainReport
 from pbt_rl.agents.vtrace import vtrace
 from pbt_rl.config import AgentConfig, EnvConfig
 from pbt_rl.machine_use import ACTOR, set_thread_name
@@ -74,9 +74,7 @@ class ImpalaLearner(Learner):
         self._stop = False
         self._episode_returns: list[float] = []
         self._episode_lengths: list[int] = []
-        self._actor_seconds = 0.0
-        self._actor_env_seconds = 0.0  # actor blocked on env step / recv
-        self._actor_inference_seconds = 0.0
+        self._acting = ActingTime()  # the actor thread's, handed to each train call's report
         # Weights for the actor: a state dict of clones plus the update count that produced it.
         self._publish_lock = threading.Lock()
         self._published: tuple[dict[str, Tensor], int] | None = None
@@ -115,9 +113,7 @@ class ImpalaLearner(Learner):
             self._pause_actor()
             with self._cond:
                 self._take_episodes(stats)
-                stats.act_seconds, stats.env_seconds = self._actor_seconds, self._actor_env_seconds
-                stats.inference_seconds = self._actor_inference_seconds
-                self._actor_seconds = self._actor_env_seconds = self._actor_inference_seconds = 0.0
+                stats.acting, self._acting = self._acting, ActingTime()
         self._raise_actor_error()
         return stats.report(
             self.env_steps,
@@ -250,7 +246,7 @@ class ImpalaLearner(Learner):
                 if version != self._policy_version:
                     version = self._policy_version
                     trajectories.drop_experience()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             with self._publish_lock:
                 published, count = self._published, self._publish_count
             if count != loaded_count:
@@ -259,9 +255,9 @@ class ImpalaLearner(Learner):
             if batch is None:
                 batch = env.reset()
                 obs = self._receive(trajectories, batch)
-            acting = time.perf_counter()
+            acting, cpu_acting = time.perf_counter(), time.thread_time()
             actions, env_actions, log_probs = self.policy_step(self._actor_model, obs)
-            inferred = time.perf_counter()
+            inferred, cpu_inferred = time.perf_counter(), time.thread_time()
             trajectories.sent(batch.env_ids, actions, log_probs, policy_updates)
             stepping = time.perf_counter()
             if env.is_async:
@@ -282,9 +278,13 @@ class ImpalaLearner(Learner):
             with self._cond:
                 self._episode_returns.extend(batch.episode_returns.tolist())
                 self._episode_lengths.extend(batch.episode_lengths.tolist())
-                self._actor_seconds += time.perf_counter() - started
-                self._actor_env_seconds += stepped - stepping
-                self._actor_inference_seconds += inferred - acting
+                acted = self._acting
+                acted.seconds += time.perf_counter() - started
+                acted.cpu_seconds += time.thread_time() - cpu_started
+                acted.env_seconds += stepped - stepping
+                acted.inference_seconds += inferred - acting
+                acted.inference_cpu_seconds += cpu_inferred - cpu_acting
+                acted.policy_steps += 1
                 for unroll in unrolls:
                     while (len(self._queue) >= self._queue_bound() and self._actor_may_run
                            and not self._stop and version == self._policy_version):

@@ -25,7 +25,9 @@ class TrainReport:
     during it, the mean losses of its updates, its number of updates and its throughput (env steps
     taken in this call / wall seconds of this call). ``extra`` holds learner-specific numbers
     (``env_steps_in_call``, ``updates_total``, ``grad_norm``, ``act_seconds``, ``update_seconds``,
-    ``env_seconds`` (acting blocked on the env), ``inference_seconds``, ``batch_shape`` ``[T, B]``
+    ``env_seconds`` (acting blocked on the env), ``inference_seconds``, the acting thread's CPU
+    time ``act_cpu_seconds`` and ``inference_cpu_seconds`` over the same spans, ``policy_steps``
+    (:class:`ActingTime`), ``batch_shape`` ``[T, B]``
     of the last update, ``wall_seconds``, ``clip_fraction`` and ``approx_kl`` (averaged like the
     losses, see :func:`~pbt_rl.agents.losses.policy_ratio_stats`); IMPALA adds ``policy_lag`` and
     ``policy_lag_max``).
@@ -40,6 +42,23 @@ class TrainReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ActingTime:
+    """Where the acting thread's time went during a call (the member's thread for A2C, the actor
+    thread for IMPALA): wall seconds acting (waits for the learner or for a turn left out), of
+    them blocked on the env and in policy steps; the thread's CPU seconds over the same spans;
+    and the number of policy steps. CPU per policy step is what acting costs the machine's cores
+    per env batch, the per-step Python and launches that ``pbt-rl bench`` attributes by thread
+    (docs/design.md, "Where the cores go")."""
+
+    seconds: float = 0.0
+    env_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    inference_cpu_seconds: float = 0.0
+    policy_steps: int = 0
+
+
 class CallStats:
     """Accumulates what one ``train`` call did, and turns it into a :class:`TrainReport`."""
 
@@ -52,10 +71,8 @@ class CallStats:
         self.batches = 0  # _update calls (one per batch of unrolls)
         self.updates = 0  # gradient steps
         self.batch_shape: list[int] = []
-        self.act_seconds = 0.0
+        self.acting = ActingTime()
         self.update_seconds = 0.0
-        self.env_seconds = 0.0  # acting blocked on the env (step / recv)
-        self.inference_seconds = 0.0  # acting in the policy (observations in, actions out)
 
     def add_episodes(self, returns: np.ndarray, lengths: np.ndarray) -> None:
         self.episode_returns.extend(float(r) for r in returns)
@@ -88,10 +105,13 @@ class CallStats:
                 "updates_total": updates_total,
                 "grad_norm": grad_norm,
                 **ratio_stats,
-                "act_seconds": self.act_seconds,
+                "act_seconds": self.acting.seconds,
                 "update_seconds": self.update_seconds,
-                "env_seconds": self.env_seconds,
-                "inference_seconds": self.inference_seconds,
+                "env_seconds": self.acting.env_seconds,
+                "inference_seconds": self.acting.inference_seconds,
+                "act_cpu_seconds": self.acting.cpu_seconds,
+                "inference_cpu_seconds": self.acting.inference_cpu_seconds,
+                "policy_steps": self.acting.policy_steps,
                 "batch_shape": self.batch_shape,
                 "wall_seconds": seconds,
                 **extra,

@@ -167,9 +167,16 @@ def test_train_report_covers_only_its_own_call(learners, algo, async_batch_size)
     assert second.extra["env_steps_in_call"] == second.env_steps - first.env_steps
     assert second.extra["updates_total"] == first.updates + second.updates == learner.updates
     assert second.env_steps_per_second > 0
+    # One policy step per env batch, and the acting thread's CPU time split around it.
+    batch = async_batch_size or 4
+    for report in (first, second):
+        extra = report.extra
+        assert extra["policy_steps"] * batch == extra["env_steps_in_call"]
+        assert 0 < extra["inference_cpu_seconds"] < extra["act_cpu_seconds"]
 
     idle = learner.train(100)  # already past the target: no work
     assert idle.updates == 0 and idle.env_steps == learner.env_steps and idle.episode_returns == []
+    assert idle.extra["policy_steps"] == 0 and idle.extra["act_cpu_seconds"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------
