@@ -321,3 +321,72 @@ def test_supported_envs_lists_resolvable_curated_ids():
     for family, ids in listed.items():
         assert all(env_family(env_id) == family for env_id in ids)
     assert "Gymnasium" in GYMNASIUM_FALLBACK_NOTE
+
+
+@pytest.mark.parametrize("env_id, max_episode_steps", [("Pong-v5", 0), ("HalfCheetah-v5", 25), ("CartPole-v1", 0)])
+def test_direct_envpool_calls_step_exactly_as_envpool_public_methods(env_id, max_episode_steps):
+    """DirectCalls (envpool's C++ send/recv read by state-key position) against envpool's public
+    methods: two pools with the same seeds and actions give the same batches, step for step,
+    through episode ends (CartPole terminates, HalfCheetah truncates at 25 steps), synchronously
+    and asynchronously (one env thread, batches of 2 of 4 envs)."""
+    from pbt_rl.envs.envpool_envs import EnvpoolPool
+
+    cfg = EnvConfig(id=env_id, max_episode_steps=max_episode_steps)
+    family = env_family(env_id)
+    seeds = per_env_seeds(11, 4)
+    for batch_size in (4, 2):
+        pools = [EnvpoolPool(cfg, family, 4, batch_size, 1, seeds, direct_calls=direct) for direct in (True, False)]
+        try:
+            assert [pool.direct for pool in pools] == [True, False]
+            rng = np.random.default_rng(0)
+            if batch_size == 4:
+                batches = [pool.reset() for pool in pools]
+            else:
+                for pool in pools:
+                    pool.start_reset()
+                batches = [pool.recv() for pool in pools]
+            for _ in range(40):
+                fast, public = batches
+                for name in ("obs", "reward", "raw_reward", "terminated", "truncated", "episode_over", "env_ids"):
+                    fast_value, public_value = getattr(fast, name), getattr(public, name)
+                    assert fast_value.dtype == public_value.dtype, name
+                    np.testing.assert_array_equal(fast_value, public_value, err_msg=name)
+                space = pools[0].action_space
+                actions = (rng.integers(0, space.n, size=batch_size).astype(np.int32) if hasattr(space, "n")
+                           else rng.uniform(-1, 1, size=(batch_size, *space.shape)).astype(space.dtype))
+                if batch_size == 4:
+                    batches = [pool.step(actions) for pool in pools]
+                else:
+                    for pool in pools:
+                        pool.send(actions, fast.env_ids)
+                    batches = [pool.recv() for pool in pools]
+        finally:
+            for pool in pools:
+                pool.close()
+
+
+def test_direct_envpool_calls_are_not_used_for_a_layout_they_do_not_know():
+    from pbt_rl.envs.envpool_envs import DirectCalls
+
+    class Pool:
+        _state_keys = ["info:env_id", "obs", "reward", "done", "trunc"]
+        _action_keys = ["env_id", "players.env_id", "action"]
+        config = {"max_num_players": 1}
+        _spec = type("Spec", (), {"_action_spec": [(np.dtype("int32"),)] * 3})()
+        all_env_ids = np.arange(2)
+
+        def _recv(self):
+            return []
+
+        def _send(self, action):
+            pass
+
+    assert DirectCalls.of(Pool(), atari=False) is not None
+    assert DirectCalls.of(Pool(), atari=True) is None  # no raw Atari reward in the state
+    multiplayer = Pool()
+    multiplayer.config = {"max_num_players": 2}
+    assert DirectCalls.of(multiplayer, atari=False) is None
+    dict_actions = Pool()
+    dict_actions._action_keys = ["env_id", "players.env_id", "action:move", "action:fire"]
+    assert DirectCalls.of(dict_actions, atari=False) is None
+    assert DirectCalls.of(object(), atari=False) is None  # not an envpool pool at all
