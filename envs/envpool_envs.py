@@ -141,8 +141,9 @@ class DirectCalls:
 
     def send(self, actions: np.ndarray, env_ids: np.ndarray | None = None) -> None:
         """Step ``env_ids`` (all envs when None) with ``actions``, as ``pool.send`` does."""
-        env_ids = self._all_env_ids if env_ids is None else np.asarray(env_ids, dtype=np.int32)
-        self._send([env_ids, env_ids, np.asarray(actions, dtype=self._action_dtype, order="C")])
+        # Copies, as envpool's own send makes: its workers may read the arrays after this returns.
+        env_ids = self._all_env_ids if env_ids is None else np.array(env_ids, dtype=np.int32)
+        self._send([env_ids, env_ids, np.array(actions, dtype=self._action_dtype, order="C")])
 
     def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """``(obs, reward, terminated, truncated, info)`` as ``pool.recv`` returns them, with only
