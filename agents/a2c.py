@@ -112,25 +112,33 @@ class A2CLearner(Learner):
         length = self.agent_cfg.unroll_length
         model, updates = self.model, self.updates  # both fixed while collecting
         unroll = None
+        acting = stats.acting
         for t in range(length + 1):
             for group in range(groups):
                 cols = slice(group * size, (group + 1) * size)
-                if t > 0:
-                    batch = self._recv(group, stats)
+                batch = self._recv(group, stats) if t > 0 else None
+                if batch is not None:
+                    self._obs[cols] = self._prepare_obs(batch.obs, update_statistics=True)
+                launched = None
+                if t < length:  # act first: the bookkeeping below is done while the GPU computes
+                    started, cpu_started = time.perf_counter(), time.thread_time()
+                    launched = self.launch_policy_step(model, self._obs[cols])
+                    acting.inference_seconds += time.perf_counter() - started
+                    acting.inference_cpu_seconds += time.thread_time() - cpu_started
+                if batch is not None:
                     unroll.rewards[t - 1, cols] = self._scale_rewards(batch)
                     unroll.terminated[t - 1, cols] = batch.terminated
                     unroll.truncated[t - 1, cols] = batch.truncated
                     unroll.valid[t - 1, cols] = ~batch.is_first
-                    self._obs[cols] = self._prepare_obs(batch.obs, update_statistics=True)
                     self.env_steps += batch.batch_size
                     stats.add_episodes(batch.episode_returns, batch.episode_lengths)
-                if t == length:
+                if launched is None:
                     continue
                 started, cpu_started = time.perf_counter(), time.thread_time()
-                actions, env_actions, log_probs = self.policy_step(model, self._obs[cols])
-                stats.acting.inference_seconds += time.perf_counter() - started
-                stats.acting.inference_cpu_seconds += time.thread_time() - cpu_started
-                stats.acting.policy_steps += 1
+                actions, env_actions, log_probs = self.finish_policy_step(model, launched)
+                acting.inference_seconds += time.perf_counter() - started
+                acting.inference_cpu_seconds += time.thread_time() - cpu_started
+                acting.policy_steps += 1
                 if unroll is None:
                     unroll = self._buffer(actions)
                 unroll.obs[t, cols] = self._obs[cols]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pbt_rl.agents.device import resolve_device, to_device
+from pbt_rl.agents.device import HostCopy, resolve_device, to_device
 from pbt_rl.agents.graphed_acting import GraphedActing
 from pbt_rl.agents.graphed_steps import GraphedSteps, StepTotals, select_columns
 from pbt_rl.agents.hyperparameters import coerce_hyperparameters
@@ -187,29 +187,41 @@ class Learner:
 
     def policy_step(self, model: torch.nn.Module, obs: np.ndarray,
                     deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sample actions for prepared observations ``[B, ...]`` with ``model`` (or take the mode).
-
-        Samples with the learner's acting generator, together with the other members of its host
-        when it acts through their :class:`~pbt_rl.agents.acting_pool.ActingPool`
-        (:meth:`act_with`), or else on a GPU with ``agent.graphed_acting`` as a replayed CUDA graph
-        (:mod:`pbt_rl.agents.graphed_acting`: the same draws, one launch). Returns host arrays
-        ``(actions as sampled, env actions (clipped to the bounds), log_probs)``. One
-        device-to-host copy per call (:meth:`ActorCritic.act_packed`): with several members
-        time-slicing one GPU every extra sync can wait for another process's kernels.
+        """Sample actions for prepared observations ``[B, ...]`` with ``model`` (or take the mode):
+        :meth:`launch_policy_step` then :meth:`finish_policy_step`. Returns host arrays
+        ``(actions as sampled, env actions (clipped to the bounds), log_probs)``.
 
         Raises:
             TrainingDiverged: non-finite actions or log-probabilities from non-finite weights.
         """
+        return self.finish_policy_step(model, self.launch_policy_step(model, obs, deterministic))
+
+    def launch_policy_step(self, model: torch.nn.Module, obs: np.ndarray, deterministic: bool = False) -> HostCopy:
+        """Start a policy step: its packed rows (:meth:`ActorCritic.act_packed`) on their way to the
+        host. On a GPU this returns once the work is queued, so the caller can do its bookkeeping
+        while the GPU computes (:meth:`finish_policy_step` waits); elsewhere the rows are there.
+
+        Samples with the learner's acting generator (the draws are made here, in launch order),
+        together with the other members of its host when it acts through their
+        :class:`~pbt_rl.agents.acting_pool.ActingPool` (:meth:`act_with`), or else on a GPU with
+        ``agent.graphed_acting`` as a replayed CUDA graph (:mod:`pbt_rl.agents.graphed_acting`:
+        the same draws, one launch). One device-to-host copy per step: with several members
+        sharing one GPU every extra sync can wait for another process's kernels.
+        """
+        generator = self.state.acting_generator
         if self._acting_pool is not None:
-            packed = self._acting_pool.act(model, to_device(obs, self.device), deterministic,
-                                           self.state.acting_generator)
-        elif self._graphed_acting is not None and not deterministic:
-            packed = self._graphed_acting.act(model, obs, self.state.acting_generator)
-        else:
-            obs_tensor = to_device(obs, self.device)
-            with torch.no_grad():
-                packed = model.act_packed(obs_tensor, deterministic=deterministic,
-                                          generator=self.state.acting_generator).cpu().numpy()
+            return HostCopy(self._acting_pool.act(model, to_device(obs, self.device), deterministic, generator))
+        if self._graphed_acting is not None and not deterministic:
+            return HostCopy(self._graphed_acting.launch(model, obs, generator))
+        with torch.no_grad():
+            return HostCopy(model.act_packed(to_device(obs, self.device), deterministic=deterministic,
+                                             generator=generator))
+
+    def finish_policy_step(self, model: torch.nn.Module,
+                           launched: HostCopy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Wait for a launched policy step (:meth:`launch_policy_step`) and check and unpack its rows:
+        ``(actions as sampled, env actions, log_probs)`` as :meth:`policy_step` returns them."""
+        packed = launched.array()
         if not np.isfinite(packed).all():
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged("non-finite policy weights while acting")

@@ -42,6 +42,33 @@ def to_device(array: np.ndarray, device: torch.device, out: Tensor | None = None
     return tensor.to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
+class HostCopy:
+    """A result on its way to the host: for a CUDA tensor the copy is queued (non-blocking, into
+    pinned memory, ordered after the work that computes it) and waited for only when
+    :meth:`array` is asked for, so the calling thread can do other work while the GPU finishes
+    instead of spinning in a synchronous copy. A CPU tensor or a host array is there already.
+    """
+
+    def __init__(self, value: Tensor | np.ndarray) -> None:
+        self._device_value: Tensor | None = None
+        self._done: Any = None
+        if isinstance(value, Tensor) and value.device.type == "cuda":
+            stream = torch.cuda.current_stream(value.device)
+            self._device_value = value  # kept until the copy is waited for: its memory is not reused before
+            self._host: Tensor | np.ndarray = value.to("cpu", non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+        else:
+            self._host = value
+
+    def array(self) -> np.ndarray:
+        """The value as a host array (waits for the copy the first time)."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = self._device_value = None
+        return self._host.numpy() if isinstance(self._host, Tensor) else self._host
+
+
 _CU_CTX_SCHED = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}
 """CUDA driver context flags CU_CTX_SCHED_AUTO, _SPIN, _YIELD and _BLOCKING_SYNC."""
 

@@ -53,9 +53,10 @@ def _parameter_addresses(model: torch.nn.Module) -> tuple[int, ...]:
 class GraphedActing:
     """A learner's sampling acting steps on a GPU as replayed CUDA graphs (see the module's doc).
 
-    :meth:`act` returns what ``model.act_packed(obs, generator=generator).cpu().numpy()`` returns
-    eagerly: the first :data:`WARMUP_STEPS` calls for a model and shape run eagerly (on a side
-    stream, as capture needs), the next one captures and replays.
+    :meth:`launch` returns what ``model.act_packed(obs, generator=generator)`` returns eagerly,
+    on the device and ordered on the current stream (the caller copies it to the host): the first
+    :data:`WARMUP_STEPS` calls for a model and shape run eagerly (on a side stream, as capture
+    needs), the next one captures and replays.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -66,9 +67,10 @@ class GraphedActing:
         self.captures = 0
         """Graphs captured so far (for tests and reports)."""
 
-    def act(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    def launch(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
         """Rows ``(action..., log_prob)`` for the prepared observations ``obs`` ``[N, ...]``,
-        sampled with ``generator`` (float64 ``[N, k + 1]``, on the host)."""
+        sampled with ``generator`` (float64 ``[N, k + 1]`` on the device; a replayed graph's
+        output is valid until the next launch for the same model and shape)."""
         with self._lock, torch.cuda.device(self.device), torch.no_grad():
             key = (id(model), obs.shape, obs.dtype.str)
             entry = self._captured.get(key)
@@ -83,9 +85,9 @@ class GraphedActing:
             to_device(obs, self.device, out=entry.obs)  # pinned host -> the graph's input, one copy
             model.draw_noise(entry.noise, generator)
             entry.graph.replay()
-            return entry.packed.cpu().numpy()
+            return entry.packed
 
-    def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         try:
@@ -93,7 +95,8 @@ class GraphedActing:
                 packed = model.act_packed(to_device(obs, self.device), generator=generator)
         finally:
             current.wait_stream(self._stream)
-        return packed.cpu().numpy()
+        packed.record_stream(current)  # used on the current stream from here (the copy to the host)
+        return packed
 
     def _capture(self, entry: _Captured, model: torch.nn.Module, obs: np.ndarray) -> None:
         """Capture forward and sampling over static observations and noise (nothing runs yet)."""

@@ -226,6 +226,14 @@ class ImpalaLearner(Learner):
                 self._cond.notify_all()
 
     def _actor_loop(self) -> None:
+        """Act on each received batch, step its envs and queue the unrolls its steps complete.
+
+        A received batch's bookkeeping (its rewards and steps into the trajectories, the unrolls
+        they complete, queued for the learner) is done while the GPU computes the batch's actions:
+        the policy step is launched first and waited for after, so the CPU work fills what was a
+        spinning wait. It is done before the actor pauses too, so a pause finds the same unrolls
+        queued and the same statistics as if it were done on receipt.
+        """
         env, state = self.env, self.state
         trajectories = EnvTrajectories(env.num_envs)
         version = self._policy_version
@@ -233,19 +241,27 @@ class ImpalaLearner(Learner):
         policy_updates = 0
         batch = None
         obs = None  # prepared observations of `batch`
+        unrecorded = None  # `batch`, if its bookkeeping is still to be done
         while True:
             with self._cond:
-                while not self._stop and (not self._actor_may_run or state.env_steps >= self._target_env_steps):
-                    if not self._actor_idle:
-                        self._actor_idle = True
-                        self._cond.notify_all()
-                    self._cond.wait()
-                if self._stop:
+                flush = unrecorded is not None and self._actor_must_wait()
+                if not flush:
+                    while self._actor_must_wait():
+                        if not self._actor_idle:
+                            self._actor_idle = True
+                            self._cond.notify_all()
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._actor_idle = False
+                    if version != self._policy_version:
+                        version = self._policy_version
+                        trajectories.drop_experience()
+            if flush:  # pausing: the last batch's bookkeeping first, as if it were done on receipt
+                unrolls, unrecorded = self._record(trajectories, unrecorded, obs, version), None
+                if not self._enqueue(unrolls, version):
                     return
-                self._actor_idle = False
-                if version != self._policy_version:
-                    version = self._policy_version
-                    trajectories.drop_experience()
+                continue
             started, cpu_started = time.perf_counter(), time.thread_time()
             with self._publish_lock:
                 published, count = self._published, self._publish_count
@@ -253,11 +269,19 @@ class ImpalaLearner(Learner):
                 self._actor_model.load_state_dict(published[0])
                 policy_updates, loaded_count = published[1], count
             if batch is None:
-                batch = env.reset()
-                obs = self._receive(trajectories, batch)
+                batch = unrecorded = env.reset()
+                obs = self._prepare_obs(batch.obs, update_statistics=True)
             acting, cpu_acting = time.perf_counter(), time.thread_time()
-            actions, env_actions, log_probs = self.policy_step(self._actor_model, obs)
-            inferred, cpu_inferred = time.perf_counter(), time.thread_time()
+            launched = self.launch_policy_step(self._actor_model, obs)
+            inference, inference_cpu = time.perf_counter() - acting, time.thread_time() - cpu_acting
+            if unrecorded is not None:  # while the GPU computes the actions (waits only if the queue is full)
+                unrolls, unrecorded = self._record(trajectories, unrecorded, obs, version), None
+                if not self._enqueue(unrolls, version):
+                    return
+            finishing, cpu_finishing = time.perf_counter(), time.thread_time()
+            actions, env_actions, log_probs = self.finish_policy_step(self._actor_model, launched)
+            inference += time.perf_counter() - finishing
+            inference_cpu += time.thread_time() - cpu_finishing
             trajectories.sent(batch.env_ids, actions, log_probs, policy_updates)
             stepping = time.perf_counter()
             if env.is_async:
@@ -268,13 +292,7 @@ class ImpalaLearner(Learner):
                 state.env_steps += batch.batch_size
                 batch = env.step(env_actions)
             stepped = time.perf_counter()
-            obs = self._receive(trajectories, batch)
-            unrolls = []
-            while True:
-                unroll = trajectories.cut(self.agent_cfg.unroll_length, env.batch_size, version)
-                if unroll is None:
-                    break
-                unrolls.append(unroll)
+            obs, unrecorded = self._prepare_obs(batch.obs, update_statistics=True), batch
             with self._cond:
                 self._episode_returns.extend(batch.episode_returns.tolist())
                 self._episode_lengths.extend(batch.episode_lengths.tolist())
@@ -282,25 +300,38 @@ class ImpalaLearner(Learner):
                 acted.seconds += time.perf_counter() - started
                 acted.cpu_seconds += time.thread_time() - cpu_started
                 acted.env_seconds += stepped - stepping
-                acted.inference_seconds += inferred - acting
-                acted.inference_cpu_seconds += cpu_inferred - cpu_acting
+                acted.inference_seconds += inference
+                acted.inference_cpu_seconds += inference_cpu
                 acted.policy_steps += 1
-                for unroll in unrolls:
-                    while (len(self._queue) >= self._queue_bound() and self._actor_may_run
-                           and not self._stop and version == self._policy_version):
-                        self._cond.wait()
-                    if self._stop:
-                        return
-                    if version == self._policy_version:
-                        self._queue.append(unroll)
-                        self._cond.notify_all()
 
-    def _receive(self, trajectories: EnvTrajectories, batch: Any) -> np.ndarray:
-        """Normalise a received batch's observations and complete its envs' in-flight steps."""
-        obs = self._prepare_obs(batch.obs, update_statistics=True)
-        rewards = self._scale_rewards(batch)
-        trajectories.receive(batch.env_ids, obs, rewards, batch.terminated, batch.truncated, batch.is_first)
-        return obs
+    def _actor_must_wait(self) -> bool:
+        """Whether the actor is to stay idle now (asked with ``self._cond`` held): paused, or at its target."""
+        return not self._stop and (not self._actor_may_run or self.state.env_steps >= self._target_env_steps)
+
+    def _record(self, trajectories: EnvTrajectories, batch: Any, obs: np.ndarray, version: int) -> list[Unroll]:
+        """A received batch into the trajectories (its prepared observations ``obs``, its scaled
+        rewards, the in-flight steps it completes); the unrolls that are complete now."""
+        trajectories.receive(batch.env_ids, obs, self._scale_rewards(batch), batch.terminated, batch.truncated,
+                             batch.is_first)
+        unrolls = []
+        while (unroll := trajectories.cut(self.agent_cfg.unroll_length, self.env.batch_size, version)) is not None:
+            unrolls.append(unroll)
+        return unrolls
+
+    def _enqueue(self, unrolls: list[Unroll], version: int) -> bool:
+        """Queue ``unrolls`` for the learner, waiting for room; dropped if their policy version is
+        stale. False when the actor is to stop."""
+        with self._cond:
+            for unroll in unrolls:
+                while (len(self._queue) >= self._queue_bound() and self._actor_may_run
+                       and not self._stop and version == self._policy_version):
+                    self._cond.wait()
+                if self._stop:
+                    return False
+                if version == self._policy_version:
+                    self._queue.append(unroll)
+                    self._cond.notify_all()
+        return True
 
     def _queue_bound(self) -> int:
         agent = self.agent_cfg

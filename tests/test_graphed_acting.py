@@ -66,9 +66,30 @@ def test_to_device_fills_a_given_input_tensor_in_place():
     np.testing.assert_array_equal(static.numpy(), frames)
 
 
+def test_a_host_copy_of_a_host_value_is_that_value():
+    from pbt_rl.agents.device import HostCopy
+
+    rows = np.arange(6.0).reshape(3, 2)
+    assert HostCopy(rows).array() is rows
+    np.testing.assert_array_equal(HostCopy(torch.from_numpy(rows)).array(), rows)
+
+
+@cuda
+def test_a_host_copy_of_a_gpu_tensor_waits_for_the_work_that_computes_it():
+    from pbt_rl.agents.device import HostCopy
+
+    big = torch.randn(2048, 2048, device="cuda")
+    result = (big @ big).sum(dim=1)  # queued; the copy is ordered after it
+    copy_ = HostCopy(result)
+    expected = result.cpu().numpy()
+    np.testing.assert_array_equal(copy_.array(), expected)
+    np.testing.assert_array_equal(copy_.array(), expected)  # a second read does not wait again
+
+
 @cuda
 @pytest.mark.parametrize("name", list(SPACES))
 def test_graphed_acting_samples_what_eager_acting_samples(name):
+    from pbt_rl.agents.device import HostCopy
     from pbt_rl.agents.graphed_acting import GraphedActing
     from pbt_rl.agents.graphed_steps import WARMUP_STEPS
 
@@ -78,7 +99,7 @@ def test_graphed_acting_samples_what_eager_acting_samples(name):
 
     def both(seed: int) -> None:
         obs = _obs(name, 8, seed)
-        graphed = acting.act(model, obs, graphed_generator)
+        graphed = HostCopy(acting.launch(model, obs, graphed_generator)).array()  # the copy the learner makes
         with torch.no_grad():
             eager = model.act_packed(torch.from_numpy(obs).cuda(), generator=eager_generator).cpu().numpy()
         np.testing.assert_array_equal(graphed[:, :-1], eager[:, :-1])  # the actions
@@ -94,7 +115,7 @@ def test_graphed_acting_samples_what_eager_acting_samples(name):
     assert acting.captures == 1
     other_batch = _obs(name, 3, 5)  # another batch size: its own capture
     for _ in range(WARMUP_STEPS + 2):
-        acting.act(model, other_batch, graphed_generator)
+        acting.launch(model, other_batch, graphed_generator)
     assert acting.captures == 2
     model = copy.deepcopy(model)  # parameters elsewhere: captured again, not read from the old places
     graphed_generator, eager_generator = _generators("cuda")

@@ -179,6 +179,46 @@ def test_train_report_covers_only_its_own_call(learners, algo, async_batch_size)
     assert idle.extra["policy_steps"] == 0 and idle.extra["act_cpu_seconds"] == 0.0
 
 
+@pytest.mark.parametrize("algo,async_batch_size", [("a2c", 2), ("impala", 0), ("impala", 2)])
+def test_a_received_batchs_bookkeeping_is_done_while_its_policy_step_computes(learners, algo, async_batch_size):
+    """Each policy step is launched, then the received batch's bookkeeping (rewards scaled into the
+    unroll or the trajectories) is done, then the step is waited for: on a GPU that CPU work fills
+    what was a spinning wait. Every received batch is accounted exactly once, and IMPALA's actor
+    does the last one's before it pauses, so a train call leaves nothing half recorded (A2C's
+    first batches, from resetting its envs, have no rewards to account)."""
+    learner = learners(make_config(algo, num_envs=4, async_batch_size=async_batch_size, unroll_length=5))
+    events: list[str] = []
+    for name, event in (("launch_policy_step", "launch"), ("finish_policy_step", "finish"),
+                        ("_scale_rewards", "record")):
+        original = getattr(learner, name)
+
+        def spy(*args, _original=original, _event=event, **kwargs):
+            events.append(_event)
+            return _original(*args, **kwargs)
+
+        setattr(learner, name, spy)
+    batches = []
+    for name in ("step", "recv", "reset"):
+        original = getattr(learner.env, name)
+
+        def counted(*args, _original=original):
+            batches.append(1)
+            return _original(*args)
+
+        setattr(learner.env, name, counted)
+    for target in (400, 800):
+        learner.train(target)
+        # Paused: every batch received so far is recorded (IMPALA flushes the last one).
+        expected = len(batches) - (learner.env.num_envs // learner.env.batch_size if algo == "a2c" else 0)
+        assert events.count("record") == expected
+    launches = events.count("launch")
+    assert launches == events.count("finish") > 0
+    overlapped = sum(1 for i in range(len(events) - 2) if events[i:i + 3] == ["launch", "record", "finish"])
+    # A2C's first step of an unroll acts on the observations its last one received (no batch of
+    # its own to account): T - 1 of every T steps overlap. IMPALA's every step but each call's first.
+    assert overlapped >= (launches * 4 // 5 if algo == "a2c" else launches - 2)
+
+
 # ----------------------------------------------------------------------------------------
 # Hyperparameters
 # ----------------------------------------------------------------------------------------
