@@ -198,15 +198,12 @@ class Learner:
 
     def launch_policy_step(self, model: torch.nn.Module, obs: np.ndarray, deterministic: bool = False) -> HostCopy:
         """Start a policy step: its packed rows (:meth:`ActorCritic.act_packed`) on their way to the
-        host. On a GPU this returns once the work is queued, so the caller can do its bookkeeping
-        while the GPU computes (:meth:`finish_policy_step` waits); elsewhere the rows are there.
+        host; on a GPU this returns once the work is queued (:meth:`finish_policy_step` waits).
 
-        Samples with the learner's acting generator (the draws are made here, in launch order),
-        together with the other members of its host when it acts through their
-        :class:`~pbt_rl.agents.acting_pool.ActingPool` (:meth:`act_with`), or else on a GPU with
-        ``agent.graphed_acting`` as a replayed CUDA graph (:mod:`pbt_rl.agents.graphed_acting`:
-        the same draws, one launch). One device-to-host copy per step: with several members
-        sharing one GPU every extra sync can wait for another process's kernels.
+        Draws from the learner's acting generator, here, together with the other members of its
+        host through their :class:`~pbt_rl.agents.acting_pool.ActingPool` (:meth:`act_with`), or
+        else on a GPU with ``agent.graphed_acting`` as a replayed CUDA graph (the same draws). One
+        device-to-host copy per step: every extra sync can wait for other members' kernels.
         """
         generator = self.state.acting_generator
         if self._acting_pool is not None:
