@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
-from pbt_rl.machine_use import ENVPOOL, MachineSampler, cores_by_thread_name, thread_cpu_seconds, thread_named
+from pbt_rl.machine_use import ACTOR, ENVPOOL, MEMBER, MachineSampler, cores_by_thread_name, thread_cpu_seconds, thread_named
 from pbt_rl.runtime.resources import machine_threads
 from pbt_rl.runtime.run_format import MetricsRow
 from pbt_rl.runtime.store import RunStore
@@ -177,13 +177,14 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         run = train_for_bench(variant, seconds, warmup)
         runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
                      "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
-        say(_progress_line(raw, runs[-1]))
+        say(_progress_line(raw, runs[-1], _env_batch(config)))
     first = runs[0]
     return {
         "env": config.env.id,
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
+        "env_batch_size": _env_batch(config),
         "hosts": first["hosts"],
         "raw": raw,
         "population": first["population"],
@@ -273,7 +274,7 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
-        *_format_thread_cores(raw, pop, machine),
+        *_format_thread_cores(raw, pop, machine, result.get("env_batch_size")),
         *_format_variants(result),  # after every line of the first variant, which it names
         "json: " + json.dumps(result, default=float),
     ])
@@ -305,9 +306,17 @@ def _format_memory(machine: dict[str, Any]) -> str:
     return "" if memory is None else f"; resident memory at most {memory:,.0f} MiB (controller and hosts, summed)"
 
 
-def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machine: dict[str, Any]) -> list[str]:
-    """Where the cores went by OS thread name (machine_use), and envpool's CPU time per env step in
-    the population against raw stepping (the same work: more means envpool itself ran slower)."""
+def _env_batch(config: ExperimentConfig) -> int:
+    """Envs a member acts on per policy step: its async batch, or all its envs."""
+    return config.env.async_batch_size or config.env.num_envs
+
+
+def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machine: dict[str, Any],
+                         batch_size: int | None = None) -> list[str]:
+    """Where the cores went by OS thread name (machine_use), envpool's CPU time per env step in
+    the population against raw stepping (the same work: more means envpool itself ran slower),
+    and the members' own threads' CPU per env batch of ``batch_size`` (the per-step cost that
+    raw stepping does not pay; for A2C it includes the updates, made by the same thread)."""
     cores = machine.get("cores_by_thread")
     if not cores:
         return []
@@ -317,13 +326,17 @@ def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machin
         per_step = [1e6 * c / r for c, r in ((raw["envpool_cores"], raw["env_steps_per_second"]),
                                               (cores[ENVPOOL], population["env_steps_per_second"]))]
         lines.append(f"envpool CPU per env step: raw {per_step[0]:.0f} us, population {per_step[1]:.0f} us")
+    members = cores.get(ACTOR, 0.0) + cores.get(MEMBER, 0.0)
+    if batch_size and members and population.get("env_steps_per_second"):
+        per_batch = 1e6 * members * batch_size / population["env_steps_per_second"]
+        lines.append(f"members' threads CPU per env batch of {batch_size}: {per_batch:,.0f} us")
     return lines
 
 
-def _progress_line(raw: dict[str, Any], run: dict[str, Any]) -> str:
+def _progress_line(raw: dict[str, Any], run: dict[str, Any], batch_size: int) -> str:
     """One measured population as soon as it ends: its rate and ratio, and where the cores went."""
     population = run["population"]
-    cores = _format_thread_cores(raw, population, run["machine"])
+    cores = _format_thread_cores(raw, population, run["machine"], batch_size)
     return (f"measured: {run['label'] or 'the population'}: {population['env_steps_per_second']:,.0f} env steps/s, "
             f"ratio to raw {run['ratio']:.3f}" + "".join(f"; {line}" for line in cores))
 

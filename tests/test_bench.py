@@ -324,8 +324,10 @@ def test_the_bench_prints_cores_by_thread_and_envpool_cpu_per_env_step_against_r
     machine = {"cpu_count": 16, "cores_by_thread": {"pbt-envpool": 12.8, "pbt-actor": 1.6, "pbt-member": 0.4,
                                                     "python": 0.01}}
     text = format_population_bench({"env": "Pong-v5", "algo": "impala", "population_size": 8,
-                                    "num_envs_per_member": 128, "raw": raw, "population": population,
-                                    "ratio": 0.8, "exploits": 0, "machine": machine})
+                                    "num_envs_per_member": 128, "env_batch_size": 64, "raw": raw,
+                                    "population": population, "ratio": 0.8, "exploits": 0, "machine": machine})
     assert "cores by thread over the window: pbt-envpool 12.80, pbt-actor 1.60, pbt-member 0.40 (total 14.8)" in text
     # 15.2 cores / 40k steps/s = 380 us; 12.8 / 32k = 400 us
     assert "envpool CPU per env step: raw 380 us, population 400 us" in text
+    # actors and members' threads: 2.0 cores over 32k / 64 = 500 batches/s = 4,000 us per batch
+    assert "members' threads CPU per env batch of 64: 4,000 us" in text
