@@ -209,7 +209,7 @@ class Learner:
         if self._acting_pool is not None:
             return HostCopy(self._acting_pool.act(model, to_device(obs, self.device), deterministic, generator))
         if self._graphed_acting is not None and not deterministic:
-            return HostCopy(self._graphed_acting.launch(model, obs, generator))
+            return self._graphed_acting.launch(model, obs, generator)
         with torch.no_grad():
             return HostCopy(model.act_packed(to_device(obs, self.device), deterministic=deterministic,
                                              generator=generator))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pbt_rl.agents.device import to_device
+from pbt_rl.agents.device import HostCopy, to_device
 from pbt_rl.agents.graphed_steps import CAPTURE_LOCK, WARMUP_STEPS
 
 
@@ -54,7 +54,7 @@ class GraphedActing:
     """A learner's sampling acting steps on a GPU as replayed CUDA graphs (see the module's doc).
 
     :meth:`launch` returns what ``model.act_packed(obs, generator=generator)`` returns eagerly,
-    on the device and ordered on the current stream (the caller copies it to the host): the first
+    on its way to the host (:class:`~pbt_rl.agents.device.HostCopy`): the first
     :data:`WARMUP_STEPS` calls for a model and shape run eagerly (on a side stream, as capture
     needs), the next one captures and replays.
     """
@@ -67,10 +67,10 @@ class GraphedActing:
         self.captures = 0
         """Graphs captured so far (for tests and reports)."""
 
-    def launch(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
+    def launch(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> HostCopy:
         """Rows ``(action..., log_prob)`` for the prepared observations ``obs`` ``[N, ...]``,
-        sampled with ``generator`` (float64 ``[N, k + 1]`` on the device; a replayed graph's
-        output is valid until the next launch for the same model and shape)."""
+        sampled with ``generator`` (float64 ``[N, k + 1]``), their copy to the host queued before
+        anyone can launch again (a replay overwrites the graph's output)."""
         with self._lock, torch.cuda.device(self.device), torch.no_grad():
             key = (id(model), obs.shape, obs.dtype.str)
             entry = self._captured.get(key)
@@ -79,13 +79,13 @@ class GraphedActing:
                 entry = self._captured[key] = _Captured(parameters=addresses)
             if entry.graph is None and entry.warmups < WARMUP_STEPS:
                 entry.warmups += 1
-                return self._eager(model, obs, generator)
+                return HostCopy(self._eager(model, obs, generator))
             if entry.graph is None:
                 self._capture(entry, model, obs)
             to_device(obs, self.device, out=entry.obs)  # pinned host -> the graph's input, one copy
             model.draw_noise(entry.noise, generator)
             entry.graph.replay()
-            return entry.packed
+            return HostCopy(entry.packed)
 
     def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
         current = torch.cuda.current_stream(self.device)
