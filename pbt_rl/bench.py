@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
-from pbt_rl.machine_use import ACTOR, ENVPOOL, MEMBER, MachineSampler, cores_by_thread_name, thread_cpu_seconds, thread_named
+from pbt_rl.machine_use import (ENVPOOL, MachineSampler, cores_by_thread_name, members_cores, thread_cpu_seconds,
+                                thread_named)
 from pbt_rl.runtime.resources import machine_threads
 from pbt_rl.runtime.run_format import MetricsRow
 from pbt_rl.runtime.store import RunStore
@@ -170,6 +171,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     """
     warmup = warmup_seconds if warmup_seconds is not None else default_warmup(seconds)
     variants = tuple(variants) or (("", config),)
+    batch_size = _env_batch(config)
     raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
     say(f"measured: raw envpool {raw['env_steps_per_second']:,.0f} env steps/s")
     runs = []
@@ -177,14 +179,14 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         run = train_for_bench(variant, seconds, warmup)
         runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
                      "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
-        say(_progress_line(raw, runs[-1], _env_batch(config)))
+        say(_progress_line(raw, runs[-1], batch_size))
     first = runs[0]
     return {
         "env": config.env.id,
         "algo": config.agent.algo,
         "population_size": config.pbt.population_size,
         "num_envs_per_member": config.env.num_envs,
-        "env_batch_size": _env_batch(config),
+        "env_batch_size": batch_size,
         "hosts": first["hosts"],
         "raw": raw,
         "population": first["population"],
@@ -326,7 +328,7 @@ def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machin
         per_step = [1e6 * c / r for c, r in ((raw["envpool_cores"], raw["env_steps_per_second"]),
                                               (cores[ENVPOOL], population["env_steps_per_second"]))]
         lines.append(f"envpool CPU per env step: raw {per_step[0]:.0f} us, population {per_step[1]:.0f} us")
-    members = cores.get(ACTOR, 0.0) + cores.get(MEMBER, 0.0)
+    members = members_cores(cores)
     if batch_size and members and population.get("env_steps_per_second"):
         per_batch = 1e6 * members * batch_size / population["env_steps_per_second"]
         lines.append(f"members' threads CPU per env batch of {batch_size}: {per_batch:,.0f} us")

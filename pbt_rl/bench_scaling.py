@@ -26,7 +26,7 @@ import json
 from typing import Any, Callable
 
 from pbt_rl.config import ConfigError, ExperimentConfig
-from pbt_rl.machine_use import ACTOR, ENVPOOL, MEMBER
+from pbt_rl.machine_use import ENVPOOL, members_cores
 from pbt_rl.runtime.resources import hosts_layout, machine_threads, too_few_gpus
 
 
@@ -115,8 +115,7 @@ def _cores(row: dict[str, Any]) -> str:
     cores = row["machine"].get("cores_by_thread")
     if not cores:
         return "-"
-    members = cores.get(ACTOR, 0.0) + cores.get(MEMBER, 0.0)
-    return f"{cores.get(ENVPOOL, 0.0):.1f} / {members:.1f}"
+    return f"{cores.get(ENVPOOL, 0.0):.1f} / {members_cores(cores):.1f}"
 
 
 def _per_host(row: dict[str, Any]) -> str:

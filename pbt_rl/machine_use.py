@@ -152,6 +152,13 @@ def cores_by_thread_name(before: ThreadTimes, after: ThreadTimes, seconds: float
     return dict(sorted(cores.items(), key=lambda item: -item[1]))
 
 
+def members_cores(cores: dict[str, float]) -> float:
+    """Of :func:`cores_by_thread_name`'s result: the cores of the members' own threads (IMPALA
+    actors and members' threads, with the torch threads they start), the per-step work that raw
+    envpool stepping does not do."""
+    return cores.get(ACTOR, 0.0) + cores.get(MEMBER, 0.0)
+
+
 class MachineSampler:
     """Samples machine-wide CPU use (/proc/stat), GPU use (nvidia-smi), and the resident memory and
     CPU time per thread of this process with its children (the controller and its member hosts)
