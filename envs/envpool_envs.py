@@ -116,10 +116,14 @@ class DirectCalls:
 
     _ACTION_KEYS = ["env_id", "players.env_id", "action"]
 
+    @staticmethod
+    def _state_names(atari: bool) -> list[str]:
+        """The state keys a batch is read from, in :meth:`recv`'s order."""
+        return ["obs", "reward", "done", "trunc", "info:env_id"] + (["info:reward", "info:terminated"] if atari else [])
+
     def __init__(self, pool: Any, atari: bool) -> None:
         keys = {key: index for index, key in enumerate(pool._state_keys)}
-        names = ["obs", "reward", "done", "trunc", "info:env_id"] + (["info:reward", "info:terminated"] if atari else [])
-        self._indices = [keys[name] for name in names]
+        self._indices = [keys[name] for name in self._state_names(atari)]
         self._atari = atari
         self._recv = pool._recv
         self._send = pool._send
@@ -130,9 +134,7 @@ class DirectCalls:
     def of(cls, pool: Any, atari: bool) -> "DirectCalls | None":
         """Direct calls for ``pool`` if its layout is the one they rely on, else None."""
         try:
-            keys = list(pool._state_keys)
-            needed = {"obs", "reward", "done", "trunc", "info:env_id"} | ({"info:reward", "info:terminated"} if atari else set())
-            if (list(pool._action_keys) != cls._ACTION_KEYS or not needed <= set(keys)
+            if (list(pool._action_keys) != cls._ACTION_KEYS or not set(cls._state_names(atari)) <= set(pool._state_keys)
                     or pool.config.get("max_num_players", 1) != 1 or not callable(pool._recv) or not callable(pool._send)):
                 return None
             return cls(pool, atari)
@@ -195,13 +197,14 @@ class EnvpoolPool:
                 dtype=np.float32,
             )
         self.observation_space = observation_space
-        # Steps through envpool's C++ calls directly where its layout allows (DirectCalls).
-        self._direct = DirectCalls.of(self._pool, family == ATARI) if direct_calls else None
+        # Steps go through envpool's C++ calls directly where its layout allows (DirectCalls),
+        # else through its public send/recv, which take and return the same.
+        self._io = (DirectCalls.of(self._pool, family == ATARI) if direct_calls else None) or self._pool
 
     @property
     def direct(self) -> bool:
         """Whether steps go through :class:`DirectCalls` (else envpool's public methods)."""
-        return self._direct is not None
+        return self._io is not self._pool
 
     def reset(self) -> BackendBatch:
         """Reset every env synchronously: the first observations, reward 0, no episode ends."""
@@ -217,21 +220,16 @@ class EnvpoolPool:
 
     def step(self, actions: np.ndarray) -> BackendBatch:
         """Step every env with ``actions`` ``[num_envs, ...]`` (already checked and cast)."""
-        if self._direct is not None:
-            self._direct.send(actions)
-            return self._from_step(*self._direct.recv())
-        return self._from_step(*self._pool.step(actions))
+        self._io.send(actions)  # no env ids: every env, as envpool's own step sends
+        return self._from_step(*self._io.recv())
 
     def send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
         """Start stepping the envs ``env_ids`` (ids of this pool) with ``actions``."""
-        if self._direct is not None:
-            self._direct.send(actions, env_ids)
-        else:
-            self._pool.send(actions, env_ids)
+        self._io.send(actions, env_ids)
 
     def recv(self) -> BackendBatch:
         """The next ``batch_size`` envs that finished stepping (or resetting)."""
-        return self._from_step(*(self._direct or self._pool).recv())
+        return self._from_step(*self._io.recv())
 
     def close(self) -> None:
         self._pool.close()
