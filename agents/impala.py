@@ -258,9 +258,9 @@ class ImpalaLearner(Learner):
                         version = self._policy_version
                         trajectories.drop_experience()
             if flush:  # pausing: the last batch's bookkeeping first, as if it were done on receipt
-                unrolls, unrecorded = self._record(trajectories, unrecorded, obs, version), None
-                if not self._enqueue(unrolls, version):
+                if not self._record(trajectories, unrecorded, obs, version):
                     return
+                unrecorded = None
                 continue
             started, cpu_started = time.perf_counter(), time.thread_time()
             with self._publish_lock:
@@ -275,9 +275,9 @@ class ImpalaLearner(Learner):
             launched = self.launch_policy_step(self._actor_model, obs)
             inference, inference_cpu = time.perf_counter() - acting, time.thread_time() - cpu_acting
             if unrecorded is not None:  # while the GPU computes the actions (waits only if the queue is full)
-                unrolls, unrecorded = self._record(trajectories, unrecorded, obs, version), None
-                if not self._enqueue(unrolls, version):
+                if not self._record(trajectories, unrecorded, obs, version):
                     return
+                unrecorded = None
             finishing, cpu_finishing = time.perf_counter(), time.thread_time()
             actions, env_actions, log_probs = self.finish_policy_step(self._actor_model, launched)
             inference += time.perf_counter() - finishing
@@ -308,15 +308,16 @@ class ImpalaLearner(Learner):
         """Whether the actor is to stay idle now (asked with ``self._cond`` held): paused, or at its target."""
         return not self._stop and (not self._actor_may_run or self.state.env_steps >= self._target_env_steps)
 
-    def _record(self, trajectories: EnvTrajectories, batch: Any, obs: np.ndarray, version: int) -> list[Unroll]:
+    def _record(self, trajectories: EnvTrajectories, batch: Any, obs: np.ndarray, version: int) -> bool:
         """A received batch into the trajectories (its prepared observations ``obs``, its scaled
-        rewards, the in-flight steps it completes); the unrolls that are complete now."""
+        rewards, the in-flight steps it completes) and the unrolls complete now queued
+        (:meth:`_enqueue`). False when the actor is to stop."""
         trajectories.receive(batch.env_ids, obs, self._scale_rewards(batch), batch.terminated, batch.truncated,
                              batch.is_first)
         unrolls = []
         while (unroll := trajectories.cut(self.agent_cfg.unroll_length, self.env.batch_size, version)) is not None:
             unrolls.append(unroll)
-        return unrolls
+        return self._enqueue(unrolls, version)
 
     def _enqueue(self, unrolls: list[Unroll], version: int) -> bool:
         """Queue ``unrolls`` for the learner, waiting for room; dropped if their policy version is
