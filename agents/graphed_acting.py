@@ -12,19 +12,23 @@ generator (:meth:`~pbt_rl.agents.networks.ActorCritic.draw_noise`, one kernel) i
 static input, exactly the draws the eager step makes (the forward pass draws nothing), so a
 graphed member samples the same actions as an eager one and seeded runs stay seeded.
 
-Opt-in (``agent.graphed_acting``): on the H100 machine it took a 64-member population's actor
-threads from 4.13 to 2.81 cores, but that population did not step faster (docs/design.md, "Where
-the cores go", has the measurement and what is open).
+On by default (``agent.graphed_acting``): on the H100 machine it raised the population's env
+steps/s 1.09-1.19x (Pong A2C and HalfCheetah at 8 members, Pong IMPALA at 64; docs/design.md,
+"Where the cores go").
 
 The graph reads the model's parameters where they are, so weight updates in place (optimiser
 steps, ``load_state_dict``, the IMPALA actor loading published weights) are seen by the next
-replay; a model whose parameters moved (or another model) gets its own capture.
+replay; a model whose parameters moved (or another model) gets its own capture. A capture keeps
+its model's parameter and buffer tensors, so that each step checks their addresses without
+walking the module tree (``Module.parameters()`` cost 43-62 us per step on the GPU machine, a
+sixth of the graphed step's CPU time).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,18 +40,30 @@ from pbt_rl.agents.graphed_steps import CAPTURE_LOCK, WARMUP_STEPS
 
 @dataclass
 class _Captured:
-    """One model's acting graph for one observation shape and dtype."""
+    """One model's acting graph for one observation shape and dtype, and where that model's
+    parameters and buffers were when it was made (:meth:`of`)."""
 
+    model: weakref.ref
+    tensors: tuple[Tensor, ...]
+    addresses: tuple[int, ...]
     warmups: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     obs: Tensor | None = None
     noise: Tensor | None = None
     packed: Tensor | None = None
-    parameters: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "_Captured":
+        tensors = (*model.parameters(), *model.buffers())
+        return cls(model=weakref.ref(model), tensors=tensors, addresses=_addresses(tensors))
+
+    def serves(self, model: torch.nn.Module) -> bool:
+        """Whether this is ``model``'s entry, its parameters and buffers where they were."""
+        return self.model() is model and _addresses(self.tensors) == self.addresses
 
 
-def _parameter_addresses(model: torch.nn.Module) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+def _addresses(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in tensors)
 
 
 class GraphedActing:
@@ -74,9 +90,9 @@ class GraphedActing:
         with self._lock, torch.cuda.device(self.device), torch.no_grad():
             key = (id(model), obs.shape, obs.dtype.str)
             entry = self._captured.get(key)
-            addresses = _parameter_addresses(model)
-            if entry is None or entry.parameters != addresses:
-                entry = self._captured[key] = _Captured(parameters=addresses)
+            if entry is None or not entry.serves(model):
+                self._forget_dead_models()
+                entry = self._captured[key] = _Captured.of(model)
             if entry.graph is None and entry.warmups < WARMUP_STEPS:
                 entry.warmups += 1
                 return HostCopy(self._eager(model, obs, generator))
@@ -86,6 +102,10 @@ class GraphedActing:
             model.draw_noise(entry.noise, generator)
             entry.graph.replay()
             return HostCopy(entry.packed)
+
+    def _forget_dead_models(self) -> None:
+        """Drop the captures of models that no longer exist (with the tensors they kept)."""
+        self._captured = {key: entry for key, entry in self._captured.items() if entry.model() is not None}
 
     def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
         current = torch.cuda.current_stream(self.device)

@@ -74,10 +74,34 @@ def test_a_host_copy_of_a_host_value_is_that_value():
     np.testing.assert_array_equal(HostCopy(torch.from_numpy(rows)).array(), rows)
 
 
+def test_a_capture_serves_its_own_model_while_its_tensors_stay_where_they_were():
+    """How graphed acting knows a capture still reads the right parameters, without walking the
+    module tree each step: the same model object, every parameter and buffer at its address."""
+    from pbt_rl.agents.graphed_acting import _Captured
+
+    model = _model("box vector")
+    entry = _Captured.of(model)
+    assert entry.serves(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # an optimiser step, a load: in place
+    assert entry.serves(model)
+    assert not entry.serves(copy.deepcopy(model))  # another model, whatever its values
+    assert not entry.serves(copy.copy(model))  # another object, even one on the same tensors
+    model.double()  # its tensors moved
+    assert not entry.serves(model)
+    moved = _Captured.of(model)
+    del model
+    assert moved.model() is None  # a capture does not keep its model alive
+
+
 @cuda
-def test_a_host_copy_of_a_gpu_tensor_waits_for_the_work_that_computes_it():
+@pytest.mark.parametrize("blocking", [False, True], ids=["spinning wait", "blocking wait"])
+def test_a_host_copy_of_a_gpu_tensor_waits_for_the_work_that_computes_it(monkeypatch, blocking):
+    from pbt_rl.agents import device
     from pbt_rl.agents.device import HostCopy
 
+    monkeypatch.setattr(device, "_blocking_waits", blocking)  # run.gpu_wait=block makes the event blocking
     big = torch.randn(2048, 2048, device="cuda")
     result = (big @ big).sum(dim=1)  # queued; the copy is ordered after it
     copy_ = HostCopy(result)
