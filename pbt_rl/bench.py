@@ -6,9 +6,9 @@ even where absolute speeds vary between machines:
 (a) *raw*: envpool alone, random actions, the same env id and options, the same total number of
     envs (population_size x env.num_envs) and the same number of threads the population uses;
 (b) *population*: ``pbt-rl train`` of the config into a temporary run directory (learners
-    updating, PBT deciding, checkpoints and metrics written) for ``warmup + seconds`` of wall
-    time; the env-step rate is read back from the members' ``metrics.jsonl`` over the window after
-    the warm-up.
+    updating, PBT deciding, checkpoints and metrics written) until every member has started, then
+    ``warmup + seconds`` more; the env-step rate is read back from the members' ``metrics.jsonl``
+    over the window after the warm-up (:mod:`pbt_rl.bench_window`).
 
 Units: env steps per second summed over all envs (Atari: x4 for frames per second).
 """
@@ -20,15 +20,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
+from pbt_rl.bench_window import WindowWatch, default_warmup, population_rate_from_metrics
 from pbt_rl.config import ExperimentConfig, from_dict, to_dict
 from pbt_rl.machine_use import (ENVPOOL, MachineSampler, cores_by_thread_name, members_cores, thread_cpu_seconds,
                                 thread_named)
 from pbt_rl.runtime.resources import machine_threads
-from pbt_rl.runtime.run_format import MetricsRow
 from pbt_rl.runtime.store import RunStore
 
 
@@ -103,57 +103,6 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
         "mode": "async" if is_async else "sync",
         "seconds": elapsed,
     }
-
-
-def population_rate_from_metrics(run_dir: Path, warmup_seconds: float) -> dict[str, Any]:
-    """Population env steps/s from every member's metrics.jsonl, after a warm-up.
-
-    The window starts ``warmup_seconds`` after the last member's first report (``startup_seconds``
-    of the run's wall clock: process start-up, CUDA initialisation and the first updates stay out
-    of it) and ends at the earliest last
-    report. Each member's env-step count is interpolated linearly in wall time, so members that
-    report at different moments are compared over the same window. The rows are read while the run
-    may still be writing them: a torn last line is left out.
-    """
-    store = RunStore(run_dir)
-    series = []
-    all_rows: list[MetricsRow] = []
-    for member in store.member_ids():
-        rows = [row for row in store.read_metrics(member) if row.wall_seconds is not None]
-        all_rows.extend(rows)
-        points = sorted((row.wall_seconds, row.env_steps) for row in rows)
-        if len(points) >= 2:
-            series.append(np.array(points, dtype=np.float64))
-    if not series:
-        raise RuntimeError(f"no member reported progress twice in {run_dir}; run the benchmark longer")
-    start = max(s[0, 0] for s in series) + warmup_seconds
-    end = min(s[-1, 0] for s in series)
-    if end <= start:
-        raise RuntimeError("the measured window is empty; run the benchmark longer (--seconds)")
-    steps = sum(np.interp(end, s[:, 0], s[:, 1]) - np.interp(start, s[:, 0], s[:, 1]) for s in series)
-    return {"env_steps_per_second": steps / (end - start), "window_seconds": end - start, "members": len(series),
-            "window_start_seconds": start, "window_end_seconds": end,
-            "startup_seconds": max(s[0, 0] for s in series),
-            "time_fractions": time_fractions(row for row in all_rows if start < row.wall_seconds <= end)}
-
-
-def time_fractions(rows: Iterable[MetricsRow]) -> dict[str, float] | None:
-    """Where the members' training time went, summed over metrics rows: each ``timing_seconds``
-    part as a fraction of their ``wall`` seconds (None when the rows carry no timing)."""
-    totals: dict[str, float] = {}
-    for row in rows:
-        for key, value in (row.timing_seconds or {}).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    wall = totals.pop("wall", 0.0)
-    if wall <= 0:
-        return None
-    return {key: value / wall for key, value in totals.items()}
-
-
-def default_warmup(seconds: float) -> float:
-    """Seconds of training left out of the measured window after every member reports: a third
-    of the window, between 5 and 30 s (first updates, allocator and cuDNN warm-up)."""
-    return min(30.0, max(5.0, seconds / 3))
 
 
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
@@ -237,7 +186,8 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
     from pbt_rl.runtime.backend import make_backend
 
     # Members need a while to start (processes, torch, CUDA, envs); the window begins after that.
-    startup_allowance = max(30.0, float(config.pbt.population_size))
+    # The run stops once its window is measured (WindowWatch); the wall-time limit is a ceiling.
+    startup_allowance = max(120.0, 2.0 * config.pbt.population_size)
     with tempfile.TemporaryDirectory(prefix="pbt-rl-bench-") as tmp:
         raw_cfg = to_dict(config)
         raw_cfg["run"].update(dir=str(Path(tmp) / "run"), max_wall_seconds=startup_allowance + warmup + seconds,
@@ -246,8 +196,8 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
         bench_config = from_dict(raw_cfg)
         backend = make_backend(bench_config.run.backend, bench_config)  # its MPS daemon, if any, is the row's
         try:
-            with MachineSampler() as sampler:
-                train(bench_config, console=False, backend=backend)
+            with MachineSampler() as sampler, WindowWatch(bench_config.run_dir, warmup, seconds) as watch:
+                train(bench_config, console=False, backend=backend, stop=watch.stop)
         finally:
             backend.close()  # idempotent (the run closes it too)
         population = population_rate_from_metrics(bench_config.run_dir, warmup_seconds=warmup)
@@ -256,7 +206,7 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
         machine = sampler.summary(population["window_start_seconds"], population["window_end_seconds"])
         exploits = len(RunStore(bench_config.run_dir).read_lineage())
     return {"population": population, "exploits": exploits, "cuda_mps": getattr(backend, "mps", None) is not None,
-            "machine": {**machine, "cpu_count": os.cpu_count()}}
+            "machine": {**machine, "cpu_count": os.cpu_count()}, "stopped_when_measured": watch.stop.is_set()}
 
 
 def format_population_bench(result: dict[str, Any]) -> str:

@@ -71,7 +71,8 @@ def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callab
                    raw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each config's population trained in turn, against ``raw`` (or raw envpool measured at its
     own envs and threads, kept in the row): a row each, handed to ``said`` as it is measured."""
-    from pbt_rl.bench import bench_raw_envpool, default_warmup, train_for_bench
+    from pbt_rl.bench import bench_raw_envpool, train_for_bench
+    from pbt_rl.bench_window import default_warmup
 
     warmup, rows = default_warmup(seconds), []
     for sized in configs:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pbt_rl.bench import _format_fractions, bench_raw_envpool, population_rate_from_metrics, time_fractions
+from pbt_rl.bench import _format_fractions, bench_raw_envpool
+from pbt_rl.bench_window import population_rate_from_metrics, time_fractions
 from pbt_rl.config import from_dict
 from pbt_rl.runtime.run_format import MetricsRow, RunDirError
 
@@ -71,6 +72,33 @@ def test_population_rate_needs_a_window(tmp_path):
     write_metrics(tmp_path, 0, [(0.0, 0), (1.0, 100)])
     with pytest.raises(RuntimeError, match="window is empty"):
         population_rate_from_metrics(tmp_path, warmup_seconds=5.0)
+
+
+def test_the_window_watch_asks_for_a_stop_once_the_window_is_measured(tmp_path):
+    from pbt_rl.bench_window import WindowWatch
+
+    watch = WindowWatch(tmp_path / "run", warmup_seconds=1.0, seconds=5.0, poll_seconds=0.01)
+    assert not watch.measured()  # no run directory yet
+    write_metrics(tmp_path / "run", 0, [(0.0, 0), (4.0, 400)])
+    write_metrics(tmp_path / "run", 1, [(1.0, 300), (5.0, 700)])
+    assert not watch.measured()  # a window from 2 s to 4 s: shorter than asked
+    with watch:
+        write_metrics(tmp_path / "run", 0, [(0.0, 0), (4.0, 400), (8.0, 800)])
+        write_metrics(tmp_path / "run", 1, [(1.0, 300), (5.0, 700), (9.0, 1100)])  # 2 s to 8 s
+        assert watch.stop.wait(timeout=60)
+    assert watch.measured()
+
+
+def test_a_bench_run_ends_once_its_window_is_measured():
+    """The population's run stops when its window after the warm-up is as long as asked, not at
+    its wall-time ceiling (start-up allowance + warm-up + seconds), however long start-up took."""
+    from pbt_rl.bench import train_for_bench
+    from pbt_rl.config import load_config
+
+    config = load_config("configs/quickstart.yaml", ["pbt.population_size=2", "run.total_threads=2"])
+    run = train_for_bench(config, seconds=2.0, warmup=1.0)
+    assert run["stopped_when_measured"]
+    assert run["population"]["window_seconds"] >= 2.0 and run["population"]["env_steps_per_second"] > 0
 
 
 def test_raw_envpool_counts_env_steps_at_the_population_size():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import pytest
 
@@ -182,6 +183,21 @@ def test_kill9_controller_then_resume(tmp_path):
     for member, record in before["members"].items():
         assert after["members"][member]["env_steps"] >= record["restore"]["env_steps"]
         assert after["members"][member]["env_steps"] >= 6000
+
+
+def test_a_stop_set_from_another_thread_ends_the_run_as_a_wall_time_limit_would(tmp_path, monkeypatch):
+    """train(stop=...): the bench stops a run once it has measured it. The run ends unfinished,
+    says why in its events, and a resume trains it to its budget."""
+    monkeypatch.setenv("PBT_RL_TEST_SLEEP", "0.002")
+    run_dir = tmp_path / "run"
+    stop = threading.Event()
+    stop.set()  # asked for before the first look: the controller stops at its first check
+    summary = train(fake_config(run_dir), console=False, backend=threaded_backend(), stop=stop)
+    assert not summary["finished"]
+    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")].count("stop_requested") == 1
+    summary = resume(run_dir, console=False, backend=threaded_backend())
+    assert summary["finished"]
+    check_metrics_grow(run_dir, 4)
 
 
 def test_resume_falls_back_to_previous_good_checkpoint(tmp_path):

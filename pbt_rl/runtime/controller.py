@@ -25,6 +25,7 @@ a member that stops sending messages is treated as crashed (watchdog.py).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any, Iterable
 
@@ -58,8 +59,10 @@ class Controller:
         console: bool = True,
         loggers: Iterable[Any] = (),
         backend: Backend | None = None,
+        stop: threading.Event | None = None,
     ):
         self.config = config
+        self.stop = stop  # set by another thread: the run ends as at its wall-time limit
         self.store = store
         self.loggers = Loggers(loggers, store.logging_staging_dir)
         self.backend = backend or make_backend(config.run.backend, config)
@@ -169,6 +172,9 @@ class Controller:
                 limit = self.config.run.max_wall_seconds
                 if limit and time.monotonic() - self.started >= limit:
                     self._event("wall_time_limit", seconds=limit)
+                    break
+                if self.stop is not None and self.stop.is_set():
+                    self._event("stop_requested")
                     break
             return self._finish()
         finally:

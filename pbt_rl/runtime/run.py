@@ -8,6 +8,7 @@ their checks; the run directory is then created whole (``RunStore.create``) or l
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,11 +29,13 @@ def say_mps(backend: Backend) -> None:
 
 
 def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[Any] | None = None,
-          backend: Backend | None = None) -> dict:
+          backend: Backend | None = None, stop: threading.Event | None = None) -> dict:
     """Train a population from scratch into ``config.run_dir``; return the summary (summary.json).
 
     Nothing is written until every check has passed; the run directory then appears whole
     (config.yaml, population.json, state.json, members/) and stays locked until the run ends.
+    ``stop``, set from another thread, ends the run as its wall-time limit would (resumable; the
+    events say ``stop_requested``).
     """
     member_devices(config)
     check_loggers(config)
@@ -41,7 +44,7 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
     backend = backend or make_backend(config.run.backend, config)
     if loggers is None:
         loggers = default_loggers(config, store.root)
-    controller = Controller(config, store, console=console, loggers=loggers, backend=backend)
+    controller = Controller(config, store, console=console, loggers=loggers, backend=backend, stop=stop)
     try:
         store.create(config.pbt.population_size, controller.initial_files(), command="train")
     except BaseException:
