@@ -196,7 +196,8 @@ def train_for_bench(config: ExperimentConfig, seconds: float, warmup: float) -> 
         bench_config = from_dict(raw_cfg)
         backend = make_backend(bench_config.run.backend, bench_config)  # its MPS daemon, if any, is the row's
         try:
-            with MachineSampler() as sampler, WindowWatch(bench_config.run_dir, warmup, seconds) as watch:
+            with MachineSampler() as sampler, WindowWatch(bench_config.run_dir, config.pbt.population_size, warmup,
+                                                         seconds) as watch:
                 train(bench_config, console=False, backend=backend, stop=watch.stop)
         finally:
             backend.close()  # idempotent (the run closes it too)

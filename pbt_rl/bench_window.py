@@ -76,13 +76,15 @@ def default_warmup(seconds: float) -> float:
 class WindowWatch:
     """Sets :attr:`stop` (a ``threading.Event`` for :func:`pbt_rl.runtime.train`'s ``stop``) once
     the metrics under ``run_dir`` hold a window of at least ``seconds`` after ``warmup_seconds``
-    (:func:`population_rate_from_metrics`), checking every ``poll_seconds`` from a thread of its
-    own while used as a context manager. Metrics not there yet, or a window still empty, are
-    waited for; it never stops a run before its window is measured."""
+    over all ``members`` (:func:`population_rate_from_metrics`), checking every ``poll_seconds``
+    from a thread of its own while used as a context manager. Metrics not there yet, members
+    not yet reporting, or a window still too short are waited for: it never stops a run before
+    the whole population's window is measured."""
 
-    def __init__(self, run_dir: Path, warmup_seconds: float, seconds: float, poll_seconds: float = 1.0) -> None:
-        self.run_dir, self.warmup_seconds, self.seconds = Path(run_dir), warmup_seconds, seconds
-        self.poll_seconds = poll_seconds
+    def __init__(self, run_dir: Path, members: int, warmup_seconds: float, seconds: float,
+                 poll_seconds: float = 1.0) -> None:
+        self.run_dir, self.members = Path(run_dir), members
+        self.warmup_seconds, self.seconds, self.poll_seconds = warmup_seconds, seconds, poll_seconds
         self.stop = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="pbt-bench-window", daemon=True)
@@ -93,7 +95,7 @@ class WindowWatch:
             rate = population_rate_from_metrics(self.run_dir, self.warmup_seconds)
         except (RuntimeError, OSError, RunDirError):  # no metrics yet, the window still empty
             return False
-        return rate["window_seconds"] >= self.seconds
+        return rate["members"] >= self.members and rate["window_seconds"] >= self.seconds
 
     def _watch(self) -> None:
         while not self._closed.wait(self.poll_seconds):

@@ -77,14 +77,16 @@ def test_population_rate_needs_a_window(tmp_path):
 def test_the_window_watch_asks_for_a_stop_once_the_window_is_measured(tmp_path):
     from pbt_rl.bench_window import WindowWatch
 
-    watch = WindowWatch(tmp_path / "run", warmup_seconds=1.0, seconds=5.0, poll_seconds=0.01)
+    watch = WindowWatch(tmp_path / "run", members=3, warmup_seconds=1.0, seconds=5.0, poll_seconds=0.01)
     assert not watch.measured()  # no run directory yet
     write_metrics(tmp_path / "run", 0, [(0.0, 0), (4.0, 400)])
     write_metrics(tmp_path / "run", 1, [(1.0, 300), (5.0, 700)])
     assert not watch.measured()  # a window from 2 s to 4 s: shorter than asked
+    write_metrics(tmp_path / "run", 0, [(0.0, 0), (4.0, 400), (8.0, 800)])
+    write_metrics(tmp_path / "run", 1, [(1.0, 300), (5.0, 700), (9.0, 1100)])  # 2 s to 8 s
+    assert not watch.measured()  # long enough, but member 2 has not reported twice yet
     with watch:
-        write_metrics(tmp_path / "run", 0, [(0.0, 0), (4.0, 400), (8.0, 800)])
-        write_metrics(tmp_path / "run", 1, [(1.0, 300), (5.0, 700), (9.0, 1100)])  # 2 s to 8 s
+        write_metrics(tmp_path / "run", 2, [(0.5, 0), (1.0, 50), (9.5, 900)])
         assert watch.stop.wait(timeout=60)
     assert watch.measured()
 
