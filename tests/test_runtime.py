@@ -195,6 +195,8 @@ def test_a_stop_set_from_another_thread_ends_the_run_as_a_wall_time_limit_would(
     summary = train(fake_config(run_dir), console=False, backend=threaded_backend(), stop=stop)
     assert not summary["finished"]
     assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")].count("stop_requested") == 1
+    assert not resume(run_dir, console=False, backend=threaded_backend(), stop=stop)["finished"]  # resume takes one too
+    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")].count("stop_requested") == 2
     summary = resume(run_dir, console=False, backend=threaded_backend())
     assert summary["finished"]
     check_metrics_grow(run_dir, 4)

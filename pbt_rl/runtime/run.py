@@ -62,11 +62,12 @@ def train(config: ExperimentConfig, console: bool = True, *, loggers: Iterable[A
 
 
 def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] | None = None,
-           backend: Backend | None = None) -> dict:
+           backend: Backend | None = None, stop: threading.Event | None = None) -> dict:
     """Continue a stopped or killed run from its run directory; return the summary.
 
     The run directory is locked first (another live controller: one line naming it); state.json
-    and the logs are checked whole before anything in the directory changes.
+    and the logs are checked whole before anything in the directory changes. ``stop``: as for
+    :func:`train`.
     """
     store = RunStore(run_dir)
     store.require_run()
@@ -88,7 +89,8 @@ def resume(run_dir: Path | str, console: bool = True, *, loggers: Iterable[Any] 
         state = store.read_json(store.state_path)
         if loggers is None:
             loggers = default_loggers(config, store.root)
-        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend)
+        controller = Controller(config, store, state=state, console=console, loggers=loggers, backend=backend,
+                                stop=stop)
         if console:
             steps = ", ".join(f"{i}: {r.env_steps:,}" for i, r in controller.records.items())
             print(f"Resuming {store.root} (env steps per member {steps})")
