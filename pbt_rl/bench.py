@@ -1,7 +1,12 @@
 """``pbt-rl bench CONFIG``: raw envpool stepping vs. the whole population training, in one run.
 
 Both numbers are measured in one invocation on the same machine, so their ratio is meaningful
-even where absolute speeds vary between machines:
+even where absolute speeds vary between machines; and since a lent machine's own speed drifts over
+minutes (H100 lease, 2026-12-06: a 64-member Pong population ran at 22.3k env steps/s, its
+envpool taking 560 us of CPU per env step, where two runs of its own on the same lease had 28.2k
+and 28.5k at 440 us, against raw stepping at 34.2k measured minutes before it), raw stepping is
+measured before each population and again after it, and the population is compared with the mean
+of the two (:class:`RawBrackets`), the drift between them printed beside its ratio:
 
 (a) *raw*: envpool alone, random actions, the same env id and options, the same total number of
     envs (population_size x env.num_envs) and the same number of threads the population uses;
@@ -105,15 +110,67 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
     }
 
 
+DRIFT_NOTED = 0.05
+"""Raw rates either side of a population that differ by more than this fraction are called out."""
+
+
+def raw_around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """What a population measured between two raw measurements is compared with: their mean rate,
+    and how far the machine's raw speed moved meanwhile (``drift``: after over before, minus 1)."""
+    low, high = before["env_steps_per_second"], after["env_steps_per_second"]
+    return {"before": low, "after": high, "env_steps_per_second": (low + high) / 2, "drift": high / low - 1.0}
+
+
+def drift_note(around: dict[str, float] | None) -> str:
+    """'' or, when the raw speed moved by more than :data:`DRIFT_NOTED` around a population, a
+    clause saying so (its ratio is then only as good as that)."""
+    if around is None or abs(around["drift"]) <= DRIFT_NOTED:
+        return ""
+    return (f" (raw moved {100 * around['drift']:+.0f}% around it: {around['before']:,.0f} before, "
+            f"{around['after']:,.0f} after)")
+
+
+class RawBrackets:
+    """Raw envpool measured before the first population and again after each one, so that every
+    population lies between two raw measurements at its envs and threads; a population whose raw
+    config is the one measured just before it (the same envs, threads and seed) shares that
+    measurement instead of taking another."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.measured: list[dict[str, Any]] = []
+        self._last: tuple[Any, dict[str, Any]] | None = None
+
+    def before(self, config: ExperimentConfig) -> dict[str, Any]:
+        if self._last is None or self._last[0] != _raw_key(config):
+            self._measure(config)
+        return self._last[1]
+
+    def after(self, config: ExperimentConfig) -> dict[str, Any]:
+        return self._measure(config)
+
+    def _measure(self, config: ExperimentConfig) -> dict[str, Any]:
+        raw = bench_raw_envpool(config, seconds=self.seconds)
+        self.measured.append(raw)
+        self._last = (_raw_key(config), raw)
+        return raw
+
+
+def _raw_key(config: ExperimentConfig) -> tuple[Any, ...]:
+    """What :func:`bench_raw_envpool` measures at: the envs, their number, the threads and the seed."""
+    return (config.env, config.pbt.population_size, config.run.total_threads, config.run.seed)
+
+
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
                      variants: tuple[tuple[str, ExperimentConfig], ...] = (),
                      say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Measure raw envpool and the population training; return both rates and their ratio.
 
     ``variants`` (``(label, config)`` pairs, e.g. ``run.backend=ray`` or ``run.cuda_mps=off``, from
-    :func:`variant_configs`): train each population in this order against the one raw
-    measurement of ``config``; ``result["variants"]`` holds each one's rate, ratio and hosts, and
-    the top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
+    :func:`variant_configs`): train each population in this order, raw envpool at ``config``
+    measured before the first and after each (:class:`RawBrackets`); ``result["variants"]``
+    holds each one's rate, ratio to the raw either side of it (``raw_around``) and hosts, and the
+    top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
 
     ``say`` gets a progress line as each measurement ends (raw, then each population), so a
     bench cut short (a time limit on a lent machine) still shows what it measured.
@@ -121,14 +178,17 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     warmup = warmup_seconds if warmup_seconds is not None else default_warmup(seconds)
     variants = tuple(variants) or (("", config),)
     batch_size = _env_batch(config)
-    raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
+    raws = RawBrackets(seconds=min(seconds, 20.0))
+    raw = raws.before(config)
     say(f"measured: raw envpool {raw['env_steps_per_second']:,.0f} env steps/s")
     runs = []
     for label, variant in variants:
+        before = raws.before(config)
         run = train_for_bench(variant, seconds, warmup)
+        around = raw_around(before, raws.after(config))
         runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
-                     "ratio": run["population"]["env_steps_per_second"] / raw["env_steps_per_second"]})
-        say(_progress_line(raw, runs[-1], batch_size))
+                     "raw_around": around, "ratio": run["population"]["env_steps_per_second"] / around["env_steps_per_second"]})
+        say(_progress_line(before, runs[-1], batch_size))
     first = runs[0]
     return {
         "env": config.env.id,
@@ -138,6 +198,8 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         "env_batch_size": batch_size,
         "hosts": first["hosts"],
         "raw": raw,
+        "raw_rates": [measured["env_steps_per_second"] for measured in raws.measured],
+        "raw_around": first["raw_around"],
         "population": first["population"],
         "ratio": first["ratio"],
         "exploits": first["exploits"],
@@ -148,7 +210,7 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
 
 def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tuple[tuple[str, ExperimentConfig], ...]:
     """``config`` with each list of overrides applied in turn, labelled by them: the populations a
-    bench trains against one raw measurement. A variant may change how the population trains
+    bench trains against raw envpool at one config's envs. A variant may change how the population trains
     (backend, hosts, sharing, MPS, agent settings, the members' env threads ``env.num_threads``)
     but not what raw envpool is measured at.
 
@@ -171,7 +233,7 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
                  + [("pbt", "population_size"), ("run", "total_threads")])
         changed = [f"{section}.{key}" for section, key in fixed if raw[section][key] != base[section][key]]
         if changed:
-            raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured once, so "
+            raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured at the config's, so "
                               "every variant keeps the envs, the population size and the threads")
         variants.append((label, variant))
     return tuple(variants)
@@ -221,10 +283,11 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"{result['env']}  {result['algo']}  population {result['population_size']} x {result['num_envs_per_member']} envs"
         + _format_hosts(result.get("hosts")),
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
-        f"{raw['env_steps_per_second']:,.0f} env steps/s",
+        f"{raw['env_steps_per_second']:,.0f} env steps/s" + _format_raw_after(result.get("raw_around")),
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s" + _format_startup(pop) + _format_memory(machine),
-        f"ratio population / raw: {result['ratio']:.3f}   exploits during the run: {result['exploits']}",
+        f"ratio population / raw: {result['ratio']:.3f}{drift_note(result.get('raw_around'))}"
+        f"   exploits during the run: {result['exploits']}",
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         *_format_thread_cores(raw, pop, machine, result.get("env_batch_size")),
@@ -252,6 +315,11 @@ def _format_hosts(hosts: dict[str, Any] | None) -> str:
 def _format_startup(population: dict[str, Any]) -> str:
     seconds = population.get("startup_seconds")
     return "" if seconds is None else f"; every member training {seconds:.0f} s after the run's start"
+
+
+def _format_raw_after(around: dict[str, float] | None) -> str:
+    """After the raw rate before the (first) population: the one after it, which the ratio's mean takes in."""
+    return "" if around is None else f" before the population, {around['after']:,.0f} after (the ratio is to their mean)"
 
 
 def _format_memory(machine: dict[str, Any]) -> str:
@@ -291,7 +359,7 @@ def _progress_line(raw: dict[str, Any], run: dict[str, Any], batch_size: int) ->
     population = run["population"]
     cores = _format_thread_cores(raw, population, run["machine"], batch_size)
     return (f"measured: {run['label'] or 'the population'}: {population['env_steps_per_second']:,.0f} env steps/s, "
-            f"ratio to raw {run['ratio']:.3f}" + "".join(f"; {line}" for line in cores))
+            f"ratio to raw {run['ratio']:.3f}{drift_note(run.get('raw_around'))}" + "".join(f"; {line}" for line in cores))
 
 
 def _format_variants(result: dict[str, Any]) -> list[str]:
@@ -305,7 +373,8 @@ def _format_variants(result: dict[str, Any]) -> list[str]:
     for other in variants[1:]:
         rate = other["population"]["env_steps_per_second"]
         lines.append(f"{other['label']}{_format_hosts(other.get('hosts'))}: {rate:,.0f} env steps/s "
-                     f"({other['population']['window_seconds']:.0f} s window), ratio to raw {other['ratio']:.3f}, "
+                     f"({other['population']['window_seconds']:.0f} s window), ratio to raw {other['ratio']:.3f}"
+                     f"{drift_note(other.get('raw_around'))}, "
                      f"over the first: {rate / first['population']['env_steps_per_second']:.3f}")
     return lines
 

@@ -5,15 +5,17 @@
 
 The config's total env count (``population_size x env.num_envs``) is kept and divided among each
 population size in turn (each member's async groups kept: ``num_envs / async_batch_size`` is the
-same), so raw envpool stepping is measured once, at those envs and threads, and every population
-size is compared with that one number. Each size trains as in :func:`pbt_rl.bench.bench_population`
-(a temporary run directory, metrics read back) and reports its env-step rate, the ratio to raw,
-its members per host process and how long after its start every member was training.
+same), so raw envpool stepping is the same work for every size: it is measured at those envs and
+threads before the first size and again after each, and each size is compared with the mean of the
+two raw measurements either side of it (:class:`pbt_rl.bench.RawBrackets`: a lent machine's speed
+drifts over minutes). Each size trains as in :func:`pbt_rl.bench.bench_population` (a temporary
+run directory, metrics read back) and reports its env-step rate, the raw rates around it, the
+ratio, its members per host process and how long after its start every member was training.
 
 ``--gpus``: the config is one GPU's worth (its population, envs and each member's settings); on
 ``g`` GPUs the population is ``g`` times as large, on the first ``g`` GPUs (``run.gpus``), with
 ``g / N`` of the cores (``run.total_threads``; N = the GPUs visible). Raw envpool is measured at
-each size's envs and threads, so each row has its own ratio, and env steps per second per core
+each size's envs and threads before and after it, so each row has its own ratio, and env steps per second per core
 shows how the rate scales from one GPU to N.
 
 Units: env steps per second summed over all envs (Atari: x4 for frames per second).
@@ -50,41 +52,47 @@ def config_at_population(config: ExperimentConfig, population: int) -> Experimen
 
 def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], seconds: float,
                   say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Raw envpool once, then the population trained at each size; rates, ratios, start-up.
+    """The population trained at each size, raw envpool (at the config's envs and threads, the
+    same for every size) measured before the first and after each; rates, ratios, start-up.
 
-    ``say`` gets the table's lines as they are measured (its header after the raw measurement,
-    then one row per size), so a run cut short still shows the sizes it finished.
+    ``say`` gets the table's lines as they are measured (its header after the first raw
+    measurement, then one row per size), so a run cut short still shows the sizes it finished.
     """
-    from pbt_rl.bench import bench_raw_envpool
+    from pbt_rl.bench import RawBrackets
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
-    raw = bench_raw_envpool(config, seconds=min(seconds, 20.0))
-    result = {"env": config.env.id, "algo": config.agent.algo, "sharing": config.run.host_sharing, "raw": raw,
-              "sizes": []}
+    raws = RawBrackets(seconds=min(seconds, 20.0))
+    result = {"env": config.env.id, "algo": config.agent.algo, "sharing": config.run.host_sharing,
+              "raw": raws.before(config), "sizes": []}
     for line in header_lines(result):
         say(line)
-    result["sizes"] = _measured_rows(configs, seconds, lambda row: say(row_line(row)), raw=raw)
+    result["sizes"] = _measured_rows(configs, seconds, lambda row: say(row_line(row)), raws, raw_config=config)
+    result["raw_rates"] = [measured["env_steps_per_second"] for measured in raws.measured]
     return result
 
 
-def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callable[[dict], None],
-                   raw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Each config's population trained in turn, against ``raw`` (or raw envpool measured at its
-    own envs and threads, kept in the row): a row each, handed to ``said`` as it is measured."""
-    from pbt_rl.bench import bench_raw_envpool, train_for_bench
+def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callable[[dict], None], raws: Any,
+                   raw_config: ExperimentConfig | None = None) -> list[dict[str, Any]]:
+    """Each config's population trained in turn between two raw measurements (``raws``, a
+    :class:`~pbt_rl.bench.RawBrackets`) at ``raw_config``, or at the row's own envs and threads
+    (then kept in the row): a row each, with its ratio to their mean, handed to ``said`` as it is
+    measured."""
+    from pbt_rl.bench import raw_around, train_for_bench
     from pbt_rl.bench_window import default_warmup
 
     warmup, rows = default_warmup(seconds), []
     for sized in configs:
-        own_raw = raw or bench_raw_envpool(sized, seconds=min(seconds, 20.0))
+        at = raw_config or sized
+        before = raws.before(at)
         run = train_for_bench(sized, seconds, warmup)
+        around = raw_around(before, raws.after(at))
         rate = run["population"]["env_steps_per_second"]
         row = {"gpus": sized.run.gpus, "population_size": sized.pbt.population_size,
                "num_envs_per_member": sized.env.num_envs, "members_per_host": hosts_layout(sized)[0],
-               "threads": sized.run.total_threads, "ratio": rate / own_raw["env_steps_per_second"],
-               "per_core": rate / machine_threads(sized.run.total_threads), **run}
-        if raw is None:
-            row["raw"] = own_raw
+               "threads": sized.run.total_threads, "ratio": rate / around["env_steps_per_second"],
+               "raw_around": around, "per_core": rate / machine_threads(sized.run.total_threads), **run}
+        if raw_config is None:
+            row["raw"] = before
         rows.append(row)
         said(row)
     return rows
@@ -96,18 +104,24 @@ def header_lines(result: dict[str, Any]) -> list[str]:
         f"{result['env']}  {result['algo']}  population scaling at {raw['total_envs']} envs in all"
         f" (run.host_sharing: {result.get('sharing', 'turns')})",
         f"raw envpool ({raw['mode']}, {raw['total_envs']} envs, batch {raw['batch_size']}, {raw['threads']} threads): "
-        f"{raw['env_steps_per_second']:,.0f} env steps/s",
-        "| population x envs | members per host | population env steps/s | ratio | all members training after | "
-        "resident memory (MiB) | cores: envpool / members' threads |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"{raw['env_steps_per_second']:,.0f} env steps/s before the first size, and measured again after each",
+        "| population x envs | members per host | population env steps/s | raw before / after | ratio (to their mean) | "
+        "all members training after | resident memory (MiB) | cores: envpool / members' threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
 
 def row_line(row: dict[str, Any]) -> str:
     pop, memory = row["population"], row["machine"].get("resident_mib_max")
     return (f"| {row['population_size']} x {row['num_envs_per_member']} | {_per_host(row)} | "
-            f"{pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
+            f"{pop['env_steps_per_second']:,.0f} | {_raws(row)} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
             f"{'-' if memory is None else f'{memory:,.0f}'} | {_cores(row)} |")
+
+
+def _raws(row: dict[str, Any]) -> str:
+    """The raw rates measured either side of the row's population."""
+    around = row["raw_around"]
+    return f"{around['before']:,.0f} / {around['after']:,.0f}"
 
 
 def _cores(row: dict[str, Any]) -> str:
@@ -147,20 +161,23 @@ def config_at_gpus(config: ExperimentConfig, gpus: int, visible: int) -> Experim
 
 def bench_gpu_scaling(config: ExperimentConfig, gpu_counts: tuple[int, ...], seconds: float, visible: int,
                       say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """At each GPU count: raw envpool at that size's envs and threads, then the population; a row
-    each, said as it is measured."""
+    """At each GPU count the population, between two raw envpool measurements at that size's envs
+    and threads; a row each, said as it is measured."""
+    from pbt_rl.bench import RawBrackets
+
     configs = [config_at_gpus(config, gpus, visible) for gpus in gpu_counts]  # every check first
     result = {"env": config.env.id, "algo": config.agent.algo, "visible_gpus": visible, "rows": []}
     for line in gpu_header_lines(result):
         say(line)
-    result["rows"] = _measured_rows(configs, seconds, lambda row: say(gpu_row_line(row)))
+    result["rows"] = _measured_rows(configs, seconds, lambda row: say(gpu_row_line(row)),
+                                    RawBrackets(seconds=min(seconds, 20.0)))
     return result
 
 
 def gpu_header_lines(result: dict[str, Any]) -> list[str]:
     return [
         f"{result['env']}  {result['algo']}  GPU scaling ({result['visible_gpus']} GPUs visible)",
-        "| GPUs | population x envs | threads | raw envpool env steps/s | population env steps/s | ratio | "
+        "| GPUs | population x envs | threads | raw envpool before / after | population env steps/s | ratio | "
         "env steps/s per core | all members training after | GPU busy (mean over all GPUs) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -169,7 +186,7 @@ def gpu_header_lines(result: dict[str, Any]) -> list[str]:
 def gpu_row_line(row: dict[str, Any]) -> str:
     pop, busy = row["population"], row["machine"].get("gpu_utilization_percent")
     return (f"| {row['gpus']} | {row['population_size']} x {row['num_envs_per_member']} | {row['threads']} | "
-            f"{row['raw']['env_steps_per_second']:,.0f} | {pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | "
+            f"{_raws(row)} | {pop['env_steps_per_second']:,.0f} | {row['ratio']:.3f} | "
             f"{row['per_core']:,.0f} | {pop['startup_seconds']:.0f} s | {'-' if busy is None else f'{busy:.0f}%'} |")
 
 

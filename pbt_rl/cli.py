@@ -309,14 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
     bench.add_argument("--backends", default="", help="population training on each of these run.backend values, "
-                                                       "e.g. local,ray (one raw measurement; default: the config's)")
+                                                       "e.g. local,ray (raw envpool before and after each; default: the config's)")
     bench.add_argument("--variant", action="append", metavar="OVERRIDES",
                        help="train the population once more with these overrides (quoted, space-separated), "
-                            "against the same raw measurement; repeatable, e.g. --variant run.cuda_mps=off")
+                            "raw envpool measured at the same envs before and after it; repeatable, e.g. --variant run.cuda_mps=off")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
-                                                          "each of these population sizes, e.g. 8,16,32,64 (one raw measurement)")
+                                                          "each of these population sizes, e.g. 8,16,32,64 (raw envpool at those envs before and after each)")
     bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "
-                                                   "each of these numbers of GPUs, e.g. 1,2,4 (a raw measurement each)")
+                                                   "each of these numbers of GPUs, e.g. 1,2,4 (raw envpool at each size's envs, before and after it)")
     experiment = add("experiment", cmd_experiment,
                      "Train every arm x seed of an experiment spec (resumable), then write results.md and figures.")
     experiment.add_argument("spec", help="experiment spec YAML (e.g. configs/experiments/cartpole_arms.yaml)")

@@ -154,13 +154,13 @@ def test_variants_change_how_the_population_trains_but_not_what_raw_envpool_meas
     assert more_threads.env.num_threads == 4
     for texts, changed in ((["env.num_envs=8"], "env.num_envs"), (["pbt.population_size=8"], "pbt.population_size"),
                            (["run.total_threads=1"], "run.total_threads")):
-        with pytest.raises(ConfigError, match=rf"^--variant '{texts[0]}' changes {changed}: raw envpool is measured once"):
+        with pytest.raises(ConfigError, match=rf"^--variant '{texts[0]}' changes {changed}: raw envpool is measured at the config's"):
             variant_configs(config, [texts])
     with pytest.raises(ConfigError, match=r"^--variant 'run.cuda_mps=maybe': run.cuda_mps"):
         variant_configs(config, [["run.cuda_mps=maybe"]])
 
 
-def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement(monkeypatch, capsys):
+def test_the_cli_trains_the_config_then_each_variant_between_raw_measurements(monkeypatch, capsys):
     from pbt_rl import bench
     from pbt_rl.cli import main
 
@@ -179,7 +179,7 @@ def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement
     assert main(["bench", "configs/quickstart.yaml", "--variant", "run.host_sharing=free run.members_per_host=4",
                  "--seconds", "1"]) == 0
     out = capsys.readouterr().out
-    assert len(raws) == 1 and trained == [("turns", "local"), ("free", "local")]
+    assert len(raws) == 3 and trained == [("turns", "local"), ("free", "local")]  # raw before, between, after
     assert "ratio population / raw: 0.900" in out and "(the lines above: the config as given)" in out
     assert ("run.host_sharing=free run.members_per_host=4, 1 host of 4 (free): 450 env steps/s (10 s window), "
             "ratio to raw 0.450, over the first: 0.500") in out
@@ -189,6 +189,34 @@ def test_the_cli_trains_the_config_then_each_variant_against_one_raw_measurement
                         "measured: the config as given: 900 env steps/s, ratio to raw 0.900",
                         "measured: run.host_sharing=free run.members_per_host=4: 450 env steps/s, ratio to raw 0.450"]
     assert out.index(progress[-1]) < out.index("ratio population / raw: 0.900")
+
+
+def test_a_population_is_compared_with_the_mean_of_the_raw_rates_either_side_and_a_drift_is_said():
+    from pbt_rl.bench import DRIFT_NOTED, drift_note, raw_around
+
+    around = raw_around({"env_steps_per_second": 1000.0}, {"env_steps_per_second": 800.0})
+    assert around == {"before": 1000.0, "after": 800.0, "env_steps_per_second": 900.0, "drift": pytest.approx(-0.2)}
+    assert drift_note(around) == " (raw moved -20% around it: 1,000 before, 800 after)"
+    steady = raw_around({"env_steps_per_second": 1000.0}, {"env_steps_per_second": 1000.0 * (1 + 0.9 * DRIFT_NOTED)})
+    assert drift_note(steady) == "" and drift_note(None) == ""  # within the noted drift, or no raw after
+
+
+def test_the_bench_says_when_the_machine_drifted_around_a_population(monkeypatch, capsys):
+    from pbt_rl import bench
+    from pbt_rl.cli import main
+
+    rates = iter([1000.0, 600.0])
+    monkeypatch.setattr(bench, "bench_raw_envpool", lambda config, seconds: {
+        "env_steps_per_second": next(rates), "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2})
+    monkeypatch.setattr(bench, "train_for_bench", lambda config, seconds, warmup: {
+        "population": {"env_steps_per_second": 720.0, "window_seconds": 10.0, "members": 4},
+        "exploits": 0, "cuda_mps": False, "machine": {"cpu_count": 2}})
+    assert main(["bench", "configs/quickstart.yaml", "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    drifted = " (raw moved -40% around it: 1,000 before, 600 after)"
+    assert f"measured: the population: 720 env steps/s, ratio to raw 0.900{drifted}" in out  # 720 over 800
+    assert "1,000 env steps/s before the population, 600 after (the ratio is to their mean)" in out
+    assert f"ratio population / raw: 0.900{drifted}" in out
 
 
 def test_bench_refuses_variants_with_another_table_in_one_line(capsys):
@@ -233,14 +261,15 @@ def test_scaling_table_has_a_row_per_population_size():
 
     def size(population, rate, startup, memory, mps=False, cores=None):
         return {"population_size": population, "num_envs_per_member": 64 // population, "members_per_host": 1,
-                "ratio": rate / 1000.0, "population": {"env_steps_per_second": rate, "startup_seconds": startup},
+                "ratio": rate / 1000.0, "raw_around": {"before": 1010.0, "after": 990.0},
+                "population": {"env_steps_per_second": rate, "startup_seconds": startup},
                 "machine": {"resident_mib_max": memory, "cores_by_thread": cores}, "cuda_mps": mps}
 
     cores = {"pbt-envpool": 1.24, "pbt-actor": 0.5, "pbt-member": 0.21, "python": 0.05}
     text = format_scaling({"env": "CartPole-v1", "algo": "a2c", "raw": raw,
                            "sizes": [size(4, 900.0, 5.2, 1500.0, cores=cores), size(8, 850.0, 9.7, None, mps=True)]})
-    assert "| 4 x 16 | 1 | 900 | 0.900 | 5 s | 1,500 | 1.2 / 0.7 |" in text  # envpool's and the members' cores
-    assert "| 8 x 8 | 1, MPS | 850 | 0.850 | 10 s | - | - |" in text  # its hosts shared the GPU through MPS
+    assert "| 4 x 16 | 1 | 900 | 1,010 / 990 | 0.900 | 5 s | 1,500 | 1.2 / 0.7 |" in text  # envpool's, members' cores
+    assert "| 8 x 8 | 1, MPS | 850 | 1,010 / 990 | 0.850 | 10 s | - | - |" in text  # hosts shared the GPU through MPS
 
 
 def test_populations_refuses_bad_sizes_in_one_line(capsys):
@@ -254,21 +283,21 @@ def test_populations_refuses_bad_sizes_in_one_line(capsys):
 
 
 def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
-    """One raw measurement; the header as soon as it exists, then a row per size in order."""
+    """Raw envpool at the config's envs before the first size and after each; the header as soon as
+    the first exists, then a row per size in order, its ratio to the mean of the raws either side."""
     import pbt_rl.bench as bench
     from pbt_rl.bench_scaling import bench_scaling
     from pbt_rl.config import load_config
 
-    calls, said = [], []
-    raw = {"env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2}
+    calls, said, rates = [], [], iter([1000.0, 1000.0, 600.0])  # the machine slows down after the first size
 
     def fake_raw(config, seconds):
         calls.append(("raw", config.pbt.population_size, config.env.num_envs))
-        return raw
+        return {"env_steps_per_second": next(rates), "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2}
 
     def fake_train(config, seconds, warmup):
         calls.append(("train", config.pbt.population_size, config.env.num_envs))
-        assert len(said) == 4 + len(calls) - 2  # the header and every earlier size were said already
+        assert len(said) == 4 + sum(call[0] == "train" for call in calls) - 1  # the header, every earlier size
         return {"population": {"env_steps_per_second": 100.0 * config.pbt.population_size, "startup_seconds": 3.0},
                 "exploits": 0, "machine": {"resident_mib_max": 500.0}}
 
@@ -276,9 +305,11 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
     monkeypatch.setattr(bench, "train_for_bench", fake_train)
     config = load_config("configs/quickstart.yaml", ["run.total_threads=2"])  # hosts as on a 2-core machine
     result = bench_scaling(config, (2, 8), seconds=5.0, say=said.append)
-    assert calls == [("raw", 4, 16), ("train", 2, 32), ("train", 8, 8)]
-    assert said[4:] == ["| 2 x 32 | 1 | 200 | 0.200 | 3 s | 500 | - |", "| 8 x 8 | 2 | 800 | 0.800 | 3 s | 500 | - |"]
+    assert calls == [("raw", 4, 16), ("train", 2, 32), ("raw", 4, 16), ("train", 8, 8), ("raw", 4, 16)]
+    assert said[4:] == ["| 2 x 32 | 1 | 200 | 1,000 / 1,000 | 0.200 | 3 s | 500 | - |",
+                        "| 8 x 8 | 2 | 800 | 1,000 / 600 | 1.000 | 3 s | 500 | - |"]  # 800 over the mean, 800
     assert [row["population_size"] for row in result["sizes"]] == [2, 8]
+    assert result["raw_rates"] == [1000.0, 1000.0, 600.0] and result["sizes"][1]["raw_around"]["drift"] == pytest.approx(-0.4)
 
 
 def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatch):
@@ -296,7 +327,7 @@ def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatc
 
     def fake_train(config, seconds, warmup):
         calls.append(("train", config.pbt.population_size, config.run.gpus))
-        assert len(said) == 3 + (len(calls) - 2) // 2  # the header and every earlier row were said already
+        assert len(said) == 3 + (len(calls) - 2) // 3  # the header and every earlier row were said already
         return {"population": {"env_steps_per_second": 900.0 * config.run.total_threads, "startup_seconds": 12.0},
                 "exploits": 0, "machine": {"gpu_utilization_percent": 50.0}}
 
@@ -305,12 +336,13 @@ def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatc
     config = load_config("configs/atari/pong_impala.yaml", ["run.total_threads=16"])
     per_gpu = config.pbt.population_size
     result = bench_gpu_scaling(config, (1, 2, 4), seconds=5.0, visible=4, say=said.append)
-    assert calls == [("raw", per_gpu, 4), ("train", per_gpu, 1), ("raw", 2 * per_gpu, 8), ("train", 2 * per_gpu, 2),
-                     ("raw", 4 * per_gpu, 16), ("train", 4 * per_gpu, 4)]
+    assert calls == [("raw", per_gpu, 4), ("train", per_gpu, 1), ("raw", per_gpu, 4),  # before and after each size
+                     ("raw", 2 * per_gpu, 8), ("train", 2 * per_gpu, 2), ("raw", 2 * per_gpu, 8),
+                     ("raw", 4 * per_gpu, 16), ("train", 4 * per_gpu, 4), ("raw", 4 * per_gpu, 16)]
     envs = config.env.num_envs
-    assert said[3:] == [f"| 1 | {per_gpu} x {envs} | 4 | 4,000 | 3,600 | 0.900 | 900 | 12 s | 50% |",
-                        f"| 2 | {2 * per_gpu} x {envs} | 8 | 8,000 | 7,200 | 0.900 | 900 | 12 s | 50% |",
-                        f"| 4 | {4 * per_gpu} x {envs} | 16 | 16,000 | 14,400 | 0.900 | 900 | 12 s | 50% |"]
+    assert said[3:] == [f"| 1 | {per_gpu} x {envs} | 4 | 4,000 / 4,000 | 3,600 | 0.900 | 900 | 12 s | 50% |",
+                        f"| 2 | {2 * per_gpu} x {envs} | 8 | 8,000 / 8,000 | 7,200 | 0.900 | 900 | 12 s | 50% |",
+                        f"| 4 | {4 * per_gpu} x {envs} | 16 | 16,000 / 16,000 | 14,400 | 0.900 | 900 | 12 s | 50% |"]
     assert [row["gpus"] for row in result["rows"]] == [1, 2, 4]
 
 
