@@ -42,27 +42,18 @@ def to_device(array: np.ndarray, device: torch.device, out: Tensor | None = None
     return tensor.to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
-_blocking_waits = False
-"""Whether this process's threads wait for their GPU by sleeping (``run.gpu_wait: block``, set by
-:func:`set_gpu_wait`): then :class:`HostCopy` waits on events that block too."""
-
-
-def blocking_waits() -> bool:
-    """Whether this process's waits for the GPU sleep instead of spinning (see :func:`set_gpu_wait`)."""
-    return _blocking_waits
-
-
 class HostCopy:
     """A result on its way to the host: for a CUDA tensor the copy is queued (non-blocking, into
     pinned memory, ordered after the work that computes it) and waited for only when
     :meth:`array` is asked for, so the calling thread can do other work while the GPU finishes
     instead of spinning in a synchronous copy. A CPU tensor or a host array is there already.
 
-    The wait is on a CUDA event, which spins unless the event was made blocking: the context's
-    scheduling flag alone did not make it sleep (H100 machine: a graphed Pong acting step took
-    the same CPU time with ``run.gpu_wait=block``, 353 against 335 us). So with
-    :func:`blocking_waits` the event is made blocking (the step's CPU time: 93-104 us against
-    180-193 us spinning, the step without envs, by its parts).
+    The wait is on a CUDA event, which spins. Blocking events (sleeping through the GPU's work)
+    were tried with ``run.gpu_wait=block`` and not kept: a graphed Pong step's parts alone took
+    93-104 us of CPU on a blocking event against 180-193 us spinning, but in the 64-member
+    population the members' CPU per env batch rose (1,360 against 1,271 us per 16 envs, CUDA's
+    event handler thread taking 0.28 cores) and the rate fell (27,724 against 28,495 env
+    steps/s, H100 lease, 2026-12-06, one invocation).
     """
 
     def __init__(self, value: Tensor | np.ndarray) -> None:
@@ -72,7 +63,7 @@ class HostCopy:
             stream = torch.cuda.current_stream(value.device)
             self._device_value = value  # kept until the copy is waited for: its memory is not reused before
             self._host: Tensor | np.ndarray = value.to("cpu", non_blocking=True)
-            self._done = torch.cuda.Event(blocking=_blocking_waits)
+            self._done = torch.cuda.Event()
             self._done.record(stream)
         else:
             self._host = value
@@ -109,20 +100,13 @@ def set_gpu_wait(device: torch.device, mode: str) -> bool:
     context) of the library :func:`load_cuda_driver` returns. ``'auto'`` and CPU devices change
     nothing and return False, as does a missing driver library or call.
 
-    ``'block'`` also makes :class:`HostCopy`'s events blocking (:func:`blocking_waits`): their
-    waits were measured spinning with the context's flag set.
-
     Measured on the H100 machine (README, Performance): for Pong A2C, 'block' lowered the
     population's rate (0.76 of raw envpool, against 0.82 spinning in the same lease), and for
     HalfCheetah with graphed acting (0.600 against 0.712): the wake-up latency on busy cores
     cost more than the freed core time. At 64 Pong IMPALA members (16 hosts on 16 cores) it
     raised the rate 1.06x.
     """
-    global _blocking_waits
-    if device.type != "cuda":
-        return False
-    _blocking_waits = mode == "block"
-    if mode == "auto":
+    if device.type != "cuda" or mode == "auto":
         return False
     driver = load_cuda_driver()
     set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None)

@@ -682,7 +682,6 @@ def use_driver(monkeypatch, driver) -> list[str]:
         return driver
 
     monkeypatch.setattr(device, "load_cuda_driver", load)
-    monkeypatch.setattr(device, "_blocking_waits", device._blocking_waits)  # restored after the test
     return loads
 
 
@@ -694,22 +693,6 @@ def test_set_gpu_wait_sets_the_primary_context_scheduling_flag(monkeypatch, mode
     use_driver(monkeypatch, driver)
     assert set_gpu_wait(torch.device("cuda:1"), mode)
     assert driver.calls == [("init", 0), ("device", 1), ("flags", flags)]
-
-
-def test_blocking_gpu_waits_make_host_copies_wait_on_blocking_events(monkeypatch):
-    """'block' is the one mode whose HostCopy events sleep (their waits spun with the context's
-    flag set); the event flag does not depend on the driver call, and a CPU device leaves it."""
-    from pbt_rl.agents.device import blocking_waits, set_gpu_wait
-
-    use_driver(monkeypatch, _FakeDriver())
-    for mode, blocking in (("block", True), ("spin", False), ("block", True), ("auto", False), ("yield", False)):
-        set_gpu_wait(torch.device("cuda"), mode)
-        assert blocking_waits() is blocking, mode
-    use_driver(monkeypatch, None)  # no libcuda.so.1: the context's flag cannot be set, the events' can
-    assert not set_gpu_wait(torch.device("cuda"), "block")
-    assert blocking_waits()
-    set_gpu_wait(torch.device("cpu"), "spin")
-    assert blocking_waits()
 
 
 def test_set_gpu_wait_changes_nothing_without_a_usable_driver(monkeypatch):
