@@ -19,7 +19,8 @@ of their last exploit, with its explored hyperparameters). Progress reported aft
 lost on a crash; resume drops those metrics rows so every step counter in the files only grows.
 
 A run directory is created whole (store.py) and held by one controller at a time (run_lock.py);
-a member that stops sending messages is treated as crashed (watchdog.py).
+a member that stops sending messages is treated as crashed (watchdog.py), and failures.py
+restarts, re-seeds or abandons a member that failed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pbt_rl.runtime import protocol
 from pbt_rl.runtime.member import MemberSpec, Restore
 from pbt_rl.runtime.population import fresh_population, read_population
 from pbt_rl.runtime.records import STATE_FORMAT, MemberRecord
-from pbt_rl.runtime.recovery import after_failure, apply_lineage_row
+from pbt_rl.runtime.failures import FailureHandling
+from pbt_rl.runtime.recovery import apply_lineage_row
 from pbt_rl.runtime.loggers import Loggers
 from pbt_rl.runtime.resources import member_devices, threads_per_member
 from pbt_rl.runtime.store import RunStore
@@ -47,8 +49,9 @@ from pbt_rl.scheduler import Continue, Exploit, Scheduler
 POLL_SECONDS = 0.2
 
 
-class Controller:
-    """Runs one population to its budget (see the module docstring for the consistency rules)."""
+class Controller(FailureHandling):
+    """Runs one population to its budget (see the module docstring for the consistency rules;
+    failures.py for what happens to a member that fails or goes silent)."""
 
     def __init__(
         self,
@@ -204,16 +207,6 @@ class Controller:
         """No member is left to train (each one finished or was abandoned)."""
         return all(r.done or r.abandoned for r in self.records.values())
 
-    def _check_silence(self) -> None:
-        for silence in self.watch.hung(time.monotonic()):
-            if silence.member_id not in self.handles:
-                self.watch.forget(silence.member_id)
-                continue
-            self._event("member_hung", silence.member_id, silent_seconds=round(silence.silent_seconds, 1),
-                        allowed_seconds=round(silence.allowed_seconds, 1), started=silence.started)
-            self._on_failure(silence.member_id, f"hung: no message for {silence.silent_seconds:.0f} s "
-                                                f"(allowed {silence.allowed_seconds:.0f} s, run.hang_timeout_*)")
-
     def _table(self) -> list[dict]:
         return [{"member": r.member_id, "env_steps": r.env_steps, "score": self._fitness(r),
                  "generation": r.generation, "status": r.status, "hyperparameters": r.hyperparameters}
@@ -357,52 +350,6 @@ class Controller:
         record.status = "training"
         self._save_state()
         self.loggers.exploit(row, self.store.path(decision.donor_checkpoint))
-
-    # ------------------------------------------------------------------ failures
-
-    def _on_failure(self, member_id: int, error: str, diverged: bool = False, traceback: str = "") -> None:
-        handle = self.handles.pop(member_id, None)
-        if handle is not None:
-            handle.kill()
-        self.watch.forget(member_id)
-        record = self.records[member_id]
-        if record.done or self.stopping:
-            return
-        record.failures += 1
-        record.last_error = error
-        dropped = self.pending.pop(member_id, None)
-        kind = self.pending_kind.pop(member_id, None)
-        self._event("member_failed", member_id, env_steps=record.env_steps, error=error, diverged=diverged,
-                    failures=record.failures, traceback=traceback[-4000:],
-                    dropped_exploit=None if dropped is None else kind)
-        action = after_failure(record.failures, diverged, record.restore.checkpoint is not None)
-        if action == "abandon":
-            record.abandoned, record.status = True, "abandoned"
-            self._event("member_abandoned", member_id, failures=record.failures, error=error)
-            self._save_state()
-            return
-        # Roll back to the restore point (what a restarted member will report from).
-        record.env_steps = record.restore.env_steps
-        record.updates = record.restore.updates
-        if action == "reseed":
-            excluded = [r.member_id for r in self.records.values() if r.abandoned]
-            reseed = self.scheduler.reseed(member_id, {i: r.member_state() for i, r in self.records.items()},
-                                           excluded=excluded)
-            if reseed is not None:
-                self.pending[member_id] = reseed
-                self.pending_kind[member_id] = "reseed"
-                self._save_state()
-                saved = record.restore
-                record.restore = Restore(reseed.donor_checkpoint, record.restore.env_steps, record.restore.updates,
-                                         dict(reseed.new_hyperparameters))
-                self._event("member_reseeded", member_id, donor=reseed.donor_id, checkpoint=reseed.donor_checkpoint)
-                self._launch(record)
-                record.restore = saved  # the new restore point counts only once the member confirms it
-                return
-        self._event("member_restarted", member_id, checkpoint=record.restore.checkpoint,
-                    env_steps=record.restore.env_steps)
-        self._save_state()
-        self._launch(record)
 
     # ------------------------------------------------------------------ end
 
