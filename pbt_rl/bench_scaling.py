@@ -58,7 +58,7 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
     ``say`` gets the table's lines as they are measured (its header after the first raw
     measurement, then one row per size), so a run cut short still shows the sizes it finished.
     """
-    from pbt_rl.bench import RawBrackets
+    from pbt_rl.bench_raw import RawBrackets
 
     configs = [config_at_population(config, size) for size in populations]  # every check first
     raws = RawBrackets(seconds=min(seconds, 20.0))
@@ -77,7 +77,8 @@ def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callab
     :class:`~pbt_rl.bench.RawBrackets`) at ``raw_config``, or at the row's own envs and threads
     (then kept in the row): a row each, with its ratio to their mean, handed to ``said`` as it is
     measured."""
-    from pbt_rl.bench import raw_around, train_for_bench
+    from pbt_rl.bench import train_for_bench
+    from pbt_rl.bench_raw import raw_around
     from pbt_rl.bench_window import default_warmup
 
     warmup, rows = default_warmup(seconds), []
@@ -163,7 +164,7 @@ def bench_gpu_scaling(config: ExperimentConfig, gpu_counts: tuple[int, ...], sec
                       say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """At each GPU count the population, between two raw envpool measurements at that size's envs
     and threads; a row each, said as it is measured."""
-    from pbt_rl.bench import RawBrackets
+    from pbt_rl.bench_raw import RawBrackets
 
     configs = [config_at_gpus(config, gpus, visible) for gpus in gpu_counts]  # every check first
     result = {"env": config.env.id, "algo": config.agent.algo, "visible_gpus": visible, "rows": []}

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pbt_rl.bench import _format_fractions, bench_raw_envpool
+from pbt_rl.bench import _format_fractions
+from pbt_rl.bench_raw import bench_raw_envpool
 from pbt_rl.bench_window import population_rate_from_metrics, time_fractions
 from pbt_rl.config import from_dict
 from pbt_rl.runtime.run_format import MetricsRow, RunDirError
@@ -161,11 +162,11 @@ def test_variants_change_how_the_population_trains_but_not_what_raw_envpool_meas
 
 
 def test_the_cli_trains_the_config_then_each_variant_between_raw_measurements(monkeypatch, capsys):
-    from pbt_rl import bench
+    from pbt_rl import bench, bench_raw
     from pbt_rl.cli import main
 
     raws, trained = [], []
-    monkeypatch.setattr(bench, "bench_raw_envpool", lambda config, seconds: raws.append(config) or
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", lambda config, seconds: raws.append(config) or
                         {"env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64,
                          "threads": 2})
 
@@ -192,7 +193,7 @@ def test_the_cli_trains_the_config_then_each_variant_between_raw_measurements(mo
 
 
 def test_a_population_is_compared_with_the_mean_of_the_raw_rates_either_side_and_a_drift_is_said():
-    from pbt_rl.bench import DRIFT_NOTED, drift_note, raw_around
+    from pbt_rl.bench_raw import DRIFT_NOTED, drift_note, raw_around
 
     around = raw_around({"env_steps_per_second": 1000.0}, {"env_steps_per_second": 800.0})
     assert around == {"before": 1000.0, "after": 800.0, "env_steps_per_second": 900.0, "drift": pytest.approx(-0.2)}
@@ -202,11 +203,11 @@ def test_a_population_is_compared_with_the_mean_of_the_raw_rates_either_side_and
 
 
 def test_the_bench_says_when_the_machine_drifted_around_a_population(monkeypatch, capsys):
-    from pbt_rl import bench
+    from pbt_rl import bench, bench_raw
     from pbt_rl.cli import main
 
     rates = iter([1000.0, 600.0])
-    monkeypatch.setattr(bench, "bench_raw_envpool", lambda config, seconds: {
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", lambda config, seconds: {
         "env_steps_per_second": next(rates), "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2})
     monkeypatch.setattr(bench, "train_for_bench", lambda config, seconds, warmup: {
         "population": {"env_steps_per_second": 720.0, "window_seconds": 10.0, "members": 4},
@@ -286,6 +287,7 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
     """Raw envpool at the config's envs before the first size and after each; the header as soon as
     the first exists, then a row per size in order, its ratio to the mean of the raws either side."""
     import pbt_rl.bench as bench
+    import pbt_rl.bench_raw as bench_raw
     from pbt_rl.bench_scaling import bench_scaling
     from pbt_rl.config import load_config
 
@@ -301,7 +303,7 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
         return {"population": {"env_steps_per_second": 100.0 * config.pbt.population_size, "startup_seconds": 3.0},
                 "exploits": 0, "machine": {"resident_mib_max": 500.0}}
 
-    monkeypatch.setattr(bench, "bench_raw_envpool", fake_raw)
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", fake_raw)
     monkeypatch.setattr(bench, "train_for_bench", fake_train)
     config = load_config("configs/quickstart.yaml", ["run.total_threads=2"])  # hosts as on a 2-core machine
     result = bench_scaling(config, (2, 8), seconds=5.0, say=said.append)
@@ -316,6 +318,7 @@ def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatc
     """--gpus 1,2,4 on a faked 4-GPU, 16-core machine: one GPU's population each, its share of cores,
     raw envpool at each size, a row said as each size is measured."""
     import pbt_rl.bench as bench
+    import pbt_rl.bench_raw as bench_raw
     from pbt_rl.bench_scaling import bench_gpu_scaling
     from pbt_rl.config import load_config
 
@@ -331,7 +334,7 @@ def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatc
         return {"population": {"env_steps_per_second": 900.0 * config.run.total_threads, "startup_seconds": 12.0},
                 "exploits": 0, "machine": {"gpu_utilization_percent": 50.0}}
 
-    monkeypatch.setattr(bench, "bench_raw_envpool", fake_raw)
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", fake_raw)
     monkeypatch.setattr(bench, "train_for_bench", fake_train)
     config = load_config("configs/atari/pong_impala.yaml", ["run.total_threads=16"])
     per_gpu = config.pbt.population_size

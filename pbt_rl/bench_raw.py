@@ -1,0 +1,148 @@
+"""Raw envpool stepping, the yardstick of ``pbt-rl bench``: envpool alone with random actions at a
+population's envs and threads (:func:`bench_raw_envpool`), and the measurements either side of each
+population it is compared with (:class:`RawBrackets`, :func:`raw_around`).
+
+A lent machine's own speed drifts over minutes (H100 lease, 2026-12-06: a 64-member Pong population
+ran at 22.3k env steps/s, its envpool taking 560 us of CPU per env step, where two runs of its own
+on the same lease had 28.2k and 28.5k at 440 us, against raw stepping at 34.2k measured minutes
+before it), so raw stepping is measured before each population and again after it, and the
+population is compared with the mean of the two, the drift between them said beside its ratio.
+
+Units: env steps per second summed over all envs (Atari: x4 for frames per second).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from pbt_rl.config import ExperimentConfig
+from pbt_rl.machine_use import ENVPOOL, cores_by_thread_name, thread_cpu_seconds, thread_named
+from pbt_rl.runtime.resources import machine_threads
+
+
+def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: float = 3.0) -> dict[str, Any]:
+    """Env steps/s of envpool alone with random actions, at the population's env and thread count."""
+    import envpool
+
+    from pbt_rl.envs import env_family
+    from pbt_rl.envs.factory import envpool_options
+
+    family = env_family(config.env.id)
+    if family == "gymnasium":
+        raise ValueError(f"{config.env.id} is not an envpool env; the raw benchmark needs envpool")
+    total_envs = config.pbt.population_size * config.env.num_envs
+    is_async = config.env.async_batch_size > 0
+    batch_size = total_envs * config.env.async_batch_size // config.env.num_envs if is_async else total_envs
+    # The same cores the population has: run.total_threads or the core count (members may
+    # oversubscribe envpool threads; raw stepping is measured at one thread per core).
+    threads = min(machine_threads(config.run.total_threads), os.cpu_count() or 1)
+    with thread_named(ENVPOOL):  # its worker threads carry the name: their CPU time is told apart
+        pool = envpool.make(
+            config.env.id,
+            env_type="gymnasium",
+            num_envs=total_envs,
+            batch_size=batch_size,
+            num_threads=min(threads, batch_size),
+            seed=config.run.seed,
+            **envpool_options(config.env, family),
+        )
+    rng = np.random.default_rng(config.run.seed)
+    space = pool.action_space
+    # Pre-drawn actions, so that the measurement is envpool and not Python's sampling.
+    if hasattr(space, "n"):
+        actions = [rng.integers(0, space.n, size=batch_size) for _ in range(16)]
+    else:
+        actions = [rng.uniform(space.low, space.high, size=(batch_size, *space.shape)).astype(space.dtype) for _ in range(16)]
+
+    steps = 0
+    if is_async:
+        pool.async_reset()
+
+        def one_batch(i: int) -> None:
+            _obs, _rew, _term, _trunc, info = pool.recv()
+            pool.send(actions[i % 16], info["env_id"])
+    else:
+        pool.reset()
+
+        def one_batch(i: int) -> None:
+            pool.step(actions[i % 16])
+
+    i = 0
+    deadline = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < deadline:
+        one_batch(i)
+        i += 1
+    cpu_before = thread_cpu_seconds([os.getpid()])
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        one_batch(i)
+        i += 1
+        steps += batch_size
+    elapsed = time.perf_counter() - start
+    cores = cores_by_thread_name(cpu_before, thread_cpu_seconds([os.getpid()]), elapsed)
+    pool.close()
+    return {
+        "env_steps_per_second": steps / elapsed,
+        "envpool_cores": cores.get(ENVPOOL),
+        "env_steps": steps,
+        "total_envs": total_envs,
+        "batch_size": batch_size,
+        "threads": min(threads, batch_size),
+        "mode": "async" if is_async else "sync",
+        "seconds": elapsed,
+    }
+
+
+DRIFT_NOTED = 0.05
+"""Raw rates either side of a population that differ by more than this fraction are called out."""
+
+
+def raw_around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """What a population measured between two raw measurements is compared with: their mean rate,
+    and how far the machine's raw speed moved meanwhile (``drift``: after over before, minus 1)."""
+    low, high = before["env_steps_per_second"], after["env_steps_per_second"]
+    return {"before": low, "after": high, "env_steps_per_second": (low + high) / 2, "drift": high / low - 1.0}
+
+
+def drift_note(around: dict[str, float] | None) -> str:
+    """'' or, when the raw speed moved by more than :data:`DRIFT_NOTED` around a population, a
+    clause saying so (its ratio is then only as good as that)."""
+    if around is None or abs(around["drift"]) <= DRIFT_NOTED:
+        return ""
+    return (f" (raw moved {100 * around['drift']:+.0f}% around it: {around['before']:,.0f} before, "
+            f"{around['after']:,.0f} after)")
+
+
+class RawBrackets:
+    """Raw envpool measured before the first population and again after each one, so that every
+    population lies between two raw measurements at its envs and threads; a population whose raw
+    config is the one measured just before it (the same envs, threads and seed) shares that
+    measurement instead of taking another."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.measured: list[dict[str, Any]] = []
+        self._last: tuple[Any, dict[str, Any]] | None = None
+
+    def before(self, config: ExperimentConfig) -> dict[str, Any]:
+        if self._last is None or self._last[0] != _raw_key(config):
+            self._measure(config)
+        return self._last[1]
+
+    def after(self, config: ExperimentConfig) -> dict[str, Any]:
+        return self._measure(config)
+
+    def _measure(self, config: ExperimentConfig) -> dict[str, Any]:
+        raw = bench_raw_envpool(config, seconds=self.seconds)
+        self.measured.append(raw)
+        self._last = (_raw_key(config), raw)
+        return raw
+
+
+def _raw_key(config: ExperimentConfig) -> tuple[Any, ...]:
+    """What :func:`bench_raw_envpool` measures at: the envs, their number, the threads and the seed."""
+    return (config.env, config.pbt.population_size, config.run.total_threads, config.run.seed)
