@@ -33,7 +33,7 @@ from pbt_rl.runtime.store import RunStore
 
 
 def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_seconds: float | None = None,
-                     variants: tuple[tuple[str, ExperimentConfig], ...] = (),
+                     variants: tuple[tuple[str, ExperimentConfig], ...] = (), repeats: int = 1,
                      say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Measure raw envpool and the population training; return both rates and their ratio.
 
@@ -42,6 +42,11 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     measured before the first and after each (:class:`RawBrackets`); ``result["variants"]``
     holds each one's rate, ratio to the raw either side of it (``raw_around``) and hosts, and the
     top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
+
+    ``repeats``: the whole sequence of populations that many times, in turn (A B A B ...), so
+    that a difference between variants can be told from the machine's own drift;
+    ``result["runs"]`` holds every run, ``result["repeated"]`` each variant's ratios and rates with
+    their medians (:func:`repeat_summary`), and the top-level ``ratio`` is the first variant's median.
 
     ``say`` gets a progress line as each measurement ends (raw, then each population), so a
     bench cut short (a time limit on a lent machine) still shows what it measured.
@@ -53,14 +58,17 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     raw = raws.before(config)
     say(f"measured: raw envpool {raw['env_steps_per_second']:,.0f} env steps/s")
     runs = []
-    for label, variant in variants:
-        before = raws.before(config)
-        run = train_for_bench(variant, seconds, warmup)
-        around = raw_around(before, raws.after(config))
-        runs.append({"label": label, **run, "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)},
-                     "raw_around": around, "ratio": run["population"]["env_steps_per_second"] / around["env_steps_per_second"]})
-        say(_progress_line(before, runs[-1], batch_size))
+    for repeat in range(1, repeats + 1):
+        for label, variant in variants:
+            before = raws.before(config)
+            run = train_for_bench(variant, seconds, warmup)
+            around = raw_around(before, raws.after(config))
+            runs.append({"label": label, "repeat": repeat, **run,
+                         "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)}, "raw_around": around,
+                         "ratio": run["population"]["env_steps_per_second"] / around["env_steps_per_second"]})
+            say(_progress_line(before, runs[-1], batch_size, repeats))
     first = runs[0]
+    repeated = repeat_summary(runs) if repeats > 1 else None
     return {
         "env": config.env.id,
         "algo": config.agent.algo,
@@ -72,11 +80,28 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
         "raw_rates": [measured["env_steps_per_second"] for measured in raws.measured],
         "raw_around": first["raw_around"],
         "population": first["population"],
-        "ratio": first["ratio"],
+        "ratio": repeated[0]["median_ratio"] if repeated else first["ratio"],
         "exploits": first["exploits"],
         "machine": first["machine"],
-        "variants": runs,
+        "variants": runs[:len(variants)],
+        "runs": runs,
+        "repeated": repeated,
     }
+
+
+def repeat_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant's runs together, in the order the variants first ran: their ratios and rates in
+    run order, with the medians (a median, not a mean, so that one run on a drifting machine does
+    not carry the row) and the hosts of its first run."""
+    labels = list(dict.fromkeys(run["label"] for run in runs))
+    summary = []
+    for label in labels:
+        mine = [run for run in runs if run["label"] == label]
+        ratios = [run["ratio"] for run in mine]
+        rates = [run["population"]["env_steps_per_second"] for run in mine]
+        summary.append({"label": label, "hosts": mine[0].get("hosts"), "ratios": ratios, "rates": rates,
+                        "median_ratio": statistics.median(ratios), "median_rate": statistics.median(rates)})
+    return summary
 
 
 def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tuple[tuple[str, ExperimentConfig], ...]:
@@ -157,12 +182,12 @@ def format_population_bench(result: dict[str, Any]) -> str:
         f"{raw['env_steps_per_second']:,.0f} env steps/s" + _format_raw_after(result.get("raw_around")),
         f"population training ({pop['members']} members, {pop['window_seconds']:.0f} s window): "
         f"{pop['env_steps_per_second']:,.0f} env steps/s" + _format_startup(pop) + _format_memory(machine),
-        f"ratio population / raw: {result['ratio']:.3f}{drift_note(result.get('raw_around'))}"
+        f"ratio population / raw: {result['ratio']:.3f}{_ratio_note(result)}"
         f"   exploits during the run: {result['exploits']}",
         *([_format_fractions(result["algo"], pop["time_fractions"])] if pop.get("time_fractions") else []),
         f"{cpu}; {gpu}",
         *_format_thread_cores(raw, pop, machine, result.get("env_batch_size")),
-        *_format_variants(result),  # after every line of the first variant, which it names
+        *(_format_repeats(result) if result.get("repeated") else _format_variants(result)),  # after the first's lines
         "json: " + json.dumps(result, default=float),
     ])
 
@@ -225,12 +250,37 @@ def _format_thread_cores(raw: dict[str, Any], population: dict[str, Any], machin
     return lines
 
 
-def _progress_line(raw: dict[str, Any], run: dict[str, Any], batch_size: int) -> str:
+def _progress_line(raw: dict[str, Any], run: dict[str, Any], batch_size: int, repeats: int = 1) -> str:
     """One measured population as soon as it ends: its rate and ratio, and where the cores went."""
     population = run["population"]
     cores = _format_thread_cores(raw, population, run["machine"], batch_size)
-    return (f"measured: {run['label'] or 'the population'}: {population['env_steps_per_second']:,.0f} env steps/s, "
+    which = (run["label"] or "the population") + (f" (run {run['repeat']} of {repeats})" if repeats > 1 else "")
+    return (f"measured: {which}: {population['env_steps_per_second']:,.0f} env steps/s, "
             f"ratio to raw {run['ratio']:.3f}{drift_note(run.get('raw_around'))}" + "".join(f"; {line}" for line in cores))
+
+
+def _ratio_note(result: dict[str, Any]) -> str:
+    """After the headline ratio: the first run's raw drift, or with repeats the range it is the median of."""
+    repeated = result.get("repeated")
+    if not repeated:
+        return drift_note(result.get("raw_around"))
+    ratios = repeated[0]["ratios"]
+    return f" (median of {len(ratios)} runs: {min(ratios):.3f} to {max(ratios):.3f})"
+
+
+def _format_repeats(result: dict[str, Any]) -> list[str]:
+    """With repeats: which run the lines above are, then each variant's median ratio, its range and
+    its median rate, and the median rate over the first variant's."""
+    repeated = result["repeated"]
+    first = repeated[0]
+    lines = [f"(the lines above: the first run of {first['label'] or 'the population'}; each population ran "
+             f"{len(first['ratios'])} times in turn, raw envpool before and after each run)"]
+    for entry in repeated:
+        ratios = ", ".join(f"{ratio:.3f}" for ratio in entry["ratios"])
+        lines.append(f"{entry['label'] or 'the population'}{_format_hosts(entry.get('hosts'))}: median ratio "
+                     f"{entry['median_ratio']:.3f} (runs: {ratios}), median {entry['median_rate']:,.0f} env steps/s, "
+                     f"over the first's median: {entry['median_rate'] / first['median_rate']:.3f}")
+    return lines
 
 
 def _format_variants(result: dict[str, Any]) -> list[str]:

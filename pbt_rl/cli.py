@@ -121,6 +121,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # argparse's float() accepts inf and nan; either would only fail after the warm-up.
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise ConfigError(f"--seconds: must be a finite number > 0, got {args.seconds}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: must be at least 1, got {args.repeats}")
+    if args.repeats > 1 and (target == "agent" or args.populations or args.gpus):
+        raise ConfigError("--repeats: only for the population bench and its --variant/--backends runs")
     if target == "agent":
         from pbt_rl.agents.bench import bench_agent, format_bench
 
@@ -171,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                say=lambda line: print(line, flush=True))
         print("json: " + json.dumps(result, default=float))
         return 0
-    result = bench_population(config, seconds=args.seconds, variants=variants, say=lambda line: print(line, flush=True))
+    result = bench_population(config, seconds=args.seconds, variants=variants, repeats=args.repeats,
+                              say=lambda line: print(line, flush=True))
     print(format_population_bench(result))
     return 0
 
@@ -313,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variant", action="append", metavar="OVERRIDES",
                        help="train the population once more with these overrides (quoted, space-separated), "
                             "raw envpool measured at the same envs before and after it; repeatable, e.g. --variant run.cuda_mps=off")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="run the population (and each variant) this many times, in turn, and print each one's "
+                            "median ratio and range: tells a variant's effect from the machine's drift (default 1)")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
                                                           "each of these population sizes, e.g. 8,16,32,64 (raw envpool at those envs before and after each)")
     bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "

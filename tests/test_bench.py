@@ -220,15 +220,54 @@ def test_the_bench_says_when_the_machine_drifted_around_a_population(monkeypatch
     assert f"ratio population / raw: 0.900{drifted}" in out
 
 
+def test_repeats_run_the_variants_in_turn_and_report_each_ones_median(monkeypatch, capsys):
+    from pbt_rl import bench, bench_raw
+    from pbt_rl.cli import main
+
+    raws, trained = [], []
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", lambda config, seconds: raws.append(config) or {
+        "env_steps_per_second": 1000.0, "mode": "sync", "total_envs": 64, "batch_size": 64, "threads": 2})
+    rates = iter([800.0, 900.0, 600.0, 1000.0, 700.0, 950.0])  # turns, free, turns, free, turns, free
+
+    def fake_train(config, seconds, warmup):
+        trained.append(config.run.host_sharing)
+        return {"population": {"env_steps_per_second": next(rates), "window_seconds": 10.0, "members": 4},
+                "exploits": 0, "cuda_mps": False, "machine": {"cpu_count": 2}}
+
+    monkeypatch.setattr(bench, "train_for_bench", fake_train)
+    assert main(["bench", "configs/quickstart.yaml", "--variant", "run.host_sharing=free", "--repeats", "3",
+                 "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert trained == ["turns", "free"] * 3 and len(raws) == 7  # in turn, each run between two raw measurements
+    assert "measured: run.host_sharing=free (run 3 of 3): 950 env steps/s, ratio to raw 0.950" in out
+    assert "ratio population / raw: 0.700 (median of 3 runs: 0.600 to 0.800)" in out  # the first variant's median
+    assert ("the config as given, a process each: median ratio 0.700 (runs: 0.800, 0.600, 0.700), median 700 env "
+            "steps/s, over the first's median: 1.000") in out
+    assert ("run.host_sharing=free, a process each: median ratio 0.950 (runs: 0.900, 1.000, 0.950), "
+            "median 950 env steps/s, over the first's median: 1.357") in out
+
+
+def test_repeat_summary_groups_runs_by_variant_in_first_run_order():
+    from pbt_rl.bench import repeat_summary
+
+    def run(label, rate):
+        return {"label": label, "ratio": rate / 1000, "population": {"env_steps_per_second": rate}, "hosts": None}
+
+    summary = repeat_summary([run("b", 500.0), run("a", 900.0), run("b", 700.0), run("a", 100.0), run("b", 600.0)])
+    assert [entry["label"] for entry in summary] == ["b", "a"]
+    assert summary[0]["rates"] == [500.0, 700.0, 600.0] and summary[0]["median_rate"] == 600.0
+    assert summary[1]["ratios"] == [0.9, 0.1] and summary[1]["median_ratio"] == pytest.approx(0.5)  # even count: mean of two
+
+
 def test_bench_refuses_variants_with_another_table_in_one_line(capsys):
     from pbt_rl.cli import main
 
     for extra in (["--backends", "local", "--variant", "run.cuda_mps=off"],
                   ["--variant", "run.cuda_mps=off", "--populations", "2,4"],
-                  ["--variant", "env.num_envs=8"]):
+                  ["--variant", "env.num_envs=8"], ["--repeats", "2", "--populations", "2,4"], ["--repeats", "0"]):
         assert main(["bench", "configs/quickstart.yaml", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and ("--variant" in err[0] or "--backends" in err[0]), err
+        assert len(err) == 1 and any(option in err[0] for option in ("--variant", "--backends", "--repeats")), err
 
 
 def test_bench_refuses_an_unknown_backend_in_one_line(capsys):
