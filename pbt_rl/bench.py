@@ -129,8 +129,8 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
                  + [("pbt", "population_size"), ("run", "total_threads")])
         changed = [f"{section}.{key}" for section, key in fixed if raw[section][key] != base[section][key]]
         if changed:
-            raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured at the config's, so "
-                              "every variant keeps the envs, the population size and the threads")
+            raise ConfigError(f"--variant {label!r} changes {changed[0]}: raw envpool is measured at the config's "
+                              "own envs and threads, so every variant keeps the envs, the population size and the threads")
         variants.append((label, variant))
     return tuple(variants)
 

@@ -7,7 +7,7 @@ The config's total env count (``population_size x env.num_envs``) is kept and di
 population size in turn (each member's async groups kept: ``num_envs / async_batch_size`` is the
 same), so raw envpool stepping is the same work for every size: it is measured at those envs and
 threads before the first size and again after each, and each size is compared with the mean of the
-two raw measurements either side of it (:class:`pbt_rl.bench.RawBrackets`: a lent machine's speed
+two raw measurements either side of it (:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed
 drifts over minutes). Each size trains as in :func:`pbt_rl.bench.bench_population` (a temporary
 run directory, metrics read back) and reports its env-step rate, the raw rates around it, the
 ratio, its members per host process and how long after its start every member was training.
@@ -74,7 +74,7 @@ def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], second
 def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callable[[dict], None], raws: Any,
                    raw_config: ExperimentConfig | None = None) -> list[dict[str, Any]]:
     """Each config's population trained in turn between two raw measurements (``raws``, a
-    :class:`~pbt_rl.bench.RawBrackets`) at ``raw_config``, or at the row's own envs and threads
+    :class:`~pbt_rl.bench_raw.RawBrackets`) at ``raw_config``, or at the row's own envs and threads
     (then kept in the row): a row each, with its ratio to their mean, handed to ``said`` as it is
     measured."""
     from pbt_rl.bench import train_for_bench
