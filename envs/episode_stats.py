@@ -18,6 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 
+_NO_RETURNS = np.zeros(0, dtype=np.float64)
+_NO_LENGTHS = np.zeros(0, dtype=np.int64)
+_NO_RETURNS.flags.writeable = _NO_LENGTHS.flags.writeable = False  # shared by every batch where none ended
+
+
 class EpisodeStats:
     """Per-env running sums of raw reward and episode length over ``num_envs`` envs.
 
@@ -66,10 +71,7 @@ class EpisodeStats:
         for name, array in (("raw_rewards", raw_rewards), ("episode_over", episode_over), ("is_first", is_first)):
             if array.shape != (batch,):
                 raise ValueError(f"{name} has shape {array.shape}; expected ({batch},) like env_ids")
-        if batch and (env_ids.min() < 0 or env_ids.max() >= self.num_envs):
-            raise ValueError(f"env_ids must lie in [0, {self.num_envs}), got {env_ids.tolist()}")
-        if np.unique(env_ids).shape[0] != batch:
-            raise ValueError(f"env_ids must not repeat within a batch, got {env_ids.tolist()}")
+        self._check_ids(env_ids)
 
         counted = ~is_first
         counted_ids = env_ids[counted]
@@ -77,8 +79,26 @@ class EpisodeStats:
         self.running_lengths[counted_ids] += 1
 
         finished_ids = env_ids[episode_over & counted]
+        if not finished_ids.size:  # most batches: nothing ended
+            return _NO_RETURNS, _NO_LENGTHS
         returns = self.running_returns[finished_ids].copy()
         lengths = self.running_lengths[finished_ids].copy()
         self.running_returns[finished_ids] = 0.0
         self.running_lengths[finished_ids] = 0
         return returns, lengths
+
+    def _check_ids(self, env_ids: np.ndarray) -> None:
+        """Every id in ``[0, num_envs)``, none twice: a count per id instead of ``np.unique``'s sort.
+        This runs for every env batch of every member: on the 2-core CPU machine ``update`` took
+        18.4 -> 9.6 us per batch of 128 alone, and 52.6 -> 28.0 us per Pong batch of 16 inside an
+        IMPALA actor's loop (one run each; the actor's whole CPU per batch did not resolve the
+        difference within its run-to-run spread of about 40 us)."""
+        if not env_ids.size:
+            return
+        if env_ids.min() < 0:
+            raise ValueError(f"env_ids must lie in [0, {self.num_envs}), got {env_ids.tolist()}")
+        counts = np.bincount(env_ids)
+        if counts.size > self.num_envs:
+            raise ValueError(f"env_ids must lie in [0, {self.num_envs}), got {env_ids.tolist()}")
+        if counts.max() > 1:
+            raise ValueError(f"env_ids must not repeat within a batch, got {env_ids.tolist()}")

@@ -136,6 +136,7 @@ def test_asynchronous_batches_in_any_env_order():
         ([1.0, 1.0], [False, False], [0, 0], [False, False], "repeat"),
         ([1.0], [False, False], [0, 1], [False, False], "shape"),
         ([1.0, 1.0], [False, False], [0, 5], [False, False], r"\[0, 2\)"),
+        ([1.0, 1.0], [False, False], [1, -1], [False, False], r"\[0, 2\)"),
     ],
 )
 def test_rejects_malformed_batches(rewards, over, env_ids, first, message):
