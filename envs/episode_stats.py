@@ -88,17 +88,15 @@ class EpisodeStats:
         return returns, lengths
 
     def _check_ids(self, env_ids: np.ndarray) -> None:
-        """Every id in ``[0, num_envs)``, none twice: a count per id instead of ``np.unique``'s sort.
-        This runs for every env batch of every member: on the 2-core CPU machine ``update`` took
-        18.4 -> 9.6 us per batch of 128 alone, and 52.6 -> 28.0 us per Pong batch of 16 inside an
-        IMPALA actor's loop (one run each; the actor's whole CPU per batch did not resolve the
-        difference within its run-to-run spread of about 40 us)."""
+        """Every id in ``[0, num_envs)`` (checked first, so a stray large id allocates no counts),
+        none twice: a count per id instead of ``np.unique``'s sort. This runs for every env batch
+        of every member: on the 2-core CPU machine ``update`` took 18.4 -> 10.8 us per batch of 128
+        alone, and 52.6 -> 31.8-34.1 us per Pong batch of 16 inside an IMPALA actor's loop (the
+        actor's whole CPU per batch did not resolve the difference within its run-to-run spread of
+        about 40 us)."""
         if not env_ids.size:
             return
-        if env_ids.min() < 0:
+        if env_ids.min() < 0 or env_ids.max() >= self.num_envs:
             raise ValueError(f"env_ids must lie in [0, {self.num_envs}), got {env_ids.tolist()}")
-        counts = np.bincount(env_ids)
-        if counts.size > self.num_envs:
-            raise ValueError(f"env_ids must lie in [0, {self.num_envs}), got {env_ids.tolist()}")
-        if counts.max() > 1:
+        if np.bincount(env_ids).max() > 1:
             raise ValueError(f"env_ids must not repeat within a batch, got {env_ids.tolist()}")

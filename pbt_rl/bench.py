@@ -254,9 +254,14 @@ def _progress_line(raw: dict[str, Any], run: dict[str, Any], batch_size: int, re
     """One measured population as soon as it ends: its rate and ratio, and where the cores went."""
     population = run["population"]
     cores = _format_thread_cores(raw, population, run["machine"], batch_size)
-    which = (run["label"] or "the population") + (f" (run {run['repeat']} of {repeats})" if repeats > 1 else "")
+    which = _named(run["label"]) + (f" (run {run['repeat']} of {repeats})" if repeats > 1 else "")
     return (f"measured: {which}: {population['env_steps_per_second']:,.0f} env steps/s, "
             f"ratio to raw {run['ratio']:.3f}{drift_note(run.get('raw_around'))}" + "".join(f"; {line}" for line in cores))
+
+
+def _named(label: str) -> str:
+    """A population's name in the bench's lines: its variant's overrides, or 'the population'."""
+    return label or "the population"
 
 
 def _ratio_note(result: dict[str, Any]) -> str:
@@ -273,11 +278,11 @@ def _format_repeats(result: dict[str, Any]) -> list[str]:
     its median rate, and the median rate over the first variant's."""
     repeated = result["repeated"]
     first = repeated[0]
-    lines = [f"(the lines above: the first run of {first['label'] or 'the population'}; each population ran "
+    lines = [f"(the lines above: the first run of {_named(first['label'])}; each population ran "
              f"{len(first['ratios'])} times in turn, raw envpool before and after each run)"]
     for entry in repeated:
         ratios = ", ".join(f"{ratio:.3f}" for ratio in entry["ratios"])
-        lines.append(f"{entry['label'] or 'the population'}{_format_hosts(entry.get('hosts'))}: median ratio "
+        lines.append(f"{_named(entry['label'])}{_format_hosts(entry.get('hosts'))}: median ratio "
                      f"{entry['median_ratio']:.3f} (runs: {ratios}), median {entry['median_rate']:,.0f} env steps/s, "
                      f"over the first's median: {entry['median_rate'] / first['median_rate']:.3f}")
     return lines

@@ -126,21 +126,20 @@ class RawBrackets:
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.measured: list[dict[str, Any]] = []
-        self._last: tuple[Any, dict[str, Any]] | None = None
+        self._last_key: tuple[Any, ...] | None = None  # what measured[-1] was measured at
 
     def before(self, config: ExperimentConfig) -> dict[str, Any]:
-        if self._last is None or self._last[0] != _raw_key(config):
-            self._measure(config)
-        return self._last[1]
+        if not self.measured or self._last_key != _raw_key(config):
+            return self._measure(config)
+        return self.measured[-1]
 
     def after(self, config: ExperimentConfig) -> dict[str, Any]:
         return self._measure(config)
 
     def _measure(self, config: ExperimentConfig) -> dict[str, Any]:
-        raw = bench_raw_envpool(config, seconds=self.seconds)
-        self.measured.append(raw)
-        self._last = (_raw_key(config), raw)
-        return raw
+        self.measured.append(bench_raw_envpool(config, seconds=self.seconds))
+        self._last_key = _raw_key(config)
+        return self.measured[-1]
 
 
 def _raw_key(config: ExperimentConfig) -> tuple[Any, ...]:
