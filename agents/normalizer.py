@@ -28,6 +28,16 @@ def _to_float64_array(value) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
+def _clipped_float32(values: np.ndarray, clip: float | None) -> np.ndarray:
+    """``values`` (a float64 array of the caller's own) clipped in place to ``[-clip, clip]``
+    (None = not clipped) and cast to float32; NaN stays NaN, as with ``np.clip``."""
+    values = np.asarray(values)  # a 0-d result of scalar arithmetic becomes an array to clip in place
+    if clip is not None:
+        np.minimum(values, clip, out=values)
+        np.maximum(values, -clip, out=values)
+    return values.astype(np.float32)
+
+
 class RunningMeanStd:
     """Mean and (population) variance per feature of every sample seen, ``shape`` = one sample.
 
@@ -38,9 +48,29 @@ class RunningMeanStd:
     def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-8) -> None:
         self.shape = tuple(shape)
         self.epsilon = epsilon  # added to the variance before the square root
-        self.mean = np.zeros(self.shape, dtype=np.float64)
-        self.var = np.ones(self.shape, dtype=np.float64)
+        self._mean = np.zeros(self.shape, dtype=np.float64)
+        self._var = np.ones(self.shape, dtype=np.float64)
+        self._std: np.ndarray | None = None  # sqrt(var + epsilon), computed once per change
         self.count = 0.0  # samples seen (float so that state dicts stay plain numbers)
+
+    # Every batch of an acting step is normalised, so the square root is kept between updates;
+    # mean and var are set only through these properties, which drop it.
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: np.ndarray) -> None:
+        self._mean = np.asarray(value, dtype=np.float64)
+
+    @property
+    def var(self) -> np.ndarray:
+        return self._var
+
+    @var.setter
+    def var(self, value: np.ndarray) -> None:
+        self._var = np.asarray(value, dtype=np.float64)
+        self._std = None
 
     def update(self, batch: np.ndarray) -> None:
         """Merge a batch ``[N, *shape]`` of samples into the statistics (no-op for N = 0)."""
@@ -50,34 +80,35 @@ class RunningMeanStd:
         batch_count = batch.shape[0]
         if batch_count == 0:
             return
-        batch_mean = batch.mean(axis=0)
-        batch_var = batch.var(axis=0)
+        # The batch's mean and sum of squared deviations in plain ufunc calls: np.mean and np.var
+        # cost several times more in Python overhead at an acting step's batch size.
+        batch_mean = batch.sum(axis=0) / batch_count
+        centred = batch - batch_mean
+        batch_squares = np.einsum("i...,i...->...", centred, centred)
         total = self.count + batch_count
-        delta = batch_mean - self.mean
-        sum_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        delta = batch_mean - self._mean
+        sum_squares = self._var * self.count + batch_squares + delta * delta * (self.count * batch_count / total)
         # np.asarray keeps 0-d statistics (shape ()) arrays rather than numpy scalars.
-        self.mean = np.asarray(self.mean + delta * batch_count / total, dtype=np.float64)
-        self.var = np.asarray(sum_squares / total, dtype=np.float64)
+        self.mean = self._mean + delta * (batch_count / total)
+        self.var = sum_squares / total
         self.count = total
 
     @property
     def std(self) -> np.ndarray:
         """``sqrt(var + epsilon)``, ``shape``."""
-        return np.sqrt(self.var + self.epsilon)
+        if self._std is None:
+            self._std = np.sqrt(self._var + self.epsilon)
+        return self._std
 
     def normalize(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
         """``(x - mean) / std`` clipped to ``[-clip, clip]`` (None = no clip), as float32."""
-        normalized = (np.asarray(x, dtype=np.float64) - self.mean) / self.std
-        if clip is not None:
-            normalized = np.clip(normalized, -clip, clip)
-        return normalized.astype(np.float32)
+        normalized = np.asarray(x, dtype=np.float64) - self._mean  # a new array: changed in place below
+        normalized /= self.std
+        return _clipped_float32(normalized, clip)
 
     def scale(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
         """``x / std`` without centring (reward scaling by the std of discounted returns), float32."""
-        scaled = np.asarray(x, dtype=np.float64) / self.std
-        if clip is not None:
-            scaled = np.clip(scaled, -clip, clip)
-        return scaled.astype(np.float32)
+        return _clipped_float32(np.asarray(x, dtype=np.float64) / self.std, clip)
 
     def state_dict(self) -> dict:
         """Statistics as float64 tensors and a float, loadable by ``torch.load(weights_only=True)``."""
