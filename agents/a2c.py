@@ -38,15 +38,14 @@ class A2CLearner(Learner):
     def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
         super().__init__(env, agent, seed, device, num_threads, fixed_env_groups=True)
-        self._obs: np.ndarray | None = None  # [num_envs, ...] prepared observations to act on next
-        self._unroll: Unroll | None = None  # reused rollout buffer, reallocated when T changes
+        # The reused rollout buffer (reallocated when T changes; pinned on a GPU). Between unrolls
+        # its last observation row holds the prepared observations to act on next.
+        self._unroll: Unroll | None = None
         self._in_flight: list[object] = []  # sync env: the step results not yet "received"
 
     def train(self, until_env_steps: int) -> TrainReport:
         """Collect unrolls and update until ``env_steps >= until_env_steps``."""
         stats = CallStats(self.env_steps)
-        if self._obs is None:
-            self._obs = self._reset_all(stats)
         while self.env_steps < until_env_steps:
             started, cpu_started = time.perf_counter(), time.thread_time()
             unroll = self._collect(stats)
@@ -90,39 +89,50 @@ class A2CLearner(Learner):
 
     # -- collecting --------------------------------------------------------------------------
 
-    def _buffer(self, actions: np.ndarray) -> Unroll:
-        """The rollout buffer for the current ``unroll_length`` (allocated on first use / resize)."""
+    def _next_unroll(self, stats: CallStats) -> Unroll:
+        """The rollout buffer for the current ``unroll_length``, its first observation row holding
+        the observations to act on (the last row of the previous unroll; at the start, the envs'
+        first observations). Allocated on first use and when the length changes; pinned on a GPU,
+        so that the policy steps and the update copy its rows to the device without staging."""
         length = self.agent_cfg.unroll_length
-        unroll = self._unroll
-        if unroll is None or unroll.length != length or unroll.actions.dtype != actions.dtype:
-            obs = self._obs
-            unroll = Unroll.empty(length, self.env.num_envs, obs.shape[1:], obs.dtype, actions.shape[1:], actions.dtype)
+        previous = self._unroll
+        current = None if previous is None else previous.obs[previous.length]
+        if current is None:
+            current = self._reset_all(stats)
+        unroll = previous
+        if unroll is None or unroll.length != length:
+            action_shape, action_dtype = self.model.sampled_action_layout
+            unroll = Unroll.empty(length, self.env.num_envs, current.shape[1:], current.dtype, action_shape,
+                                  action_dtype, pinned=self.device.type == "cuda")
             self._unroll = unroll
+        unroll.obs[0] = current
         return unroll
 
     def _collect(self, stats: CallStats) -> Unroll:
         """Step every env ``unroll_length`` times with the current policy: one ``[T, num_envs]`` unroll.
 
         Group ``g``'s step ``t`` is received (and its next action chosen) only after every other
-        group's step ``t`` was sent, so up to ``G - 1`` groups step while the policy acts.
+        group's step ``t`` was sent, so up to ``G - 1`` groups step while the policy acts. Each
+        received batch's prepared observations go straight into the unroll's row ``t``, which the
+        policy step then reads: one host copy per frame.
         """
         env = self.env
         size = env.batch_size
         groups = env.num_envs // size
         length = self.agent_cfg.unroll_length
         model, updates = self.model, self.updates  # both fixed while collecting
-        unroll = None
+        unroll = self._next_unroll(stats)
         acting = stats.acting
         for t in range(length + 1):
             for group in range(groups):
                 cols = slice(group * size, (group + 1) * size)
                 batch = self._recv(group, stats) if t > 0 else None
                 if batch is not None:
-                    self._obs[cols] = self._prepare_obs(batch.obs, update_statistics=True)
+                    unroll.obs[t, cols] = self._prepare_obs(batch.obs, update_statistics=True)
                 launched = None
                 if t < length:  # act first: the bookkeeping below is done while the GPU computes
                     started, cpu_started = time.perf_counter(), time.thread_time()
-                    launched = self.launch_policy_step(model, self._obs[cols])
+                    launched = self.launch_policy_step(model, unroll.obs[t, cols])
                     acting.inference_seconds += time.perf_counter() - started
                     acting.inference_cpu_seconds += time.thread_time() - cpu_started
                 if batch is not None:
@@ -139,14 +149,10 @@ class A2CLearner(Learner):
                 acting.inference_seconds += time.perf_counter() - started
                 acting.inference_cpu_seconds += time.thread_time() - cpu_started
                 acting.policy_steps += 1
-                if unroll is None:
-                    unroll = self._buffer(actions)
-                unroll.obs[t, cols] = self._obs[cols]
                 unroll.actions[t, cols] = actions
                 unroll.behaviour_log_probs[t, cols] = log_probs
                 unroll.policy_updates[t, cols] = updates
                 self._send(group, env_actions, stats)
-        unroll.obs[length] = self._obs
         return unroll
 
     def targets(self, batch: dict[str, Tensor], log_probs: Tensor, values: Tensor,

@@ -292,6 +292,14 @@ class ActorCritic(nn.Module):
             actions = actions.long()
         return self._log_prob(distribution, actions), self._entropy(distribution), value
 
+    @property
+    def sampled_action_layout(self) -> tuple[tuple[int, ...], np.dtype]:
+        """One sampled action's shape and dtype as :meth:`unpack` gives it: ``((), int64)`` or
+        ``((D,), float32)``."""
+        if self.is_continuous:
+            return (self.action_dim,), np.dtype(np.float32)
+        return (), np.dtype(np.int64)
+
     def unpack(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`act_packed`'s rows on the host as ``(actions as sampled, env actions, log_probs)``:
         actions ``int64 [N]`` (Discrete) or ``float32 [N, D]`` (Box, unclipped), env actions as

@@ -2,7 +2,9 @@
 
 A2C fills one reused unroll in place per update; IMPALA's actor cuts one from each env's
 trajectory and the learner concatenates several side by side. Arrays stay on the host (numpy)
-until the update copies them to the device in one go.
+until the update copies them to the device in one go. An unroll made ``pinned`` (for a learner
+on a GPU) lives in page-locked memory, which the device copies from directly: no staging copy
+for the policy steps that read its observation rows or for the update.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -42,16 +45,23 @@ class Unroll:
 
     @classmethod
     def empty(cls, length: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-              action_shape: tuple[int, ...], action_dtype: np.dtype) -> "Unroll":
+              action_shape: tuple[int, ...], action_dtype: np.dtype, pinned: bool = False) -> "Unroll":
+        """Zeros of these shapes; ``pinned``: in page-locked host memory (needs CUDA)."""
+        def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            if not pinned:
+                return np.zeros(shape, dtype=dtype)
+            torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+            return torch.zeros(shape, dtype=torch_dtype, pin_memory=True).numpy()  # the array keeps the tensor
+
         return cls(
-            obs=np.zeros((length + 1, num_envs, *obs_shape), dtype=obs_dtype),
-            actions=np.zeros((length, num_envs, *action_shape), dtype=action_dtype),
-            behaviour_log_probs=np.zeros((length, num_envs), dtype=np.float32),
-            rewards=np.zeros((length, num_envs), dtype=np.float32),
-            terminated=np.zeros((length, num_envs), dtype=bool),
-            truncated=np.zeros((length, num_envs), dtype=bool),
-            valid=np.zeros((length, num_envs), dtype=bool),
-            policy_updates=np.zeros((length, num_envs), dtype=np.int64),
+            obs=zeros((length + 1, num_envs, *obs_shape), obs_dtype),
+            actions=zeros((length, num_envs, *action_shape), action_dtype),
+            behaviour_log_probs=zeros((length, num_envs), np.float32),
+            rewards=zeros((length, num_envs), np.float32),
+            terminated=zeros((length, num_envs), bool),
+            truncated=zeros((length, num_envs), bool),
+            valid=zeros((length, num_envs), bool),
+            policy_updates=zeros((length, num_envs), np.int64),
         )
 
     @classmethod

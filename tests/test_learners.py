@@ -3,6 +3,7 @@ state round trips, hyperparameter changes, divergence, reports and the IMPALA ac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -110,6 +111,45 @@ def test_a2c_double_buffering_collects_the_same_unrolls_as_synchronous_stepping(
         for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert sync.env_steps == grouped.env_steps == 6 * 7 * 5
+
+
+def test_a2c_unrolls_continue_each_other_and_hold_what_the_policy_acted_on(learners):
+    """Each received batch goes straight into its unroll row, which the policy step reads; the
+    next unroll starts from the last one's bootstrap row, also when the unroll length changes."""
+    learner = learners(make_config("a2c", num_envs=4, async_batch_size=2, unroll_length=3))
+    acted_on: list[np.ndarray] = []
+    launch = learner.launch_policy_step
+    learner.launch_policy_step = lambda model, obs, deterministic=False: (
+        acted_on.append(np.array(obs)), launch(model, obs, deterministic))[1]
+    unrolls: list[Unroll] = []
+    update = learner.update
+    learner.update = lambda unroll: (
+        unrolls.append(dataclasses.replace(unroll, **{name: np.copy(getattr(unroll, name)) for name in (
+            "obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid", "policy_updates")})),
+        update(unroll))[1]
+    learner.train(2 * 4 * 3)
+    learner.set_hyperparameters({"unroll_length": 5})
+    learner.train(learner.env_steps + 4 * 5)
+    assert [u.length for u in unrolls] == [3, 3, 5]
+    for before, after in zip(unrolls, unrolls[1:]):
+        np.testing.assert_array_equal(after.obs[0], before.obs[-1])
+        assert not np.array_equal(after.obs[0], after.obs[1])  # the rows are distinct steps
+    expected = [u.obs[t, g * 2:(g + 1) * 2] for u in unrolls for t in range(u.length) for g in range(2)]
+    assert len(acted_on) == len(expected)
+    for seen, row in zip(acted_on, expected):
+        np.testing.assert_array_equal(seen, row)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_a2c_on_a_gpu_keeps_its_unroll_in_pinned_memory_the_device_copies_from_directly(learners):
+    config = make_config("a2c", num_envs=4, async_batch_size=2, unroll_length=3)
+    learner = learners(dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda")))
+    learner.train(2 * 4 * 3)
+    unroll = learner._unroll
+    row = torch.from_numpy(unroll.obs[1, 0:2])  # what a policy step reads
+    assert row.is_pinned() and row.pin_memory().data_ptr() == row.data_ptr()  # no staging copy
+    for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
+        assert torch.from_numpy(getattr(unroll, name)).is_pinned(), name
 
 
 @pytest.mark.parametrize("algo", ALGOS)
