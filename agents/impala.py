@@ -235,7 +235,7 @@ class ImpalaLearner(Learner):
         queued and the same statistics as if it were done on receipt.
         """
         env, state = self.env, self.state
-        trajectories = EnvTrajectories(env.num_envs)
+        trajectories = EnvTrajectories(env.num_envs, pinned=self.device.type == "cuda")
         version = self._policy_version
         loaded_count = -1
         policy_updates = 0

@@ -16,6 +16,18 @@ import numpy as np
 import torch
 
 
+def host_array(shape: tuple[int, ...], dtype: np.dtype, pinned: bool, zeroed: bool = False) -> np.ndarray:
+    """A host array, in page-locked memory when ``pinned`` (the array keeps the torch tensor that
+    owns it). Uninitialised unless ``zeroed``. A device copy from pinned memory runs after the
+    call that queued it returns, so the memory must stay unchanged and alive until the copy is
+    done: a learner's update ends with a host copy of its statistics, which waits for it."""
+    if not pinned:
+        return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
+    torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    make = torch.zeros if zeroed else torch.empty
+    return make(shape, dtype=torch_dtype, pin_memory=True).numpy()
+
+
 @dataclass
 class Unroll:
     """``T`` consecutive env steps of ``B`` envs, as host (numpy) arrays.
@@ -48,10 +60,7 @@ class Unroll:
               action_shape: tuple[int, ...], action_dtype: np.dtype, pinned: bool = False) -> "Unroll":
         """Zeros of these shapes; ``pinned``: in page-locked host memory (needs CUDA)."""
         def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-            if not pinned:
-                return np.zeros(shape, dtype=dtype)
-            torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-            return torch.zeros(shape, dtype=torch_dtype, pin_memory=True).numpy()  # the array keeps the tensor
+            return host_array(shape, dtype, pinned, zeroed=True)
 
         return cls(
             obs=zeros((length + 1, num_envs, *obs_shape), obs_dtype),

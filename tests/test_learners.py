@@ -141,15 +141,19 @@ def test_a2c_unrolls_continue_each_other_and_hold_what_the_policy_acted_on(learn
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
-def test_a2c_on_a_gpu_keeps_its_unroll_in_pinned_memory_the_device_copies_from_directly(learners):
-    config = make_config("a2c", num_envs=4, async_batch_size=2, unroll_length=3)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_learner_on_a_gpu_updates_from_pinned_memory_the_device_copies_from_directly(learners, algo):
+    """A2C's reused unroll and IMPALA's cut unrolls are page-locked: no staging copy of their frames."""
+    config = make_config(algo, num_envs=4, async_batch_size=2, unroll_length=3)
     learner = learners(dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda")))
+    seen = record_updates(learner)
     learner.train(2 * 4 * 3)
-    unroll = learner._unroll
-    row = torch.from_numpy(unroll.obs[1, 0:2])  # what a policy step reads
-    assert row.is_pinned() and row.pin_memory().data_ptr() == row.data_ptr()  # no staging copy
+    assert seen
+    unroll = seen[-1]
     for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
         assert torch.from_numpy(getattr(unroll, name)).is_pinned(), name
+    row = torch.from_numpy(unroll.obs[1, 0:2])  # an A2C policy step reads such a row
+    assert row.is_pinned() and row.pin_memory().data_ptr() == row.data_ptr()
 
 
 @pytest.mark.parametrize("algo", ALGOS)
