@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pbt_rl.agents.device import sleep_until_done
+
 if TYPE_CHECKING:
     from pbt_rl.agents.base import Learner
 
@@ -205,6 +207,7 @@ class GraphedSteps:
             replays += 1
         if replays:
             totals.add(dict(zip(self._names, self._totals.unbind())), steps=replays)
+            sleep_until_done(learner.device)  # the replays' GPU time, without spinning through it
             flags = torch.stack([self._check.applied, self._check.diverged]).tolist()
             applied, diverged = int(flags[0]), flags[1] > 0
             learner.updates += applied
