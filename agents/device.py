@@ -70,24 +70,15 @@ class HostCopy:
             self._host = value
 
     def array(self) -> np.ndarray:
-        """The value as a host array (waits for the copy the first time: spinning, or with
-        ``run.gpu_wait=poll`` sleeping between checks)."""
+        """The value as a host array (waits for the copy the first time)."""
         if self._done is not None:
-            if _acting_poll_seconds is not None:
-                sleep_until(self._done, _acting_poll_seconds)
             self._done.synchronize()
             self._done = self._device_value = None
         return self._host.numpy() if isinstance(self._host, Tensor) else self._host
 
 
-ACTING_POLL_SECONDS = 50e-6
-"""``run.gpu_wait=poll``: the sleep between checks of a policy step's copy (Linux sleeps at
-least its 50 us timer slack more: one or two checks for a Pong step's 100-200 us of GPU work)."""
-
 UPDATE_POLL_SECONDS = 200e-6
-"""The sleep between checks of a learner's update, always (:func:`sleep_until_done`)."""
-
-_acting_poll_seconds: float | None = None  # set for the process by set_gpu_wait(device, "poll")
+"""The sleep between checks of a learner's update (:func:`sleep_until_done`)."""
 
 
 def sleep_until(event: Any, poll_seconds: float) -> None:
@@ -99,9 +90,13 @@ def sleep_until(event: Any, poll_seconds: float) -> None:
 
 def sleep_until_done(device: torch.device, poll_seconds: float = UPDATE_POLL_SECONDS) -> None:
     """On a GPU, wait for the work queued so far on ``device``'s current stream, sleeping between
-    checks; nothing on the CPU. A learner calls it before the host copy that ends its update, so
+    checks; nothing on the CPU. A graphed update calls it before the host copy that ends it, so
     that its thread does not spin on a core for the whole update's GPU time (milliseconds, where a
-    wake-up a fraction of a millisecond late costs nothing)."""
+    wake-up a fraction of a millisecond late costs nothing).
+
+    The same sleeping wait for a policy step's copy (:class:`HostCopy`, 50 us between checks, as
+    a ``run.gpu_wait`` mode) was tried and not kept: 0.991x the spinning rate at 64 Pong IMPALA
+    members and 0.87x for HalfCheetah at 8 (H100 machine, 2026-12-06, one invocation each)."""
     if device.type != "cuda":
         return
     event = torch.cuda.Event()
@@ -128,9 +123,7 @@ def set_gpu_wait(device: torch.device, mode: str) -> bool:
     cores, so every synchronising copy of a member busy-waits, on a core that env threads could
     use, for as long as the GPU is busy with the other members' work. ``'block'`` makes a
     waiting thread sleep until the GPU signals, ``'yield'`` spin but yield the core to other
-    runnable threads. ``'poll'`` leaves the context's flag alone and makes a policy step's wait
-    (:class:`HostCopy`) sleep between checks of its event, with no driver thread to wake it.
-    The flag is the primary context's CU_CTX_SCHED_* flag, set through the
+    runnable threads. The flag is the primary context's CU_CTX_SCHED_* flag, set through the
     driver API (``cuDevicePrimaryCtxSetFlags_v2``, which also applies to an already active
     context) of the library :func:`load_cuda_driver` returns. ``'auto'`` and CPU devices change
     nothing and return False, as does a missing driver library or call.
@@ -141,12 +134,8 @@ def set_gpu_wait(device: torch.device, mode: str) -> bool:
     cost more than the freed core time. At 64 Pong IMPALA members (16 hosts on 16 cores) it
     raised the rate 1.06x.
     """
-    global _acting_poll_seconds
-    if device.type != "cuda":
+    if device.type != "cuda" or mode == "auto":
         return False
-    _acting_poll_seconds = ACTING_POLL_SECONDS if mode == "poll" else None
-    if mode in ("auto", "poll"):
-        return mode == "poll"
     driver = load_cuda_driver()
     set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None)
     if set_flags is None:

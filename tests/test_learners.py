@@ -761,41 +761,11 @@ class _FakeEvent:
 
     def __init__(self, pending: int) -> None:
         self.pending = pending
-        self.queries = self.synchronized = 0
+        self.queries = 0
 
     def query(self) -> bool:
         self.queries += 1
         return self.queries > self.pending
-
-    def synchronize(self) -> None:
-        self.synchronized += 1
-
-
-def test_set_gpu_wait_poll_makes_a_policy_steps_wait_sleep_between_checks(monkeypatch):
-    from pbt_rl.agents import device
-
-    loads = use_driver(monkeypatch, _FakeDriver())
-    monkeypatch.setattr(device, "_acting_poll_seconds", None)
-    sleeps: list[float] = []
-    monkeypatch.setattr(device.time, "sleep", sleeps.append)
-
-    def waited_copy(pending: int) -> tuple[device.HostCopy, _FakeEvent]:
-        copy = device.HostCopy(np.arange(3.0))
-        copy._done = event = _FakeEvent(pending)  # stands in for the copy's CUDA event
-        np.testing.assert_array_equal(copy.array(), np.arange(3.0))
-        return copy, event
-
-    _, event = waited_copy(3)
-    assert sleeps == [] and event.queries == 0 and event.synchronized == 1  # spinning: CUDA's own wait
-    assert device.set_gpu_wait(torch.device("cuda"), "poll")
-    assert loads == []  # the context's flag is left alone
-    _, event = waited_copy(3)
-    assert sleeps == [device.ACTING_POLL_SECONDS] * 3 and event.queries == 4
-    assert not device.set_gpu_wait(torch.device("cuda"), "auto")  # another mode ends the polling
-    sleeps.clear()
-    waited_copy(3)
-    assert sleeps == []
-    assert not device.set_gpu_wait(torch.device("cpu"), "poll") and device._acting_poll_seconds is None
 
 
 def test_a_learners_update_end_sleeps_until_the_device_is_done_and_not_at_all_on_the_cpu(monkeypatch):
@@ -803,8 +773,9 @@ def test_a_learners_update_end_sleeps_until_the_device_is_done_and_not_at_all_on
 
     sleeps: list[float] = []
     monkeypatch.setattr(device.time, "sleep", sleeps.append)
-    device.sleep_until(_FakeEvent(2), 0.5)
-    assert sleeps == [0.5, 0.5]
+    event = _FakeEvent(2)
+    device.sleep_until(event, 0.5)
+    assert sleeps == [0.5, 0.5] and event.queries == 3
     sleeps.clear()
     device.sleep_until_done(torch.device("cpu"))  # nothing queued anywhere: returns at once
     assert sleeps == []
