@@ -95,8 +95,9 @@ def sleep_until_done(device: torch.device, poll_seconds: float = UPDATE_POLL_SEC
     wake-up a fraction of a millisecond late costs nothing).
 
     The same sleeping wait for a policy step's copy (:class:`HostCopy`, 50 us between checks, as
-    a ``run.gpu_wait`` mode) was tried and not kept: 0.991x the spinning rate at 64 Pong IMPALA
-    members and 0.87x for HalfCheetah at 8 (H100 machine, 2026-12-06, one invocation each)."""
+    a ``run.gpu_wait`` mode) was tried and not kept: 0.917 of raw envpool against 0.927 spinning
+    at 64 Pong IMPALA members, and 0.711 against 0.726 for HalfCheetah at 8 (H100 machine,
+    2026-12-06, one invocation each)."""
     if device.type != "cuda":
         return
     event = torch.cuda.Event()
