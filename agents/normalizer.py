@@ -48,21 +48,13 @@ class RunningMeanStd:
     def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-8) -> None:
         self.shape = tuple(shape)
         self.epsilon = epsilon  # added to the variance before the square root
-        self._mean = np.zeros(self.shape, dtype=np.float64)
+        self.mean = np.zeros(self.shape, dtype=np.float64)
         self._var = np.ones(self.shape, dtype=np.float64)
         self._std: np.ndarray | None = None  # sqrt(var + epsilon), computed once per change
         self.count = 0.0  # samples seen (float so that state dicts stay plain numbers)
 
     # Every batch of an acting step is normalised, so the square root is kept between updates;
-    # mean and var are set only through these properties, which drop it.
-    @property
-    def mean(self) -> np.ndarray:
-        return self._mean
-
-    @mean.setter
-    def mean(self, value: np.ndarray) -> None:
-        self._mean = np.asarray(value, dtype=np.float64)
-
+    # the variance is set only through this property, which drops it.
     @property
     def var(self) -> np.ndarray:
         return self._var
@@ -86,10 +78,10 @@ class RunningMeanStd:
         centred = batch - batch_mean
         batch_squares = np.einsum("i...,i...->...", centred, centred)
         total = self.count + batch_count
-        delta = batch_mean - self._mean
+        delta = batch_mean - self.mean
         sum_squares = self._var * self.count + batch_squares + delta * delta * (self.count * batch_count / total)
         # np.asarray keeps 0-d statistics (shape ()) arrays rather than numpy scalars.
-        self.mean = self._mean + delta * (batch_count / total)
+        self.mean = np.asarray(self.mean + delta * (batch_count / total), dtype=np.float64)
         self.var = sum_squares / total
         self.count = total
 
@@ -102,7 +94,7 @@ class RunningMeanStd:
 
     def normalize(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
         """``(x - mean) / std`` clipped to ``[-clip, clip]`` (None = no clip), as float32."""
-        normalized = np.asarray(x, dtype=np.float64) - self._mean  # a new array: changed in place below
+        normalized = np.asarray(x, dtype=np.float64) - self.mean  # a new array: changed in place below
         normalized /= self.std
         return _clipped_float32(normalized, clip)
 

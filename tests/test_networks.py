@@ -227,6 +227,20 @@ def test_running_mean_std_matches_numpy_over_batches():
     np.testing.assert_allclose(stats.scale(everything) * stats.std, everything, rtol=1e-6)
 
 
+def test_running_mean_std_normalises_with_the_statistics_of_the_moment():
+    """The square root is kept between changes: every update and load must replace it."""
+    stats = RunningMeanStd(shape=(2,))
+    x = np.array([[1.0, -2.0]])
+    np.testing.assert_allclose(stats.normalize(x), x, rtol=1e-6)  # mean 0, variance 1 before any data
+    stats.update(np.array([[0.0, 0.0], [4.0, 2.0]]))
+    np.testing.assert_allclose(stats.normalize(x), [[-0.5, -3.0]], rtol=1e-6)
+    stats.update(np.array([[8.0, 4.0], [-4.0, -2.0]]))  # mean (2, 1), variance (20, 5)
+    np.testing.assert_allclose(stats.normalize(x), (x - [2.0, 1.0]) / np.sqrt([20.0, 5.0]), rtol=1e-6)
+    stats.load_state_dict({"mean": np.zeros(2), "var": np.full(2, 4.0), "count": 3.0})
+    np.testing.assert_allclose(stats.normalize(x), x / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(stats.scale(x), x / 2.0, rtol=1e-6)
+
+
 def test_running_mean_std_state_dict_round_trip_through_torch_save():
     stats = RunningMeanStd(shape=(2, 3))
     stats.update(np.random.default_rng(1).normal(size=(10, 2, 3)))
