@@ -28,14 +28,17 @@ def resolve_device(requested: str | torch.device | None) -> torch.device:
     return device
 
 
-def to_device(array: np.ndarray, device: torch.device, out: Tensor | None = None) -> Tensor:
+def to_device(array: np.ndarray | Tensor, device: torch.device, out: Tensor | None = None) -> Tensor:
     """A host array as a tensor on ``device``, keeping its dtype (uint8 frames stay uint8); with
     ``out`` (a tensor of that shape on ``device``, e.g. a CUDA graph's static input) copied into
-    it instead of a new tensor.
+    it instead of a new tensor. A tensor on a GPU is moved or copied by the device (a tensor
+    already on ``device`` is returned as it is).
 
     For CUDA the copy goes through pinned memory and does not block the host.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(array, Tensor) and array.device.type != "cpu":  # on a device: copied there
+        return array.to(device) if out is None else out.copy_(array, non_blocking=True)
+    tensor = array if isinstance(array, Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     if out is not None:

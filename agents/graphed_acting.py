@@ -83,12 +83,13 @@ class GraphedActing:
         self.captures = 0
         """Graphs captured so far (for tests and reports)."""
 
-    def launch(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> HostCopy:
-        """Rows ``(action..., log_prob)`` for the prepared observations ``obs`` ``[N, ...]``,
-        sampled with ``generator`` (float64 ``[N, k + 1]``), their copy to the host queued before
-        anyone can launch again (a replay overwrites the graph's output)."""
+    def launch(self, model: torch.nn.Module, obs: np.ndarray | Tensor, generator: torch.Generator) -> HostCopy:
+        """Rows ``(action..., log_prob)`` for the prepared observations ``obs`` ``[N, ...]`` (a host
+        array, or a tensor on the device), sampled with ``generator`` (float64 ``[N, k + 1]``), their
+        copy to the host queued before anyone can launch again (a replay overwrites the graph's output)."""
         with self._lock, torch.cuda.device(self.device), torch.no_grad():
-            key = (id(model), obs.shape, obs.dtype.str)
+            dtype = obs.dtype if isinstance(obs, Tensor) else torch.from_numpy(obs[:0]).dtype
+            key = (id(model), tuple(obs.shape), dtype)
             entry = self._captured.get(key)
             if entry is None or not entry.serves(model):
                 self._forget_dead_models()
@@ -97,8 +98,8 @@ class GraphedActing:
                 entry.warmups += 1
                 return HostCopy(self._eager(model, obs, generator))
             if entry.graph is None:
-                self._capture(entry, model, obs)
-            to_device(obs, self.device, out=entry.obs)  # pinned host -> the graph's input, one copy
+                self._capture(entry, model, tuple(obs.shape), dtype)
+            to_device(obs, self.device, out=entry.obs)  # pinned host (or the device) -> the graph's input
             model.draw_noise(entry.noise, generator)
             entry.graph.replay()
             return HostCopy(entry.packed)
@@ -107,7 +108,7 @@ class GraphedActing:
         """Drop the captures of models that no longer exist (with the tensors they kept)."""
         self._captured = {key: entry for key, entry in self._captured.items() if entry.model() is not None}
 
-    def _eager(self, model: torch.nn.Module, obs: np.ndarray, generator: torch.Generator) -> Tensor:
+    def _eager(self, model: torch.nn.Module, obs: np.ndarray | Tensor, generator: torch.Generator) -> Tensor:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         try:
@@ -118,10 +119,10 @@ class GraphedActing:
         packed.record_stream(current)  # used on the current stream from here (the copy to the host)
         return packed
 
-    def _capture(self, entry: _Captured, model: torch.nn.Module, obs: np.ndarray) -> None:
+    def _capture(self, entry: _Captured, model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Capture forward and sampling over static observations and noise (nothing runs yet)."""
-        entry.obs = torch.zeros(obs.shape, dtype=torch.from_numpy(obs[:0]).dtype, device=self.device)
-        entry.noise = torch.zeros((obs.shape[0], model.policy_head.out_features), dtype=torch.float32,
+        entry.obs = torch.zeros(shape, dtype=dtype, device=self.device)
+        entry.noise = torch.zeros((shape[0], model.policy_head.out_features), dtype=torch.float32,
                                   device=self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the other threads of the process (an IMPALA learner, the host's other

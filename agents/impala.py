@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from pbt_rl.agents.base import Learner
+from pbt_rl.agents.device import to_device
 from pbt_rl.agents.rollout import Unroll
 from pbt_rl.agents.trajectories import EnvTrajectories
 from pbt_rl.agents.train_report import ActingTime, CallStats, TrainReport
@@ -235,7 +236,9 @@ class ImpalaLearner(Learner):
         queued and the same statistics as if it were done on receipt.
         """
         env, state = self.env, self.state
-        trajectories = EnvTrajectories(env.num_envs, pinned=self.device.type == "cuda")
+        on_gpu = self.device.type == "cuda"
+        obs_device = self.device if on_gpu and self.agent_cfg.trajectories_on_device else None
+        trajectories = EnvTrajectories(env.num_envs, pinned=on_gpu, obs_device=obs_device)
         version = self._policy_version
         loaded_count = -1
         policy_updates = 0
@@ -270,7 +273,7 @@ class ImpalaLearner(Learner):
                 policy_updates, loaded_count = published[1], count
             if batch is None:
                 batch = unrecorded = env.reset()
-                obs = self._prepare_obs(batch.obs, update_statistics=True)
+                obs = self._actor_obs(batch, obs_device)
             acting, cpu_acting = time.perf_counter(), time.thread_time()
             launched = self.launch_policy_step(self._actor_model, obs)
             inference, inference_cpu = time.perf_counter() - acting, time.thread_time() - cpu_acting
@@ -292,7 +295,7 @@ class ImpalaLearner(Learner):
                 state.env_steps += batch.batch_size
                 batch = env.step(env_actions)
             stepped = time.perf_counter()
-            obs, unrecorded = self._prepare_obs(batch.obs, update_statistics=True), batch
+            obs, unrecorded = self._actor_obs(batch, obs_device), batch
             with self._cond:
                 self._episode_returns.extend(batch.episode_returns.tolist())
                 self._episode_lengths.extend(batch.episode_lengths.tolist())
@@ -304,11 +307,17 @@ class ImpalaLearner(Learner):
                 acted.inference_cpu_seconds += inference_cpu
                 acted.policy_steps += 1
 
+    def _actor_obs(self, batch: Any, device: torch.device | None) -> np.ndarray | torch.Tensor:
+        """A received batch's prepared observations, on ``device`` when the trajectories keep them
+        there (the policy step and the rings both read that one copy)."""
+        obs = self._prepare_obs(batch.obs, update_statistics=True)
+        return obs if device is None else to_device(obs, device)
+
     def _actor_must_wait(self) -> bool:
         """Whether the actor is to stay idle now (asked with ``self._cond`` held): paused, or at its target."""
         return not self._stop and (not self._actor_may_run or self.state.env_steps >= self._target_env_steps)
 
-    def _record(self, trajectories: EnvTrajectories, batch: Any, obs: np.ndarray, version: int) -> bool:
+    def _record(self, trajectories: EnvTrajectories, batch: Any, obs: np.ndarray | torch.Tensor, version: int) -> bool:
         """A received batch into the trajectories (its prepared observations ``obs``, its scaled
         rewards, the in-flight steps it completes) and the unrolls complete now queued
         (:meth:`_enqueue`). False when the actor is to stop."""

@@ -37,7 +37,7 @@ class Unroll:
     steps (their action was ignored); those are left out of every loss term.
     """
 
-    obs: np.ndarray  # [T + 1, B, *obs_shape] uint8 or float32
+    obs: np.ndarray | torch.Tensor  # [T + 1, B, *obs_shape] uint8 or float32 (IMPALA on a GPU: on the device)
     actions: np.ndarray  # [T, B, *action_shape] as sampled (before clipping to the bounds)
     behaviour_log_probs: np.ndarray  # [T, B] float32 log mu(a_t | x_t) of the acting policy
     rewards: np.ndarray  # [T, B] float32 reward to learn from (scaled when normalize_returns)
@@ -78,6 +78,8 @@ class Unroll:
         """Unrolls of equal length side by side: ``[T, B1 + B2 + ...]``."""
         if len(unrolls) == 1:
             return unrolls[0]
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "policy_version"]
-        return cls(**{name: np.concatenate([getattr(u, name) for u in unrolls], axis=1) for name in names},
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("obs", "policy_version")]
+        obs = [u.obs for u in unrolls]
+        return cls(obs=torch.cat(obs, dim=1) if isinstance(obs[0], torch.Tensor) else np.concatenate(obs, axis=1),
+                   **{name: np.concatenate([getattr(u, name) for u in unrolls], axis=1) for name in names},
                    policy_version=min(u.policy_version for u in unrolls))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pbt_rl.agents.trajectories import EnvTrajectories
 from references import NaiveEnvTrajectories
@@ -12,13 +13,14 @@ from references import NaiveEnvTrajectories
 FIELDS = ("obs", "actions", "behaviour_log_probs", "policy_updates", "rewards", "terminated", "truncated", "valid")
 
 
-def _cuts(seed: int, num_envs: int, continuous: bool, steps: int = 400):
+def _cuts(seed: int, num_envs: int, continuous: bool, steps: int = 400, obs_device: torch.device | None = None):
     """Drive both implementations as an asynchronous actor does: envs come back in random batches
     of those in flight (all of them are, after the reset), are acted on and sent again; now and
     then the experience is dropped (between a batch's arrival and its actions, or after them),
-    and the unroll length and group size change. Yields each cut of both."""
+    and the unroll length and group size change. Yields each cut of both. With ``obs_device`` the
+    fast one keeps its observations as tensors there (as an actor on a GPU does)."""
     rng = np.random.default_rng(seed)
-    fast, naive = EnvTrajectories(num_envs), NaiveEnvTrajectories(num_envs)
+    fast, naive = EnvTrajectories(num_envs, obs_device=obs_device), NaiveEnvTrajectories(num_envs)
     in_flight = np.arange(num_envs)
     length, group = int(rng.integers(1, 6)), int(rng.integers(1, num_envs + 1))
     for step in range(steps):
@@ -33,7 +35,8 @@ def _cuts(seed: int, num_envs: int, continuous: bool, steps: int = 400):
         log_probs = rng.normal(size=size).astype(np.float32)
         drop_before_acting = rng.random() < 0.02
         for t in (fast, naive):
-            t.receive(ids, obs, rewards, terminated, truncated, is_first)
+            received = torch.from_numpy(obs).to(obs_device) if t is fast and obs_device is not None else obs
+            t.receive(ids, received, rewards, terminated, truncated, is_first)
             if drop_before_acting:
                 t.drop_experience()
         for t in (fast, naive):
@@ -52,11 +55,15 @@ def _cuts(seed: int, num_envs: int, continuous: bool, steps: int = 400):
                 break
 
 
+DEVICES = [None, torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("num_envs,continuous", [(1, False), (5, True), (12, False)])
-def test_unrolls_are_cut_as_the_definition_cuts_them(seed, num_envs, continuous):
+@pytest.mark.parametrize("obs_device", DEVICES, ids=lambda device: f"obs on {device or 'numpy'}")
+def test_unrolls_are_cut_as_the_definition_cuts_them(seed, num_envs, continuous, obs_device):
     cuts = 0
-    for expected, unroll in _cuts(seed, num_envs, continuous):
+    for expected, unroll in _cuts(seed, num_envs, continuous, obs_device=obs_device):
         assert (expected is None) == (unroll is None)
         if expected is None:
             continue
@@ -65,9 +72,14 @@ def test_unrolls_are_cut_as_the_definition_cuts_them(seed, num_envs, continuous)
         assert unroll.policy_version == 3
         for name in FIELDS:
             value = getattr(unroll, name)
+            if name == "obs" and obs_device is not None:
+                assert isinstance(value, torch.Tensor) and value.device.type == obs_device.type
+                assert value.dtype == torch.uint8
+                value = value.cpu().numpy()
             assert value.shape == arrays[name].shape, name
             np.testing.assert_array_equal(value, arrays[name].astype(value.dtype), err_msg=name)
-        assert unroll.obs.dtype == np.uint8 and unroll.valid.dtype == bool and unroll.policy_updates.dtype == np.int64
+        assert unroll.obs.dtype in (np.uint8, torch.uint8) and unroll.valid.dtype == bool
+        assert unroll.policy_updates.dtype == np.int64
     assert cuts > 10
 
 
