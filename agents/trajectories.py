@@ -23,11 +23,12 @@ the observations' ring is a tensor on the device (``obs_device``): a batch's obs
 there already (the policy step needs them there), are written into the ring by one indexed copy on
 the device, and a cut gathers the unroll's observations there, so the frames are not copied on the
 host at all after the policy step's copy; the other fields are cut into pinned memory, which the
-update copies to the device from directly. Indices reach the device as one small copy each. Measured on the 2-core
-CPU machine with Pong-sized frames (uint8 4 x 84 x 84), receive, sent and cut per env batch:
-128 envs in batches of 64, 580-634 us against 1,001-1,082 us for the lists of Python tuples
-this replaced; 16 envs in batches of 8, 49-54 us against 288-322 us (alternating runs of 3,000
-batches).
+update copies to the device from directly. Indices reach the device as one small copy each.
+
+Measured on the 2-core CPU machine with Pong-sized frames (uint8 4 x 84 x 84), receive, sent and
+cut per env batch: 128 envs in batches of 64, 580-634 us against 1,001-1,082 us for the lists of
+Python tuples this replaced; 16 envs in batches of 8, 49-54 us against 288-322 us (alternating
+runs of 3,000 batches).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class EnvTrajectories:
         group = ready[np.argsort(-self.steps[ready], kind="stable")[:group_size]]  # most steps first
         times = (self.head[group][None, :] + np.arange(length + 1)[:, None]) % self._capacity  # [T + 1, B]
         entries = group[None, :] * self._capacity + times  # [T + 1, B] rows of the flattened rings
-        steps = {name: _gather(ring, entries[:length], self.pinned) for name, ring in self._rings.items() if name != "obs"}
+        steps = {name: _gather(ring, entries[:length], self.pinned)
+                 for name, ring in self._rings.items() if name != "obs"}
         unroll = Unroll(obs=_gather(self._rings["obs"], entries, self.pinned), policy_version=version, **steps)
         self.head[group] = (self.head[group] + length) % self._capacity
         self.steps[group] -= length
@@ -195,6 +197,6 @@ def _write(ring: np.ndarray | torch.Tensor, entries: np.ndarray, values: np.ndar
     item_shape = tuple(ring.shape[2:])
     if isinstance(ring, torch.Tensor):
         index = to_device(entries.reshape(-1), ring.device)
-        ring.view(-1, *item_shape).index_copy_(0, index, values.reshape(-1, *item_shape))
+        ring.view(-1, *item_shape).index_copy_(0, index, to_device(values, ring.device).reshape(-1, *item_shape))
     else:
         ring.reshape(-1, *item_shape)[entries] = values
