@@ -150,11 +150,8 @@ def test_a_learner_on_a_gpu_updates_from_pinned_memory_the_device_copies_from_di
     learner.train(2 * 4 * 3)
     assert seen
     unroll = seen[-1]
-    for name in ("actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
+    for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
         assert torch.from_numpy(getattr(unroll, name)).is_pinned(), name
-    if algo == "impala":  # trajectories_on_device: the observations never went back to the host
-        assert isinstance(unroll.obs, torch.Tensor) and unroll.obs.device.type == "cuda"
-        return
     row = torch.from_numpy(unroll.obs[1, 0:2])  # an A2C policy step reads such a row
     assert row.is_pinned() and row.pin_memory().data_ptr() == row.data_ptr()
 
@@ -170,6 +167,7 @@ def test_impala_cuts_the_same_unrolls_with_observation_rings_on_the_device_or_on
         learner.train(4 * 3 * 2)
         first_unrolls.append(seen[0])  # acted on by the initial weights: the same seeded run either way
     on_device, on_host = first_unrolls
+    assert isinstance(on_device.obs, torch.Tensor) and on_device.obs.device.type == "cuda"  # never on the host
     np.testing.assert_array_equal(on_device.obs.cpu().numpy(), on_host.obs)
     for name in ("actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid"):
         np.testing.assert_array_equal(getattr(on_device, name), getattr(on_host, name), err_msg=name)

@@ -66,7 +66,7 @@ class AgentConfig:
     cuda_graphs: bool = _f(True, "On CUDA, replay each gradient step as a CUDA graph (one launch instead of hundreds), checked for non-finite values once per update; false = eager steps. No effect on the CPU.")
     graphed_acting: bool = _f(True, "With cuda_graphs on a GPU, also replay each sampling acting step (forward pass and sampling, the random numbers drawn eagerly: the same actions) as a CUDA graph; false = eager acting steps. Measured on the H100 machine: 1.09-1.19x the population's env steps/s (Pong A2C and HalfCheetah at 8 members, Pong IMPALA at 64; README, Performance).")
     optimizer: str = _f("rmsprop", "'rmsprop' (the IMPALA/PBT papers' choice) or 'adam'.", choices=("rmsprop", "adam"))
-    trajectories_on_device: bool = _f(True, "IMPALA on a GPU: keep the actor's observation rings on the device (a batch's observations written there from the policy step's copy, unrolls gathered there), so that frames are copied once on the host instead of three times; false = rings in host memory. No effect on the CPU.")
+    trajectories_on_device: bool = _f(False, "IMPALA on a GPU: keep the actor's observation rings on the device (a batch's observations written there from the policy step's copy, unrolls gathered there), so that frames are copied once on the host instead of three times; false = rings in host memory. Off until measured on the GPU machine. No effect on the CPU.")
     lr: float = _f(7e-4, "Learning rate.", gt=0.0, max=1.0, tunable=True)
     optimizer_eps: float = _f(1e-5, "Epsilon of RMSProp / Adam.", gt=0.0, max=1.0, tunable=True)
     rmsprop_alpha: float = _f(0.99, "RMSProp smoothing constant (decay).", gt=0.0, lt=1.0, tunable=True, only={'optimizer': 'rmsprop'})
