@@ -38,8 +38,9 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     """Measure raw envpool and the population training; return both rates and their ratio.
 
     ``variants`` (``(label, config)`` pairs, e.g. ``run.backend=ray`` or ``run.cuda_mps=off``, from
-    :func:`variant_configs`): train each population in this order, raw envpool at ``config``
-    measured before the first and after each (:class:`RawBrackets`); ``result["variants"]``
+    :func:`variant_configs`): train each population in this order, raw envpool at its envs (the
+    config's; a variant of ``env.async_batch_size`` at its own batching) measured before the
+    first and after each (:class:`RawBrackets`); ``result["variants"]``
     holds each one's rate, ratio to the raw either side of it (``raw_around``) and hosts, and the
     top-level ``population`` / ``ratio`` are the first one's. Empty: ``config`` alone.
 
@@ -60,13 +61,13 @@ def bench_population(config: ExperimentConfig, seconds: float = 60.0, warmup_sec
     runs = []
     for repeat in range(1, repeats + 1):
         for label, variant in variants:
-            before = raws.before(config)
+            before = raws.before(variant)
             run = train_for_bench(variant, seconds, warmup)
-            around = raw_around(before, raws.after(config))
+            around = raw_around(before, raws.after(variant))
             runs.append({"label": label, "repeat": repeat, **run,
                          "hosts": {**hosts_of(variant), "cuda_mps": run.get("cuda_mps", False)}, "raw_around": around,
                          "ratio": run["population"]["env_steps_per_second"] / around["env_steps_per_second"]})
-            say(_progress_line(before, runs[-1], batch_size, repeats))
+            say(_progress_line(before, runs[-1], _env_batch(variant), repeats))
     first = runs[0]
     repeated = repeat_summary(runs) if repeats > 1 else None
     return {
@@ -106,9 +107,10 @@ def repeat_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tuple[tuple[str, ExperimentConfig], ...]:
     """``config`` with each list of overrides applied in turn, labelled by them: the populations a
-    bench trains against raw envpool at one config's envs. A variant may change how the population trains
-    (backend, hosts, sharing, MPS, agent settings, the members' env threads ``env.num_threads``)
-    but not what raw envpool is measured at.
+    bench trains against raw envpool at the config's envs. A variant may change how the population
+    trains (backend, hosts, sharing, MPS, agent settings, the members' env threads
+    ``env.num_threads``, and how a member batches its envs, ``env.async_batch_size``: raw envpool
+    is then measured at that batching too) but not which envs and how many, nor the threads.
 
     Raises ConfigError for an override that does not apply, or one that changes the envs, the
     population size or the threads.
@@ -124,8 +126,9 @@ def variant_configs(config: ExperimentConfig, overrides: list[list[str]]) -> tup
         except ConfigError as exc:
             raise ConfigError(f"--variant {label!r}: {exc}") from None
         raw = to_dict(variant)
-        # env.num_threads is the members' envpool threads; raw envpool always runs one per core.
-        fixed = ([("env", key) for key in base["env"] if key != "num_threads"]
+        # env.num_threads is the members' envpool threads (raw envpool always runs one per core);
+        # env.async_batch_size is how the same envs are batched (raw envpool batches them alike).
+        fixed = ([("env", key) for key in base["env"] if key not in ("num_threads", "async_batch_size")]
                  + [("pbt", "population_size"), ("run", "total_threads")])
         changed = [f"{section}.{key}" for section, key in fixed if raw[section][key] != base[section][key]]
         if changed:

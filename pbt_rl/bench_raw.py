@@ -13,6 +13,8 @@ Units: env steps per second summed over all envs (Atari: x4 for frames per secon
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from typing import Any
@@ -143,5 +145,7 @@ class RawBrackets:
 
 
 def _raw_key(config: ExperimentConfig) -> tuple[Any, ...]:
-    """What :func:`bench_raw_envpool` measures at: the envs, their number, the threads and the seed."""
-    return (config.env, config.pbt.population_size, config.run.total_threads, config.run.seed)
+    """What :func:`bench_raw_envpool` measures at: the envs, their number, the threads and the seed
+    (not the members' env threads, which raw stepping does not use)."""
+    return (dataclasses.replace(config.env, num_threads=0), config.pbt.population_size, config.run.total_threads,
+            config.run.seed)

@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "e.g. local,ray (raw envpool before and after each; default: the config's)")
     bench.add_argument("--variant", action="append", metavar="OVERRIDES",
                        help="train the population once more with these overrides (quoted, space-separated), "
-                            "raw envpool measured at the same envs before and after it; repeatable, e.g. --variant run.cuda_mps=off")
+                            "raw envpool measured at the same envs (and the variant's env.async_batch_size) before and "
+                            "after it; repeatable, e.g. --variant run.cuda_mps=off")
     bench.add_argument("--repeats", type=int, default=1,
                        help="run the population (and each variant) this many times, in turn, and print each one's "
                             "median ratio and range: tells a variant's effect from the machine's drift (default 1)")

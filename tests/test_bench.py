@@ -153,6 +153,9 @@ def test_variants_change_how_the_population_trains_but_not_what_raw_envpool_meas
     # The members' env threads may change: raw envpool runs one thread per core whatever they are.
     (_, more_threads), = variant_configs(config, [["env.num_threads=4"]])
     assert more_threads.env.num_threads == 4
+    # So may the batching of the same envs: raw envpool is then measured at that batching.
+    (_, grouped), = variant_configs(config, [["env.async_batch_size=8"]])
+    assert grouped.env.async_batch_size == 8 and grouped.env.num_envs == config.env.num_envs
     for texts, changed in ((["env.num_envs=8"], "env.num_envs"), (["pbt.population_size=8"], "pbt.population_size"),
                            (["run.total_threads=1"], "run.total_threads")):
         with pytest.raises(ConfigError, match=rf"^--variant '{texts[0]}' changes {changed}: raw envpool is measured at the config's"):
@@ -190,6 +193,28 @@ def test_the_cli_trains_the_config_then_each_variant_between_raw_measurements(mo
                         "measured: the config as given: 900 env steps/s, ratio to raw 0.900",
                         "measured: run.host_sharing=free run.members_per_host=4: 450 env steps/s, ratio to raw 0.450"]
     assert out.index(progress[-1]) < out.index("ratio population / raw: 0.900")
+
+
+def test_a_variant_batching_the_envs_otherwise_is_compared_with_raw_envpool_batched_alike(monkeypatch, capsys):
+    from pbt_rl import bench, bench_raw
+    from pbt_rl.cli import main
+
+    raws = []
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", lambda config, seconds: raws.append(
+        (config.env.async_batch_size, config.env.num_threads)) or {
+        "env_steps_per_second": 1000.0 if config.env.async_batch_size else 2000.0, "mode": "sync", "total_envs": 64,
+        "batch_size": 64, "threads": 2})
+    monkeypatch.setattr(bench, "train_for_bench", lambda config, seconds, warmup: {
+        "population": {"env_steps_per_second": 900.0, "window_seconds": 10.0, "members": 4},
+        "exploits": 0, "cuda_mps": False, "machine": {"cpu_count": 2}})
+    assert main(["bench", "configs/quickstart.yaml", "env.async_batch_size=8", "--variant", "env.num_threads=4",
+                 "--variant", "env.async_batch_size=0", "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    # Raw before and after each population, at its own batching; the members' env threads do not
+    # change what raw stepping measures, so that variant shares the measurement before it.
+    assert raws == [(8, 0), (8, 0), (8, 4), (0, 0), (0, 0)]
+    assert "measured: env.async_batch_size=0: 900 env steps/s, ratio to raw 0.450" in out  # 900 / 2,000
+    assert "measured: env.num_threads=4: 900 env steps/s, ratio to raw 0.900" in out
 
 
 def test_a_population_is_compared_with_the_mean_of_the_raw_rates_either_side_and_a_drift_is_said():
