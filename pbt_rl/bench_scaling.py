@@ -10,7 +10,10 @@ threads before the first size and again after each, and each size is compared wi
 two raw measurements either side of it (:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed
 drifts over minutes). Each size trains as in :func:`pbt_rl.bench.bench_population` (a temporary
 run directory, metrics read back) and reports its env-step rate, the raw rates around it, the
-ratio, its members per host process and how long after its start every member was training.
+ratio, its members per host process and how long after its start every member was training. With
+variants (``--variant``, :func:`pbt_rl.bench.variant_configs`: e.g. one synchronous batch per
+member, ``env.async_batch_size=0``), each size trains as divided and then as each variant of it, in
+turn, so that they meet the same machine; a variant's raw envpool is the config's with its overrides.
 
 ``--gpus``: the config is one GPU's worth (its population, envs and each member's settings); on
 ``g`` GPUs the population is ``g`` times as large, on the first ``g`` GPUs (``run.gpus``), with
@@ -51,44 +54,54 @@ def config_at_population(config: ExperimentConfig, population: int) -> Experimen
 
 
 def bench_scaling(config: ExperimentConfig, populations: tuple[int, ...], seconds: float,
-                  say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda line: None,
+                  variants: tuple[list[str], ...] = ()) -> dict[str, Any]:
     """The population trained at each size, raw envpool (at the config's envs and threads, the
     same for every size) measured before the first and after each; rates, ratios, start-up.
+    ``variants`` (lists of overrides): each size also trained with each, right after it.
 
     ``say`` gets the table's lines as they are measured (its header after the first raw
-    measurement, then one row per size), so a run cut short still shows the sizes it finished.
+    measurement, then one row per size and variant), so a run cut short still shows the sizes it
+    finished.
     """
+    from pbt_rl.bench import variant_configs
     from pbt_rl.bench_raw import RawBrackets
 
-    configs = [config_at_population(config, size) for size in populations]  # every check first
+    raw_variants = variant_configs(config, list(variants))  # every check first: the overrides, then the sizes
+    runs = []
+    for size in populations:
+        sized = config_at_population(config, size)
+        runs.append(("", sized, config))
+        runs.extend((label, variant, raw_at) for (label, variant), (_, raw_at)
+                    in zip(variant_configs(sized, list(variants)), raw_variants))
     raws = RawBrackets(seconds=min(seconds, 20.0))
     result = {"env": config.env.id, "algo": config.agent.algo, "sharing": config.run.host_sharing,
               "raw": raws.before(config), "sizes": []}
     for line in header_lines(result):
         say(line)
-    result["sizes"] = _measured_rows(configs, seconds, lambda row: say(row_line(row)), raws, raw_config=config)
+    result["sizes"] = _measured_rows(runs, seconds, lambda row: say(row_line(row)), raws)
     result["raw_rates"] = [measured["env_steps_per_second"] for measured in raws.measured]
     return result
 
 
-def _measured_rows(configs: list[ExperimentConfig], seconds: float, said: Callable[[dict], None], raws: Any,
-                   raw_config: ExperimentConfig | None = None) -> list[dict[str, Any]]:
-    """Each config's population trained in turn between two raw measurements (``raws``, a
-    :class:`~pbt_rl.bench_raw.RawBrackets`) at ``raw_config``, or at the row's own envs and threads
-    (then kept in the row): a row each, with its ratio to their mean, handed to ``said`` as it is
-    measured."""
+def _measured_rows(runs: list[tuple[str, ExperimentConfig, ExperimentConfig | None]], seconds: float,
+                   said: Callable[[dict], None], raws: Any) -> list[dict[str, Any]]:
+    """Each run's population (``(label, config, raw config)``) trained in turn between two raw
+    measurements (``raws``, a :class:`~pbt_rl.bench_raw.RawBrackets`) at its raw config, or at the
+    row's own envs and threads where that is None (then kept in the row): a row each, with its
+    ratio to their mean, handed to ``said`` as it is measured."""
     from pbt_rl.bench import train_for_bench
     from pbt_rl.bench_raw import raw_around
     from pbt_rl.bench_window import default_warmup
 
     warmup, rows = default_warmup(seconds), []
-    for sized in configs:
+    for label, sized, raw_config in runs:
         at = raw_config or sized
         before = raws.before(at)
         run = train_for_bench(sized, seconds, warmup)
         around = raw_around(before, raws.after(at))
         rate = run["population"]["env_steps_per_second"]
-        row = {"gpus": sized.run.gpus, "population_size": sized.pbt.population_size,
+        row = {"label": label, "gpus": sized.run.gpus, "population_size": sized.pbt.population_size,
                "num_envs_per_member": sized.env.num_envs, "members_per_host": hosts_layout(sized)[0],
                "threads": sized.run.total_threads, "ratio": rate / around["env_steps_per_second"],
                "raw_around": around, "per_core": rate / machine_threads(sized.run.total_threads), **run}
@@ -114,7 +127,8 @@ def header_lines(result: dict[str, Any]) -> list[str]:
 
 def row_line(row: dict[str, Any]) -> str:
     pop, memory = row["population"], row["machine"].get("resident_mib_max")
-    return (f"| {row['population_size']} x {row['num_envs_per_member']} | {_per_host(row)} | "
+    variant = f", {row['label']}" if row.get("label") else ""
+    return (f"| {row['population_size']} x {row['num_envs_per_member']}{variant} | {_per_host(row)} | "
             f"{pop['env_steps_per_second']:,.0f} | {_raws(row)} | {row['ratio']:.3f} | {pop['startup_seconds']:.0f} s | "
             f"{'-' if memory is None else f'{memory:,.0f}'} | {_cores(row)} |")
 
@@ -170,8 +184,8 @@ def bench_gpu_scaling(config: ExperimentConfig, gpu_counts: tuple[int, ...], sec
     result = {"env": config.env.id, "algo": config.agent.algo, "visible_gpus": visible, "rows": []}
     for line in gpu_header_lines(result):
         say(line)
-    result["rows"] = _measured_rows(configs, seconds, lambda row: say(gpu_row_line(row)),
-                                    RawBrackets(seconds=min(seconds, 20.0)))
+    result["rows"] = _measured_rows([("", sized, None) for sized in configs], seconds,
+                                    lambda row: say(gpu_row_line(row)), RawBrackets(seconds=min(seconds, 20.0)))
     return result
 
 

@@ -166,13 +166,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("json: " + json.dumps(result, default=float))
         return 0
     if args.populations:
-        if variants:
-            raise ConfigError("--populations: not with --backends or --variant (one table at a time)")
+        if backends:
+            raise ConfigError("--populations: not with --backends (--variant run.backend=ray trains each size on Ray too)")
         from pbt_rl.bench_scaling import bench_scaling
 
         result = bench_scaling(config, _sizes("--populations", args.populations, "population sizes such as 8,16,32,64"),
-                               seconds=args.seconds,
-                               say=lambda line: print(line, flush=True))
+                               seconds=args.seconds, say=lambda line: print(line, flush=True),
+                               variants=tuple(text.split() for text in args.variant or ()))
         print("json: " + json.dumps(result, default=float))
         return 0
     result = bench_population(config, seconds=args.seconds, variants=variants, repeats=args.repeats,
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the population (and each variant) this many times, in turn, and print each one's "
                             "median ratio and range: tells a variant's effect from the machine's drift (default 1)")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
-                                                          "each of these population sizes, e.g. 8,16,32,64 (raw envpool at those envs before and after each)")
+                                                          "each of these population sizes, e.g. 8,16,32,64 (raw envpool at those envs before and after each; "
+                                                          "with --variant, each size also with each variant, right after it)")
     bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "
                                                    "each of these numbers of GPUs, e.g. 1,2,4 (raw envpool at each size's envs, before and after it)")
     experiment = add("experiment", cmd_experiment,

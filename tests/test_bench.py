@@ -288,8 +288,9 @@ def test_bench_refuses_variants_with_another_table_in_one_line(capsys):
     from pbt_rl.cli import main
 
     for extra in (["--backends", "local", "--variant", "run.cuda_mps=off"],
-                  ["--variant", "run.cuda_mps=off", "--populations", "2,4"],
-                  ["--variant", "env.num_envs=8"], ["--repeats", "2", "--populations", "2,4"], ["--repeats", "0"]):
+                  ["--backends", "local", "--populations", "2,4"],
+                  ["--variant", "env.num_envs=8"], ["--variant", "env.num_envs=8", "--populations", "2,4"],
+                  ["--repeats", "2", "--populations", "2,4"], ["--repeats", "0"]):
         assert main(["bench", "configs/quickstart.yaml", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and any(option in err[0] for option in ("--variant", "--backends", "--repeats")), err
@@ -376,6 +377,37 @@ def test_scaling_reports_each_size_as_it_is_measured(monkeypatch):
                         "| 8 x 8 | 2 | 800 | 1,000 / 600 | 1.000 | 3 s | 500 | - |"]  # 800 over the mean, 800
     assert [row["population_size"] for row in result["sizes"]] == [2, 8]
     assert result["raw_rates"] == [1000.0, 1000.0, 600.0] and result["sizes"][1]["raw_around"]["drift"] == pytest.approx(-0.4)
+
+
+def test_scaling_trains_each_size_then_each_variant_of_it_each_between_raws_batched_alike(monkeypatch):
+    import pbt_rl.bench as bench
+    import pbt_rl.bench_raw as bench_raw
+    from pbt_rl.bench_scaling import bench_scaling
+    from pbt_rl.config import ConfigError, load_config
+
+    calls, said = [], []
+    monkeypatch.setattr(bench_raw, "bench_raw_envpool", lambda config, seconds: calls.append(
+        ("raw", config.pbt.population_size, config.env.async_batch_size)) or {
+        "env_steps_per_second": 1000.0 if config.env.async_batch_size else 500.0, "mode": "sync", "total_envs": 16,
+        "batch_size": 16, "threads": 2})
+
+    def fake_train(config, seconds, warmup):
+        calls.append(("train", config.pbt.population_size, config.env.async_batch_size))
+        return {"population": {"env_steps_per_second": 400.0, "startup_seconds": 3.0}, "exploits": 0, "machine": {}}
+
+    monkeypatch.setattr(bench, "train_for_bench", fake_train)
+    config = load_config("configs/quickstart.yaml", ["env.async_batch_size=8", "run.total_threads=2"])  # 4 x 16 in 2 groups
+    result = bench_scaling(config, (2, 4), seconds=5.0, say=said.append, variants=(["env.async_batch_size=0"],))
+    assert calls == [("raw", 4, 8), ("train", 2, 16), ("raw", 4, 8),  # each size as divided: 2 groups per member
+                     ("raw", 4, 0), ("train", 2, 0), ("raw", 4, 0),  # then its variant, raw synchronous too
+                     ("raw", 4, 8), ("train", 4, 8), ("raw", 4, 8), ("raw", 4, 0), ("train", 4, 0), ("raw", 4, 0)]
+    assert said[4:6] == ["| 2 x 32 | 1 | 400 | 1,000 / 1,000 | 0.400 | 3 s | - | - |",
+                         "| 2 x 32, env.async_batch_size=0 | 1 | 400 | 500 / 500 | 0.800 | 3 s | - | - |"]
+    assert [row["label"] for row in result["sizes"]] == ["", "env.async_batch_size=0"] * 2
+    calls.clear()
+    with pytest.raises(ConfigError, match="env.async_batch_size"):  # fits the config's 16 envs, not 8 a member
+        bench_scaling(config, (2, 8), seconds=5.0, variants=(["env.async_batch_size=16"],))
+    assert calls == []  # refused before any measurement
 
 
 def test_gpu_scaling_grows_the_population_and_its_cores_with_the_gpus(monkeypatch):
