@@ -104,7 +104,7 @@ class ImpalaLearner(Learner):
                 unrolls = self._next_batch(until_env_steps, stats)
                 if unrolls is None:
                     break
-                unroll = Unroll.concatenate(unrolls)
+                unroll = Unroll.concatenate(unrolls, pinned=self.device.type == "cuda")
                 lags.append(float(self.updates - unroll.policy_updates.mean()))
                 started = time.perf_counter()
                 self._learn(unroll, stats)

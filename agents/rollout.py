@@ -74,12 +74,18 @@ class Unroll:
         )
 
     @classmethod
-    def concatenate(cls, unrolls: list["Unroll"]) -> "Unroll":
-        """Unrolls of equal length side by side: ``[T, B1 + B2 + ...]``."""
+    def concatenate(cls, unrolls: list["Unroll"], pinned: bool = False) -> "Unroll":
+        """Unrolls of equal length side by side: ``[T, B1 + B2 + ...]``; host arrays into pinned
+        memory when ``pinned`` (observations on a device stay there)."""
         if len(unrolls) == 1:
             return unrolls[0]
+
+        def side_by_side(parts: list[np.ndarray]) -> np.ndarray:
+            shape = (parts[0].shape[0], sum(part.shape[1] for part in parts), *parts[0].shape[2:])
+            return np.concatenate(parts, axis=1, out=host_array(shape, parts[0].dtype, pinned))
+
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("obs", "policy_version")]
         obs = [u.obs for u in unrolls]
-        return cls(obs=torch.cat(obs, dim=1) if isinstance(obs[0], torch.Tensor) else np.concatenate(obs, axis=1),
-                   **{name: np.concatenate([getattr(u, name) for u in unrolls], axis=1) for name in names},
+        return cls(obs=torch.cat(obs, dim=1) if isinstance(obs[0], torch.Tensor) else side_by_side(obs),
+                   **{name: side_by_side([getattr(u, name) for u in unrolls]) for name in names},
                    policy_version=min(u.policy_version for u in unrolls))

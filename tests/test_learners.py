@@ -145,7 +145,9 @@ def test_a2c_unrolls_continue_each_other_and_hold_what_the_policy_acted_on(learn
 def test_a_learner_on_a_gpu_updates_from_pinned_memory_the_device_copies_from_directly(learners, algo):
     """A2C's reused unroll and IMPALA's cut unrolls are page-locked: no staging copy of their frames."""
     config = make_config(algo, num_envs=4, async_batch_size=2, unroll_length=3)
-    learner = learners(dataclasses.replace(config, agent=dataclasses.replace(config.agent, device="cuda")))
+    agent = dataclasses.replace(config.agent, device="cuda",
+                                **({"learner_batch_unrolls": 2} if algo == "impala" else {}))  # concatenated too
+    learner = learners(dataclasses.replace(config, agent=agent))
     seen = record_updates(learner)
     learner.train(2 * 4 * 3)
     assert seen
@@ -796,3 +798,18 @@ def test_a_learners_update_end_sleeps_until_the_device_is_done_and_not_at_all_on
     sleeps.clear()
     device.sleep_until_done(torch.device("cpu"))  # nothing queued anywhere: returns at once
     assert sleeps == []
+
+
+def test_unrolls_concatenate_side_by_side_with_their_dtypes_and_observations_on_a_device_stay_tensors():
+    first, second = cartpole_unroll(4, 2, seed=0), cartpole_unroll(4, 3, seed=1)
+    second.policy_version = 5
+    joined = Unroll.concatenate([first, second])
+    for name in ("obs", "actions", "behaviour_log_probs", "rewards", "terminated", "truncated", "valid", "policy_updates"):
+        expected = np.concatenate([getattr(first, name), getattr(second, name)], axis=1)
+        np.testing.assert_array_equal(getattr(joined, name), expected, err_msg=name)
+        assert getattr(joined, name).dtype == expected.dtype, name
+    assert joined.num_envs == 5 and joined.policy_version == 0
+    on_device = [dataclasses.replace(u, obs=torch.from_numpy(u.obs)) for u in (first, second)]  # as the device rings cut
+    joined_tensors = Unroll.concatenate(on_device)
+    assert isinstance(joined_tensors.obs, torch.Tensor)
+    np.testing.assert_array_equal(joined_tensors.obs.numpy(), joined.obs)
