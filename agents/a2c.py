@@ -96,9 +96,7 @@ class A2CLearner(Learner):
         so that the policy steps and the update copy its rows to the device without staging."""
         length = self.agent_cfg.unroll_length
         previous = self._unroll
-        current = None if previous is None else previous.obs[previous.length]
-        if current is None:
-            current = self._reset_all(stats)
+        current = self._reset_all(stats) if previous is None else previous.obs[previous.length]
         unroll = previous
         if unroll is None or unroll.length != length:
             action_shape, action_dtype = self.model.sampled_action_layout

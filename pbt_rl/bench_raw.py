@@ -14,7 +14,6 @@ Units: env steps per second summed over all envs (Atari: x4 for frames per secon
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 from typing import Any
