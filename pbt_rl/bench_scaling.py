@@ -4,8 +4,9 @@
 ``--populations``:
 
 The config's total env count (``population_size x env.num_envs``) is kept and divided among each
-population size in turn (each member's async groups kept: ``num_envs / async_batch_size`` is the
-same), so raw envpool stepping is the same work for every size: it is measured at those envs and
+population size in turn (each member's async groups kept while a group holds at least
+``MIN_ASYNC_BATCH`` envs, fewer and larger batches below that: :func:`config_at_population`), so
+raw envpool stepping (at the config's own batching) is the same work for every size: it is measured at those envs and
 threads before the first size and again after each, and each size is compared with the mean of the
 two raw measurements either side of it (:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed
 drifts over minutes). Each size trains as in :func:`pbt_rl.bench.bench_population` (a temporary
@@ -35,20 +36,36 @@ from pbt_rl.machine_use import ENVPOOL, members_cores
 from pbt_rl.runtime.resources import hosts_layout, machine_threads, too_few_gpus
 
 
-def config_at_population(config: ExperimentConfig, population: int) -> ExperimentConfig:
-    """``config`` with its total envs divided among ``population`` members, groups kept.
+# A member's async batch below this many envs costs more per env step than its overlap saves
+# (Pong IMPALA, 64 x 16 on 16 cores: two groups of 8 at 0.69-0.77 of raw envpool, one synchronous
+# batch of 16 at 0.90-0.93; docs/design.md, "Batches per member").
+MIN_ASYNC_BATCH = 16
 
-    Raises ConfigError when the envs (or one member's groups) do not divide evenly.
+
+def member_groups(num_envs: int, groups: int, batch_floor: int) -> int:
+    """How many async groups a member with ``num_envs`` envs steps: the most, up to ``groups``,
+    that divide its envs into batches of at least ``batch_floor`` envs (1: one synchronous batch)."""
+    return next(g for g in range(groups, 0, -1) if g == 1 or (num_envs % g == 0 and num_envs // g >= batch_floor))
+
+
+def config_at_population(config: ExperimentConfig, population: int) -> ExperimentConfig:
+    """``config`` with its total envs divided among ``population`` members.
+
+    Each member keeps the config's async groups while a group holds at least ``MIN_ASYNC_BATCH``
+    envs (or the config's own batch, where that is smaller); below that it steps fewer, larger
+    batches, down to one synchronous batch. Raises ConfigError when the envs do not divide evenly.
     """
     env = config.env
     total = config.pbt.population_size * env.num_envs
-    groups = env.num_envs // env.async_batch_size if env.async_batch_size else 1
-    if population < 1 or total % population or (total // population) % groups:
+    if population < 1 or total % population:
         raise ConfigError(f"--populations: {population} members cannot share the config's {total} envs "
-                          f"({groups} async group(s) per member) evenly; pick sizes dividing {total // groups}")
+                          f"evenly; pick sizes dividing {total}")
     num_envs = total // population
-    new_env = dataclasses.replace(env, num_envs=num_envs,
-                                  async_batch_size=num_envs // groups if env.async_batch_size else 0)
+    groups = 1
+    if env.async_batch_size:
+        groups = member_groups(num_envs, env.num_envs // env.async_batch_size,
+                               min(MIN_ASYNC_BATCH, env.async_batch_size))
+    new_env = dataclasses.replace(env, num_envs=num_envs, async_batch_size=num_envs // groups if groups > 1 else 0)
     new_pbt = dataclasses.replace(config.pbt, population_size=population)
     return dataclasses.replace(config, env=new_env, pbt=new_pbt)
 

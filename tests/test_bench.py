@@ -309,15 +309,28 @@ def test_scaling_divides_the_same_envs_among_each_population_size():
     from pbt_rl.config import ConfigError, load_config
 
     config = load_config("configs/atari/pong_impala.yaml")  # 8 members x 128 envs in async batches of 64
-    for size, envs in ((8, 128), (16, 64), (32, 32), (64, 16)):
+    for size, envs, batch in ((8, 128, 64), (16, 64, 32), (32, 32, 16), (64, 16, 0), (1024, 1, 0)):
         sized = config_at_population(config, size)
         assert sized.pbt.population_size == size and sized.env.num_envs == envs
-        assert sized.env.async_batch_size == envs // 2  # each member keeps its 2 groups
+        # each member keeps its 2 groups while a group holds 16 envs or more, else one synchronous batch
+        assert sized.env.async_batch_size == batch
         assert sized.agent == config.agent and sized.pbt.search_space == config.pbt.search_space
     with pytest.raises(ConfigError, match="--populations: 3 members cannot share the config's 1024 envs"):
         config_at_population(config, 3)
-    with pytest.raises(ConfigError, match="cannot share"):
-        config_at_population(config, 1024)  # one env each cannot make 2 groups
+
+
+def test_members_keep_as_many_groups_as_hold_the_smallest_batch():
+    from pbt_rl.bench_scaling import config_at_population, member_groups
+    from pbt_rl.config import load_config
+
+    assert member_groups(96, 4, 16) == 4  # batches of 24
+    assert member_groups(48, 4, 16) == 3  # 4 groups would hold 12 envs; 3 hold 16
+    assert member_groups(40, 4, 16) == 2  # 3 does not divide 40; 2 groups of 20
+    assert member_groups(24, 4, 16) == 1  # no split leaves 16 in a group: one synchronous batch
+    assert member_groups(8, 4, 2) == 4  # a floor as small as the config's own batch keeps its groups
+    config = load_config("configs/atari/pong_impala.yaml", ["env.num_envs=32", "env.async_batch_size=8"])
+    sized = config_at_population(config, 16)  # 16 envs each: batches of 8 stay, as the config chose them
+    assert sized.env.num_envs == 16 and sized.env.async_batch_size == 8
 
 
 def test_scaling_table_has_a_row_per_population_size():
