@@ -10,6 +10,8 @@ import torch
 from pbt_rl.agents.rollout import Unroll
 from pbt_rl.config import AgentConfig, EnvConfig, ExperimentConfig
 
+ALGOS = ["a2c", "impala"]
+
 
 def make_config(algo: str, env_id: str = "CartPole-v1", num_envs: int = 4, async_batch_size: int = 0,
                 **agent: object) -> ExperimentConfig:
