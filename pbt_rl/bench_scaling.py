@@ -6,11 +6,12 @@
 The config's total env count (``population_size x env.num_envs``) is kept and divided among each
 population size in turn (each member's async groups kept while a group holds at least
 ``MIN_ASYNC_BATCH`` envs, fewer and larger batches below that: :func:`config_at_population`), so
-raw envpool stepping (at the config's own batching) is the same work for every size: it is measured at those envs and
-threads before the first size and again after each, and each size is compared with the mean of the
-two raw measurements either side of it (:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed
-drifts over minutes). Each size trains as in :func:`pbt_rl.bench.bench_population` (a temporary
-run directory, metrics read back) and reports its env-step rate, the raw rates around it, the
+raw envpool stepping (at the config's own batching) is the same work for every size: it is
+measured at those envs and threads before the first size and again after each, and each size is
+compared with the mean of the two raw measurements either side of it
+(:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed drifts over minutes). Each size
+trains as in :func:`pbt_rl.bench.bench_population` (a temporary run directory, metrics read back)
+and reports its env-step rate, the raw rates around it, the
 ratio, its members per host process and how long after its start every member was training. With
 variants (``--variant``, :func:`pbt_rl.bench.variant_configs`: e.g. one synchronous batch per
 member, ``env.async_batch_size=0``), each size trains as divided and then as each variant of it, in

@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the population (and each variant) this many times, in turn, and print each one's "
                             "median ratio and range: tells a variant's effect from the machine's drift (default 1)")
     bench.add_argument("--populations", default="", help="a scaling table: the config's total envs divided among "
-                                                          "each of these population sizes, e.g. 8,16,32,64 (a member's async groups kept while large enough "
-                                                          "to pay, else fewer, larger batches: docs/design.md, 'Batches per member'; raw envpool at the config's batching before and after each; "
-                                                          "with --variant, each size also with each variant, right after it)")
+                                                          "each of these population sizes, e.g. 8,16,32,64 (a member's async groups kept "
+                                                          "while large enough to pay, else fewer, larger batches: docs/design.md, "
+                                                          "'Batches per member'; raw envpool at the config's batching before and after "
+                                                          "each; with --variant, each size also with each variant, right after it)")
     bench.add_argument("--gpus", default="", help="a GPU scaling table: the config as one GPU's population, run on "
                                                    "each of these numbers of GPUs, e.g. 1,2,4 (raw envpool at each size's envs, before and after it)")
     experiment = add("experiment", cmd_experiment,
