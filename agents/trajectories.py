@@ -151,8 +151,11 @@ class EnvTrajectories:
             self._grow(max(int(needed.max()) + 4, 3 * self._capacity // 2))
 
     def _add_ring(self, name: str, shape: tuple[int, ...], dtype: np.dtype | torch.dtype) -> None:
-        self._rings[name] = _zeros_like_ring((self.num_envs, self._capacity, *shape), dtype,
-                                             self.obs_device if name == "obs" else None)
+        self._rings[name] = _zeros_like_ring((self.num_envs, self._capacity, *shape), dtype, self._ring_device(name))
+
+    def _ring_device(self, name: str) -> torch.device | None:
+        """Where ring ``name`` lives: the observations on ``obs_device``; None, numpy on the host."""
+        return self.obs_device if name == "obs" else None
 
     def _grow(self, capacity: int) -> None:
         """Rings of ``capacity`` entries, every window copied to the start of its ring."""
@@ -160,8 +163,7 @@ class EnvTrajectories:
         envs, offsets = np.arange(self.num_envs)[:, None], np.arange(width)[None, :]
         source = (self.head[:, None] + offsets) % max(self._capacity, 1)  # [envs, width] ring positions
         for name, ring in self._rings.items():
-            grown = _zeros_like_ring((self.num_envs, capacity, *ring.shape[2:]), ring.dtype,
-                                     self.obs_device if name == "obs" else None)
+            grown = _zeros_like_ring((self.num_envs, capacity, *ring.shape[2:]), ring.dtype, self._ring_device(name))
             if self._capacity:
                 _write(grown, envs * capacity + offsets, _gather(ring, envs * self._capacity + source, pinned=False))
             self._rings[name] = grown
