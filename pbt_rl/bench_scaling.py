@@ -12,9 +12,10 @@ compared with the mean of the two raw measurements either side of it
 (:class:`pbt_rl.bench_raw.RawBrackets`: a lent machine's speed drifts over minutes). Each size
 trains as in :func:`pbt_rl.bench.bench_population` (a temporary run directory, metrics read back)
 and reports its env-step rate, the raw rates around it, the ratio, its members per host process
-and how long after its start every member was training. With variants (``--variant``, :func:`pbt_rl.bench.variant_configs`: e.g. one synchronous batch per
-member, ``env.async_batch_size=0``), each size trains as divided and then as each variant of it, in
-turn, so that they meet the same machine; a variant's raw envpool is the config's with its overrides.
+and how long after its start every member was training. With variants (``--variant``,
+:func:`pbt_rl.bench.variant_configs`: e.g. one synchronous batch per member,
+``env.async_batch_size=0``), each size trains as divided and then as each variant of it, in turn,
+so that they meet the same machine; a variant's raw envpool is the config's with its overrides.
 
 ``--gpus``: the config is one GPU's worth (its population, envs and each member's settings); on
 ``g`` GPUs the population is ``g`` times as large, on the first ``g`` GPUs (``run.gpus``), with
