@@ -38,16 +38,20 @@ def make_learner(config: ExperimentConfig, seed: int, device: str | None = None,
             ``env.num_threads`` sets them); None or 0 leaves envpool's default. torch's threads
             are set by the process's host (:func:`pbt_rl.runtime.host.configure_process`).
     """
-    algo = config.agent.algo
+    return learner_class(config.agent.algo)(config.env, config.agent, seed, device, num_threads)
+
+
+def learner_class(algo: str) -> type[Learner]:
+    """The learner class ``agent.algo`` names."""
     if algo == "a2c":
         from pbt_rl.agents.a2c import A2CLearner
 
-        return A2CLearner(config.env, config.agent, seed, device, num_threads)
+        return A2CLearner
     if algo == "impala":
         from pbt_rl.agents.impala import ImpalaLearner
 
-        return ImpalaLearner(config.env, config.agent, seed, device, num_threads)
+        return ImpalaLearner
     raise ValueError(f"agent.algo: unknown learner {algo!r}; choose 'a2c' or 'impala'")
 
 
-__all__ = ["Learner", "LearnerState", "TrainReport", "TrainingDiverged", "make_learner"]
+__all__ = ["Learner", "LearnerState", "TrainReport", "TrainingDiverged", "learner_class", "make_learner"]

@@ -34,10 +34,11 @@ class A2CLearner(Learner):
     """Synchronous advantage actor-critic; with ``env.async_batch_size`` its envs step in fixed groups."""
 
     algo = "a2c"
+    fixed_env_groups = True  # every env takes its T steps with the same weights
 
     def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
-        super().__init__(env, agent, seed, device, num_threads, fixed_env_groups=True)
+        super().__init__(env, agent, seed, device, num_threads)
         # The reused rollout buffer (reallocated when T changes; pinned on a GPU). Between unrolls
         # its last observation row holds the prepared observations to act on next.
         self._unroll: Unroll | None = None

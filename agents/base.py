@@ -66,9 +66,12 @@ class Learner:
     """
 
     algo = "base"
+    fixed_env_groups = False
+    """Whether the learner's async envs step in fixed groups, returned whole in the order sent
+    (:func:`~pbt_rl.envs.make_env`'s ``fixed_groups``), instead of whichever envs are ready first."""
 
     def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
-                 num_threads: int | None = None, fixed_env_groups: bool = False) -> None:
+                 num_threads: int | None = None) -> None:
         """Build the env (seeded by ``seed``), the network (initialised reproducibly from ``seed``,
         see :func:`~pbt_rl.agents.state.seeded_build`), the optimiser and the learner's generators.
 
@@ -83,7 +86,7 @@ class Learner:
         self.seed = int(seed)
         self.device = resolve_device(device if device is not None else agent.device)
         self.env = make_env(env, env.num_envs, self.seed, num_threads=env.num_threads or (num_threads or 0),
-                            fixed_groups=fixed_env_groups)
+                            fixed_groups=self.fixed_env_groups)
         spaces = (self.env.observation_space, self.env.action_space)
         model, acting_generator, update_generator = seeded_build(
             self.seed, self.device, lambda: build_actor_critic(*spaces, agent))

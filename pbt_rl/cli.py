@@ -123,8 +123,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seconds: must be a finite number > 0, got {args.seconds}")
     if args.repeats < 1:
         raise ConfigError(f"--repeats: must be at least 1, got {args.repeats}")
-    if args.repeats > 1 and (target == "agent" or args.populations or args.gpus):
+    if args.repeats > 1 and (target != "population" or args.populations or args.gpus):
         raise ConfigError("--repeats: only for the population bench and its --variant/--backends runs")
+    if target == "envs":
+        given = [name for name, value in (("--variant", args.variant), ("--backends", args.backends),
+                                          ("--populations", args.populations), ("--gpus", args.gpus)) if value]
+        if given:
+            raise ConfigError(f"{given[0]}: not with 'bench envs' (give overrides such as env.num_threads=2 instead)")
+        from pbt_rl.bench_envs import bench_member_envs, format_envs_bench
+
+        config = _load(args.config, args.overrides)
+        print(format_envs_bench(bench_member_envs(config, seconds=args.seconds, say=lambda line: print(line, flush=True))))
+        return 0
     if target == "agent":
         from pbt_rl.agents.bench import bench_agent, format_bench
 
@@ -307,9 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add(
         "bench",
         cmd_bench,
-        "Benchmark: 'bench CONFIG' compares raw envpool with population training; 'bench agent CONFIG' measures one agent.",
+        "Benchmark: 'bench CONFIG' compares raw envpool with population training; 'bench agent CONFIG' measures one "
+        "agent; 'bench envs CONFIG' steps the population's envs as its members do, without learning, against raw envpool.",
     )
-    bench.add_argument("target", nargs="?", default="population", choices=("population", "agent"), help="what to measure (default population)")
+    bench.add_argument("target", nargs="?", default="population", choices=BENCH_TARGETS,
+                       help="what to measure: the population training against raw envpool (default), one agent, or "
+                            "the population's envs stepped as its members step them, without learning, against raw envpool")
     bench.add_argument("config", help="experiment YAML file")
     bench.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     bench.add_argument("--seconds", type=float, default=60.0, help="measured wall time after warm-up (default 60)")
@@ -338,11 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_TARGETS = ("population", "agent", "envs")
+
+
 def _normalise_bench_argv(argv: list[str]) -> list[str]:
     """Let ``pbt-rl bench CONFIG`` mean ``pbt-rl bench population CONFIG``."""
     if argv and argv[0] == "bench":
         rest = [a for a in argv[1:] if not a.startswith("-")]
-        if rest and rest[0] not in ("population", "agent"):
+        if rest and rest[0] not in BENCH_TARGETS:
             index = argv.index(rest[0])
             return argv[:index] + ["population"] + argv[index:]
     return argv
