@@ -66,9 +66,7 @@ class Learner:
     """
 
     algo = "base"
-    fixed_env_groups = False
-    """Whether the learner's async envs step in fixed groups, returned whole in the order sent
-    (:func:`~pbt_rl.envs.make_env`'s ``fixed_groups``), instead of whichever envs are ready first."""
+    fixed_env_groups = False  # async envs in fixed groups, returned whole in the order sent (make_env)
 
     def __init__(self, env: EnvConfig, agent: AgentConfig, seed: int, device: str | None = None,
                  num_threads: int | None = None) -> None:
