@@ -95,8 +95,8 @@ def step_member_envs(config_dict: dict[str, Any], member: int, layout: dict[str,
         finally:
             env.close()
         envpool = cores.pop(ENVPOOL, None)
-        results.put({"member": member, "env_steps": steps, "seconds": elapsed, "batches": i,
-                     "envpool_cores": envpool, "stepping_cores": sum(cores.values()) if cores else None})
+        results.put({"member": member, "env_steps": steps, "seconds": elapsed, "envpool_cores": envpool,
+                     "stepping_cores": sum(cores.values()) if cores else None})
     except BaseException as error:  # noqa: BLE001 - reported to the parent as one line
         barrier.abort()
         results.put({"member": member, "error": f"{type(error).__name__}: {error}"})
@@ -115,6 +115,7 @@ def measure_member_envs(config: ExperimentConfig, seconds: float, warmup_seconds
     for process in processes:
         process.start()
     reports: list[dict[str, Any]] = []
+    finished = False
     try:
         deadline = time.monotonic() + START_TIMEOUT_S + warmup_seconds + seconds
         while len(reports) < members:
@@ -128,9 +129,10 @@ def measure_member_envs(config: ExperimentConfig, seconds: float, warmup_seconds
                 continue
             if "error" in reports[-1]:
                 raise RuntimeError(f"member {reports[-1]['member']}'s envs: {reports[-1]['error']}")
+        finished = True
     finally:
-        for process in processes:
-            process.join(timeout=30)
+        for process in processes:  # after a failure the others are not waited for
+            process.join(timeout=30 if finished else 0)
             if process.is_alive():
                 process.kill()
     elapsed = max(report["seconds"] for report in reports)
