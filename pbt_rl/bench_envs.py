@@ -17,16 +17,15 @@ microseconds per env step.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from pbt_rl.bench_raw import RawBrackets, drift_note, raw_around
+from pbt_rl.bench_raw import RawBrackets, drift_note, random_actions, raw_around, time_batches
 from pbt_rl.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from pbt_rl.machine_use import ENVPOOL, cores_by_thread_name, thread_cpu_seconds
+from pbt_rl.machine_use import ENVPOOL
 from pbt_rl.runtime.resources import threads_per_member
 
 START_TIMEOUT_S = 600.0
@@ -50,13 +49,6 @@ def member_envs_layout(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def _random_actions(space: Any, batch: int, rng: np.random.Generator, count: int = 16) -> list[np.ndarray]:
-    """``count`` batches of random actions for ``space`` (one env's), drawn before the clock starts."""
-    if hasattr(space, "n"):
-        return [rng.integers(0, space.n, size=batch) for _ in range(count)]
-    return [rng.uniform(space.low, space.high, size=(batch, *space.shape)).astype(space.dtype) for _ in range(count)]
-
-
 def step_member_envs(config_dict: dict[str, Any], member: int, layout: dict[str, Any], barrier: Any,
                      warmup_seconds: float, seconds: float, results: Any) -> None:
     """One member's process: build its envs, wait for the others, step for the warm-up, then
@@ -68,7 +60,7 @@ def step_member_envs(config_dict: dict[str, Any], member: int, layout: dict[str,
         env = make_env(config.env, layout["num_envs"], config.run.seed + member, num_threads=layout["threads"],
                        fixed_groups=layout["fixed_groups"])
         try:
-            actions = _random_actions(env.action_space, env.batch_size, np.random.default_rng(config.run.seed + member))
+            actions = random_actions(env.action_space, env.batch_size, np.random.default_rng(config.run.seed + member))
             batch = env.reset()
             barrier.wait(timeout=START_TIMEOUT_S)
 
@@ -81,17 +73,7 @@ def step_member_envs(config_dict: dict[str, Any], member: int, layout: dict[str,
                     batch = env.step(actions[i % len(actions)])
                 return batch.env_ids.shape[0]
 
-            i = 0
-            deadline = time.perf_counter() + warmup_seconds
-            while time.perf_counter() < deadline:
-                one_batch(i)
-                i += 1
-            cpu_before, start, steps = thread_cpu_seconds([os.getpid()]), time.perf_counter(), 0
-            while time.perf_counter() - start < seconds:
-                steps += one_batch(i)
-                i += 1
-            elapsed = time.perf_counter() - start
-            cores = cores_by_thread_name(cpu_before, thread_cpu_seconds([os.getpid()]), elapsed)
+            steps, elapsed, cores = time_batches(one_batch, warmup_seconds, seconds)
         finally:
             env.close()
         envpool = cores.pop(ENVPOOL, None)

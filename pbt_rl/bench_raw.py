@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -51,40 +51,23 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
             seed=config.run.seed,
             **envpool_options(config.env, family),
         )
-    rng = np.random.default_rng(config.run.seed)
-    space = pool.action_space
     # Pre-drawn actions, so that the measurement is envpool and not Python's sampling.
-    if hasattr(space, "n"):
-        actions = [rng.integers(0, space.n, size=batch_size) for _ in range(16)]
-    else:
-        actions = [rng.uniform(space.low, space.high, size=(batch_size, *space.shape)).astype(space.dtype) for _ in range(16)]
-
-    steps = 0
+    actions = random_actions(pool.action_space, batch_size, np.random.default_rng(config.run.seed))
     if is_async:
         pool.async_reset()
 
-        def one_batch(i: int) -> None:
+        def one_batch(i: int) -> int:
             _obs, _rew, _term, _trunc, info = pool.recv()
-            pool.send(actions[i % 16], info["env_id"])
+            pool.send(actions[i % len(actions)], info["env_id"])
+            return batch_size
     else:
         pool.reset()
 
-        def one_batch(i: int) -> None:
-            pool.step(actions[i % 16])
+        def one_batch(i: int) -> int:
+            pool.step(actions[i % len(actions)])
+            return batch_size
 
-    i = 0
-    deadline = time.perf_counter() + warmup_seconds
-    while time.perf_counter() < deadline:
-        one_batch(i)
-        i += 1
-    cpu_before = thread_cpu_seconds([os.getpid()])
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        one_batch(i)
-        i += 1
-        steps += batch_size
-    elapsed = time.perf_counter() - start
-    cores = cores_by_thread_name(cpu_before, thread_cpu_seconds([os.getpid()]), elapsed)
+    steps, elapsed, cores = time_batches(one_batch, warmup_seconds, seconds)
     pool.close()
     return {
         "env_steps_per_second": steps / elapsed,
@@ -96,6 +79,31 @@ def bench_raw_envpool(config: ExperimentConfig, seconds: float, warmup_seconds: 
         "mode": "async" if is_async else "sync",
         "seconds": elapsed,
     }
+
+
+def random_actions(space: Any, batch: int, rng: np.random.Generator, count: int = 16) -> list[np.ndarray]:
+    """``count`` batches of random actions for ``space`` (one env's), drawn before the clock starts."""
+    if hasattr(space, "n"):
+        return [rng.integers(0, space.n, size=batch) for _ in range(count)]
+    return [rng.uniform(space.low, space.high, size=(batch, *space.shape)).astype(space.dtype) for _ in range(count)]
+
+
+def time_batches(one_batch: Callable[[int], int], warmup_seconds: float,
+                 seconds: float) -> tuple[int, float, dict[str, float]]:
+    """Call ``one_batch(i)`` (it returns the env steps it took) for ``warmup_seconds``, then count
+    its env steps over ``seconds``: ``(env steps, elapsed seconds, this process's cores by thread
+    name over them)``."""
+    i = 0
+    deadline = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < deadline:
+        one_batch(i)
+        i += 1
+    cpu_before, start, steps = thread_cpu_seconds([os.getpid()]), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        steps += one_batch(i)
+        i += 1
+    elapsed = time.perf_counter() - start
+    return steps, elapsed, cores_by_thread_name(cpu_before, thread_cpu_seconds([os.getpid()]), elapsed)
 
 
 DRIFT_NOTED = 0.05
