@@ -43,7 +43,8 @@ def test_the_members_envs_step_together_and_count_whole_batches(algo, batch):
 
     result = measure_member_envs(cartpole(algo, batch=batch), seconds=0.5, warmup_seconds=0.1)
     assert result["population_size"] == 2 and result["fixed_groups"] == (algo == "a2c" and batch > 0)
-    # every member counted whole batches (of 2 async, of all 4 envs sync) over its own window
+    # each of the 2 members counted whole batches (of 2 async, of all 4 envs sync) over its own
+    # window, at least the one it starts its window with (more depends on how busy the machine is)
     per_batch = batch or 4
     assert result["env_steps"] >= 2 * per_batch and result["env_steps"] % per_batch == 0
     assert result["seconds"] >= 0.5 and result["env_steps_per_second"] > 0
