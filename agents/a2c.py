@@ -43,6 +43,8 @@ class A2CLearner(Learner):
         # its last observation row holds the prepared observations to act on next.
         self._unroll: Unroll | None = None
         self._in_flight: list[object] = []  # sync env: the step results not yet "received"
+        size = self.env.batch_size  # each group's env ids, made once: they are sent with every step
+        self._group_env_ids = [np.arange(g * size, (g + 1) * size, dtype=np.int32) for g in range(self.env.num_envs // size)]
 
     def train(self, until_env_steps: int) -> TrainReport:
         """Collect unrolls and update until ``env_steps >= until_env_steps``."""
@@ -64,8 +66,7 @@ class A2CLearner(Learner):
         env = self.env
         started = time.perf_counter()
         if env.is_async:
-            size = env.batch_size
-            env.send(env_actions, np.arange(group * size, (group + 1) * size, dtype=np.int32))
+            env.send(env_actions, self._group_env_ids[group])
         else:
             self._in_flight.append(env.step(env_actions))
         stats.acting.env_seconds += time.perf_counter() - started

@@ -184,9 +184,10 @@ class ActorCritic(nn.Module):
             self.action_dim = int(np.prod(action_space.shape))
             self.policy_head = orthogonal_init(nn.Linear(features, self.action_dim), POLICY_HEAD_GAIN)
             self.log_std = nn.Parameter(torch.full((self.action_dim,), float(log_std_init)))
-            # float64 copies of the bounds; infinite bounds make clipping a no-op on that side.
-            self._action_low = np.asarray(action_space.low, dtype=np.float64).reshape(-1)
-            self._action_high = np.asarray(action_space.high, dtype=np.float64).reshape(-1)
+            # The bounds in the space's dtype (they are values of it), so clipping needs no cast after;
+            # infinite bounds make clipping a no-op on that side.
+            self._action_low = np.asarray(action_space.low, dtype=action_space.dtype).reshape(-1)
+            self._action_high = np.asarray(action_space.high, dtype=action_space.dtype).reshape(-1)
         else:
             raise ValueError(
                 f"unsupported action space {action_space!r}: only Discrete and Box are supported"
@@ -316,8 +317,12 @@ class ActorCritic(nn.Module):
         actions_np = actions.detach().cpu().numpy() if isinstance(actions, Tensor) else np.asarray(actions)
         if not self.is_continuous:
             return actions_np.astype(np.int64)
-        clipped = np.clip(actions_np.reshape(len(actions_np), -1), self._action_low, self._action_high)
-        return clipped.reshape((len(actions_np), *self.action_space.shape)).astype(self.action_space.dtype)
+        # np.maximum then np.minimum in place: np.clip's own dispatch costs more than both at an
+        # acting step's batch size; NaN stays NaN either way.
+        clipped = np.maximum(actions_np.reshape(len(actions_np), -1).astype(self.action_space.dtype, copy=False),
+                             self._action_low)
+        np.minimum(clipped, self._action_high, out=clipped)
+        return clipped.reshape((len(actions_np), *self.action_space.shape))
 
 
 def _is_image_space(space: gym.Space) -> bool:

@@ -94,7 +94,7 @@ class RunningMeanStd:
 
     def normalize(self, x: np.ndarray, clip: float | None = 10.0) -> np.ndarray:
         """``(x - mean) / std`` clipped to ``[-clip, clip]`` (None = no clip), as float32."""
-        normalized = np.asarray(x, dtype=np.float64) - self.mean  # a new array: changed in place below
+        normalized = np.subtract(x, self.mean, dtype=np.float64)  # a new array: changed in place below
         normalized /= self.std
         return _clipped_float32(normalized, clip)
 
@@ -139,12 +139,18 @@ class RewardScaler:
     def __call__(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
                  is_first: np.ndarray, env_ids: np.ndarray, gamma: float) -> np.ndarray:
         """Scaled rewards float32 ``[B]`` (clipped to +-10) for one batch; updates the statistics."""
-        counted = ~np.asarray(is_first, dtype=bool)
-        ids = np.asarray(env_ids, dtype=np.int64)[counted]
-        self.discounted_returns[ids] = gamma * self.discounted_returns[ids] + rewards[counted]
-        self.statistics.update(self.discounted_returns[ids, None])
-        ended = ids[(np.asarray(terminated) | np.asarray(truncated))[counted]]
-        self.discounted_returns[ended] = 0.0
+        ids = np.asarray(env_ids)
+        counted_rewards = rewards
+        ended = np.asarray(terminated) | np.asarray(truncated)
+        is_first = np.asarray(is_first, dtype=bool)
+        if is_first.any():  # most batches have no reset step: no masks to apply
+            counted = ~is_first
+            ids, counted_rewards, ended = ids[counted], rewards[counted], ended[counted]
+        returns = gamma * self.discounted_returns[ids] + counted_rewards
+        self.discounted_returns[ids] = returns
+        self.statistics.update(returns[:, None])
+        if ended.any():
+            self.discounted_returns[ids[ended]] = 0.0
         return self.statistics.scale(rewards)
 
     def state_dict(self) -> dict[str, Any]:

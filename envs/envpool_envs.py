@@ -223,8 +223,8 @@ class EnvpoolPool:
         self._io.send(actions)  # no env ids: every env, as envpool's own step sends
         return self._from_step(*self._io.recv())
 
-    def send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
-        """Start stepping the envs ``env_ids`` (ids of this pool) with ``actions``."""
+    def send(self, actions: np.ndarray, env_ids: np.ndarray | None) -> None:
+        """Start stepping the envs ``env_ids`` (ids of this pool; None: all of them) with ``actions``."""
         self._io.send(actions, env_ids)
 
     def recv(self) -> BackendBatch:
@@ -332,7 +332,7 @@ class EnvpoolGroupedEnv(BatchedEnv):
 
     def _backend_send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
         group = self._whole_group(env_ids, self._sent.__contains__)
-        self._pools[group].send(actions, env_ids - group * self.batch_size)
+        self._pools[group].send(actions, None)  # a group is its pool's every env
         self._sent.append(group)
 
     def _backend_recv(self) -> BackendBatch:

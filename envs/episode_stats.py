@@ -73,14 +73,16 @@ class EpisodeStats:
                 raise ValueError(f"{name} has shape {array.shape}; expected ({batch},) like env_ids")
         self._check_ids(env_ids)
 
-        counted = ~is_first
-        counted_ids = env_ids[counted]
-        self.running_returns[counted_ids] += raw_rewards[counted]
+        counted_ids, counted_rewards, finished = env_ids, raw_rewards, episode_over
+        if is_first.any():  # most batches have no reset step: no masks to apply
+            counted = ~is_first
+            counted_ids, counted_rewards, finished = env_ids[counted], raw_rewards[counted], episode_over & counted
+        self.running_returns[counted_ids] += counted_rewards
         self.running_lengths[counted_ids] += 1
 
-        finished_ids = env_ids[episode_over & counted]
-        if not finished_ids.size:  # most batches: nothing ended
+        if not finished.any():  # most batches: nothing ended
             return _NO_RETURNS, _NO_LENGTHS
+        finished_ids = env_ids[finished]
         returns = self.running_returns[finished_ids].copy()
         lengths = self.running_lengths[finished_ids].copy()
         self.running_returns[finished_ids] = 0.0
