@@ -17,6 +17,7 @@ microseconds per env step.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import time
 from typing import Any, Callable
@@ -26,6 +27,7 @@ import numpy as np
 from pbt_rl.bench_raw import RawBrackets, drift_note, random_actions, raw_around, time_batches
 from pbt_rl.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from pbt_rl.machine_use import ENVPOOL
+from pbt_rl.runtime.member import die_with_parent
 from pbt_rl.runtime.resources import threads_per_member
 
 START_TIMEOUT_S = 600.0
@@ -84,6 +86,13 @@ def step_member_envs(config_dict: dict[str, Any], member: int, layout: dict[str,
         results.put({"member": member, "error": f"{type(error).__name__}: {error}"})
 
 
+def _member_process(parent_pid: int, *args: Any) -> None:
+    """A member's envs process (:func:`step_member_envs`) that ends with the bench, even one killed
+    by SIGKILL, instead of stepping on for its window or waiting at the barrier."""
+    die_with_parent(parent_pid)
+    step_member_envs(*args)
+
+
 def measure_member_envs(config: ExperimentConfig, seconds: float, warmup_seconds: float = 3.0) -> dict[str, Any]:
     """Every member's envs stepped at once, each member in its own process (:func:`step_member_envs`);
     their summed rate and cores. Raises RuntimeError with the first member's error if one fails."""
@@ -91,8 +100,9 @@ def measure_member_envs(config: ExperimentConfig, seconds: float, warmup_seconds
     members = config.pbt.population_size
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads forked mid-use
     barrier, results = context.Barrier(members), context.Queue()
-    processes = [context.Process(target=step_member_envs, daemon=True,
-                                 args=(to_dict(config), member, layout, barrier, warmup_seconds, seconds, results))
+    processes = [context.Process(target=_member_process, daemon=True,
+                                 args=(os.getpid(), to_dict(config), member, layout, barrier, warmup_seconds,
+                                       seconds, results))
                  for member in range(members)]
     for process in processes:
         process.start()

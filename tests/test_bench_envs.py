@@ -3,9 +3,14 @@ against raw envpool (pbt_rl/bench_envs.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -87,7 +92,7 @@ def test_the_parent_raises_the_first_members_error(monkeypatch):
 
         def Process(self, target, args, daemon):
             results = args[-1]
-            thread = threading.Thread(target=lambda: results.put({"member": args[1], "error": "OSError: no envs"}))
+            thread = threading.Thread(target=lambda: results.put({"member": args[2], "error": "OSError: no envs"}))
             thread.exitcode = 0
             thread.kill = lambda: None
             return thread
@@ -95,6 +100,65 @@ def test_the_parent_raises_the_first_members_error(monkeypatch):
     monkeypatch.setattr(bench_envs.multiprocessing, "get_context", lambda method: Context())
     with pytest.raises(RuntimeError, match=r"^member [01]'s envs: OSError: no envs$"):
         bench_envs.measure_member_envs(cartpole("impala"), seconds=0.1, warmup_seconds=0.1)
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as cmdline:
+            return cmdline.read()
+    except OSError:  # ended meanwhile
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from Linux's /proc")
+def test_the_members_envs_processes_end_when_the_bench_is_killed():
+    """A bench killed with SIGKILL leaves no member stepping on for its window (here 300 s)."""
+    config = json.dumps(to_dict(cartpole("a2c")))
+    script = ("import json, sys; from pbt_rl.config import from_dict; from pbt_rl.bench_envs import measure_member_envs; "
+              "measure_member_envs(from_dict(json.loads(sys.argv[1])), seconds=300.0, warmup_seconds=0.1)")
+    bench = subprocess.Popen([sys.executable, "-c", script, config])
+    try:
+        members: list[int] = []
+        for _ in range(1200):  # up to two minutes for the two members' processes to start
+            members = [pid for pid in _children(bench.pid) if "spawn_main" in _command_line(pid)]
+            if len(members) == 2:
+                break
+            time.sleep(0.1)
+        assert len(members) == 2, "the bench did not start its members' processes"
+    finally:
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+    for _ in range(600):  # they end within a poll interval; a minute allows a loaded machine
+        if not any(_alive(pid) for pid in members):
+            break
+        time.sleep(0.1)
+    left = [pid for pid in members if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "members' envs processes outlived the killed bench"
 
 
 def test_the_envs_bench_prints_the_arrangement_both_rates_and_cpu_per_env_step():
