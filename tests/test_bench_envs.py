@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from pbt_rl.config import from_dict, load_config, to_dict
+from runtime_support import alive, children, wait_until
 
 SPACE = {"lr": {"kind": "log_uniform", "low": 1e-4, "high": 1e-3}}
 
@@ -102,35 +102,12 @@ def test_the_parent_raises_the_first_members_error(monkeypatch):
         bench_envs.measure_member_envs(cartpole("impala"), seconds=0.1, warmup_seconds=0.1)
 
 
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def _command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline") as cmdline:
             return cmdline.read()
     except OSError:  # ended meanwhile
         return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from Linux's /proc")
@@ -140,25 +117,23 @@ def test_the_members_envs_processes_end_when_the_bench_is_killed():
     script = ("import json, sys; from pbt_rl.config import from_dict; from pbt_rl.bench_envs import measure_member_envs; "
               "measure_member_envs(from_dict(json.loads(sys.argv[1])), seconds=300.0, warmup_seconds=0.1)")
     bench = subprocess.Popen([sys.executable, "-c", script, config])
-    try:
-        members: list[int] = []
-        for _ in range(1200):  # up to two minutes for the two members' processes to start
-            members = [pid for pid in _children(bench.pid) if "spawn_main" in _command_line(pid)]
-            if len(members) == 2:
-                break
-            time.sleep(0.1)
-        assert len(members) == 2, "the bench did not start its members' processes"
+
+    def members() -> list[int]:
+        return [pid for pid in children(bench.pid) if "spawn_main" in _command_line(pid)]
+
+    try:  # up to two minutes for the two members' processes to start
+        assert wait_until(lambda: len(members()) == 2, attempts=1200, pause=0.1), \
+            "the bench did not start its members' processes"
+        started = members()
     finally:
         bench.send_signal(signal.SIGKILL)
         bench.wait()
-    for _ in range(600):  # they end within a poll interval; a minute allows a loaded machine
-        if not any(_alive(pid) for pid in members):
-            break
-        time.sleep(0.1)
-    left = [pid for pid in members if _alive(pid)]
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, "members' envs processes outlived the killed bench"
+    # they end within a poll interval; a minute allows a loaded machine
+    ended = wait_until(lambda: not any(alive(pid) for pid in started), attempts=600, pause=0.1)
+    for pid in started:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert ended, "members' envs processes outlived the killed bench"
 
 
 def test_the_envs_bench_prints_the_arrangement_both_rates_and_cpu_per_env_step():
