@@ -43,8 +43,6 @@ class A2CLearner(Learner):
         # its last observation row holds the prepared observations to act on next.
         self._unroll: Unroll | None = None
         self._in_flight: list[object] = []  # sync env: the step results not yet "received"
-        size = self.env.batch_size  # each group's env ids, made once: they are sent with every step
-        self._group_env_ids = [np.arange(g * size, (g + 1) * size, dtype=np.int32) for g in range(self.env.num_envs // size)]
 
     def train(self, until_env_steps: int) -> TrainReport:
         """Collect unrolls and update until ``env_steps >= until_env_steps``."""
@@ -66,7 +64,7 @@ class A2CLearner(Learner):
         env = self.env
         started = time.perf_counter()
         if env.is_async:
-            env.send(env_actions, self._group_env_ids[group])
+            env.send(env_actions, env.group_env_ids(group))
         else:
             self._in_flight.append(env.step(env_actions))
         stats.acting.env_seconds += time.perf_counter() - started
@@ -76,7 +74,7 @@ class A2CLearner(Learner):
         started = time.perf_counter()
         batch = self.env.recv() if self.env.is_async else self._in_flight.pop(0)
         stats.acting.env_seconds += time.perf_counter() - started
-        first = group * self.env.batch_size
+        first = int(self.env.group_env_ids(group)[0])
         if int(batch.env_ids[0]) != first:  # the grouped env returns groups in the order sent
             raise RuntimeError(f"expected env group {group}, received envs from {int(batch.env_ids[0])}")
         return batch

@@ -111,6 +111,8 @@ class BatchedEnv(abc.ABC):
         # Per env: did its last delivered step end a learning episode? Then its next step is a reset.
         self._previous_step_ended = np.ones(num_envs, dtype=bool)
         self._episode_stats = EpisodeStats(num_envs)
+        self._group_ids = tuple(_read_only(np.arange(start, start + batch_size, dtype=np.int32))
+                                for start in range(0, num_envs - batch_size + 1, batch_size))
         self._closed = False
 
     # -- public interface --------------------------------------------------------------------
@@ -189,13 +191,20 @@ class BatchedEnv(abc.ABC):
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
 
+    def group_env_ids(self, group: int) -> np.ndarray:
+        """The env ids of fixed group ``group`` (``0 <= group < num_envs // batch_size``): the
+        ``batch_size`` consecutive envs from ``group * batch_size``, read-only. Backends that
+        step fixed groups (A2C's, ``Learner.fixed_env_groups``) take exactly these in a ``send``."""
+        if not 0 <= group < len(self._group_ids):
+            raise IndexError(f"env group {group} of {len(self._group_ids)}")
+        return self._group_ids[group]
+
     def _whole_group(self, env_ids: np.ndarray, in_flight: Any) -> int:
         """For backends that step fixed groups of ``batch_size`` consecutive envs: the group that
         ``env_ids`` names, checked to be exactly one group and not already in flight
         (``in_flight(group) -> bool``)."""
         group = int(env_ids[0]) // self.batch_size
-        first = group * self.batch_size
-        if not np.array_equal(env_ids, np.arange(first, first + self.batch_size)):
+        if not (0 <= group < len(self._group_ids) and np.array_equal(env_ids, self._group_ids[group])):
             raise ValueError(
                 f"env_ids {env_ids.tolist()} must be exactly those of one received batch "
                 f"(the {self.backend} backend steps envs in fixed groups of {self.batch_size})"
@@ -234,3 +243,8 @@ class BatchedEnv(abc.ABC):
             episode_returns=returns,
             episode_lengths=lengths,
         )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array

@@ -47,7 +47,6 @@ class GymnasiumBatchedEnv(BatchedEnv):
         except gymnasium.error.Error as exc:  # e.g. DependencyNotInstalled for Box2D or MuJoCo ids
             raise ConfigError(f"env.id: Gymnasium cannot build {env_id!r}: {exc}") from None
         self._seeds = per_env_seeds(seed, num_envs)
-        self._group_ids = [np.arange(g * batch_size, (g + 1) * batch_size, dtype=np.int32) for g in range(num_groups)]
         self._ready: collections.deque[BackendBatch] = collections.deque()
         self._in_flight = np.zeros(num_groups, dtype=bool)
 
@@ -89,13 +88,13 @@ class GymnasiumBatchedEnv(BatchedEnv):
             terminated=terminated,
             truncated=truncated,
             episode_over=terminated | truncated,
-            env_ids=self._group_ids[group],
+            env_ids=self.group_env_ids(group),
         )
 
     def _backend_reset(self) -> BackendBatch:
         self._ready.clear()
         for group, vector_env in enumerate(self._groups):
-            ids = self._group_ids[group]
+            ids = self.group_env_ids(group)
             obs, _info = vector_env.reset(seed=self._seeds[ids].tolist())
             zeros = np.zeros(ids.shape[0], dtype=np.float32)
             falses = np.zeros(ids.shape[0], dtype=bool)

@@ -197,6 +197,7 @@ def test_fixed_groups_step_like_one_synchronous_env(env_id):
         for step in range(60):  # CartPole episodes end within 60 random steps: resets included
             for group, batch in enumerate(batches):
                 assert batch.env_ids.tolist() == list(range(group * batch_size, (group + 1) * batch_size))
+                np.testing.assert_array_equal(grouped.group_env_ids(group), batch.env_ids)
                 rows = slice(group * batch_size, (group + 1) * batch_size)
                 np.testing.assert_array_equal(batch.obs, reference.obs[rows])
                 if step:
@@ -205,9 +206,13 @@ def test_fixed_groups_step_like_one_synchronous_env(env_id):
             actions = random_actions(sync, rng, num_envs)
             for group in range(3):  # send all, then receive all: the groups step concurrently
                 rows = slice(group * batch_size, (group + 1) * batch_size)
-                grouped.send(actions[rows], batches[group].env_ids)
+                grouped.send(actions[rows], grouped.group_env_ids(group))
             batches = [grouped.recv() for _ in range(3)]
             reference = sync.step(actions)
+        with pytest.raises(IndexError):
+            grouped.group_env_ids(3)
+        with pytest.raises(ValueError, match="read-only"):  # one array per group, shared by every send
+            grouped.group_env_ids(0)[0] = 1
         with pytest.raises(ValueError, match="one received batch"):
             grouped.send(actions[:2], np.array([1, 2]))
         grouped.send(actions[:2], np.array([0, 1]))
